@@ -1,0 +1,187 @@
+"""The export payload model: bytes from the stream -> ProfileExport, or InvalidRecord.
+
+Adobe writes one JSON document per profile snapshot. Only two keys matter to the
+diff (``identityMap`` and ``segmentMembership``); everything else is a profile
+attribute that is kept as-is and handed to handlers untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class InvalidReason(StrEnum):
+    """Why a record was rejected; stable codes for metrics and the dead letter."""
+
+    NOT_JSON = "not_json"
+    NOT_OBJECT = "not_object"
+    NO_IDENTITY = "no_identity"
+    UNKNOWN_STATUS = "unknown_status"
+    BAD_QUALIFICATION_TIME = "bad_qualification_time"
+    BAD_SHAPE = "bad_shape"
+
+
+class InvalidRecord(ValueError):
+    """A record that cannot be processed; ``reason`` is a code, ``detail`` says exactly what is wrong."""
+
+    def __init__(self, reason: InvalidReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class SegmentStatus(StrEnum):
+    REALIZED = "realized"
+    EXISTING = "existing"  # deprecated by Adobe in 2023, still found in old streams: means member
+    EXITED = "exited"
+
+    @property
+    def is_member(self) -> bool:
+        return self is not SegmentStatus.EXITED
+
+
+class IdentityItem(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str
+    primary: bool = False
+    authenticatedState: str | None = None
+
+
+class _Membership(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    status: SegmentStatus
+    lastQualificationTime: datetime
+    name: str | None = None
+    createdAt: int | None = None
+    updatedAt: int | None = None
+    mappingCreatedAt: int | None = None
+    mappingUpdatedAt: int | None = None
+
+
+class _Body(BaseModel):
+    """The two keys the relay interprets. Validated by pydantic; attributes are not."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    identityMap: dict[str, list[IdentityItem]] = Field(default_factory=dict)
+    segmentMembership: dict[str, dict[str, _Membership]] = Field(default_factory=dict)
+
+    @field_validator("identityMap", mode="before")
+    @classmethod
+    def _drop_unusable_identities(cls, value: Any) -> Any:
+        # One malformed identity must not cost the whole record: keep the usable ones.
+        if not isinstance(value, dict):
+            return value
+        usable: dict[str, list[Any]] = {}
+        for namespace, items in value.items():
+            if not isinstance(items, list):
+                continue
+            kept = [
+                item for item in items
+                if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]
+            ]
+            if kept:
+                usable[namespace] = kept
+        return usable
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEntry:
+    """One audience of a snapshot, in document order."""
+
+    namespace: str
+    segment_id: str
+    status: SegmentStatus
+    qualified_at: datetime
+    qualified_at_us: int  # microseconds since the epoch: the comparison key for stale/duplicate
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileExport:
+    identity_map: dict[str, list[IdentityItem]]
+    segments: tuple[SegmentEntry, ...]
+    attributes: dict[str, Any]
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def to_epoch_us(moment: datetime) -> int:
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def parse_export(raw: bytes | str) -> ProfileExport:
+    """Decode and validate one record. Raises InvalidRecord with a precise reason."""
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRecord(InvalidReason.NOT_JSON, f"not valid JSON: {exc}") from None
+    return export_from_document(document)
+
+
+def export_from_document(document: Any) -> ProfileExport:
+    if not isinstance(document, dict):
+        raise InvalidRecord(
+            InvalidReason.NOT_OBJECT, f"expected a JSON object, got {type(document).__name__}"
+        )
+    try:
+        body = _Body.model_validate(document)
+    except ValidationError as exc:
+        raise _invalid_from(exc) from None
+    if not body.identityMap:
+        raise InvalidRecord(
+            InvalidReason.NO_IDENTITY, "identityMap has no identity with a non-empty string id"
+        )
+    segments = []
+    for namespace, audiences in body.segmentMembership.items():
+        for segment_id, membership in audiences.items():
+            moment = membership.lastQualificationTime
+            if moment.tzinfo is None:  # Adobe always sends an offset; a bare time is read as UTC
+                moment = moment.replace(tzinfo=timezone.utc)
+            segments.append(
+                SegmentEntry(
+                    namespace=namespace,
+                    segment_id=segment_id,
+                    status=membership.status,
+                    qualified_at=moment,
+                    qualified_at_us=to_epoch_us(moment),
+                    name=membership.name,
+                )
+            )
+    attributes = {k: v for k, v in document.items() if k not in ("identityMap", "segmentMembership")}
+    return ProfileExport(identity_map=body.identityMap, segments=tuple(segments), attributes=attributes)
+
+
+def _invalid_from(exc: ValidationError) -> InvalidRecord:
+    """Turn pydantic's first error into one of our reasons, naming the JSON path."""
+    error = exc.errors(include_url=False)[0]
+    loc = tuple(error["loc"])
+    path = ".".join(str(part) for part in loc)
+    kind = error["type"]
+    if loc and loc[0] == "identityMap":
+        return InvalidRecord(InvalidReason.NO_IDENTITY, f"{path}: {error['msg']}")
+    if loc and loc[-1] == "status" and len(loc) == 4:
+        if kind == "missing":
+            return InvalidRecord(InvalidReason.UNKNOWN_STATUS, f"{path}: missing")
+        return InvalidRecord(
+            InvalidReason.UNKNOWN_STATUS,
+            f"{path}: {error.get('input')!r} is not one of realized, existing, exited",
+        )
+    if loc and loc[-1] == "lastQualificationTime" and len(loc) == 4:
+        if kind == "missing":
+            return InvalidRecord(InvalidReason.BAD_QUALIFICATION_TIME, f"{path}: missing")
+        return InvalidRecord(
+            InvalidReason.BAD_QUALIFICATION_TIME,
+            f"{path}: cannot parse {error.get('input')!r} as an ISO-8601 time",
+        )
+    return InvalidRecord(InvalidReason.BAD_SHAPE, f"{path or '<root>'}: {error['msg']}")

@@ -1,0 +1,89 @@
+"""The diff rules: stored membership + a new snapshot -> the real enter/exit changes.
+
+Per (profile, segment):
+- older than stored            -> stale, ignored
+- same status at the same time -> duplicate, ignored
+- same time, different status  -> counts as newer (the later record wins)
+- non-member -> member          -> enter
+- member -> non-member          -> exit
+- first sighting of ``exited``  -> exit
+- member -> member, later time  -> nothing (an attribute or identity re-export)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .export import ProfileExport, SegmentEntry, SegmentStatus
+
+SegmentKey = tuple[str, str]  # (namespace, segment_id)
+
+
+class ChangeType(StrEnum):
+    ENTER = "enter"
+    EXIT = "exit"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMembership:
+    status: SegmentStatus
+    qualified_at_us: int
+
+    @property
+    def is_member(self) -> bool:
+        return self.status.is_member
+
+
+def supersedes(new: StoredMembership, old: StoredMembership | None) -> bool:
+    """True when ``new`` may replace ``old``: the one ordering every store enforces."""
+    if old is None:
+        return True
+    if new.qualified_at_us != old.qualified_at_us:
+        return new.qualified_at_us > old.qualified_at_us
+    return new.status != old.status
+
+
+@dataclass(slots=True)
+class Transition:
+    entry: SegmentEntry
+    change: ChangeType
+
+
+@dataclass(slots=True)
+class MembershipDiff:
+    transitions: list[Transition] = field(default_factory=list)
+    updates: dict[SegmentKey, StoredMembership] = field(default_factory=dict)
+    stale: int = 0
+    duplicate: int = 0
+    filtered: int = 0
+
+
+def diff_membership(
+    stored: Mapping[SegmentKey, StoredMembership],
+    export: ProfileExport,
+    segment_filter: Collection[str] | None = None,
+) -> MembershipDiff:
+    """Compare one snapshot with what is stored. Transitions keep the record's segment order."""
+    result = MembershipDiff()
+    for entry in export.segments:
+        if segment_filter is not None and entry.segment_id not in segment_filter:
+            result.filtered += 1
+            continue
+        key = (entry.namespace, entry.segment_id)
+        new = StoredMembership(entry.status, entry.qualified_at_us)
+        old = stored.get(key)
+        if old is not None and not supersedes(new, old):
+            if new.qualified_at_us < old.qualified_at_us:
+                result.stale += 1
+            else:
+                result.duplicate += 1
+            continue
+        result.updates[key] = new
+        if new.is_member:
+            if old is None or not old.is_member:
+                result.transitions.append(Transition(entry, ChangeType.ENTER))
+        elif old is None or old.is_member:
+            result.transitions.append(Transition(entry, ChangeType.EXIT))
+    return result

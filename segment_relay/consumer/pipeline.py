@@ -1,0 +1,251 @@
+"""Batches in, handled changes and checkpoints out.
+
+    source -> decode + validate -> key -> per-profile lane:
+        load state -> diff -> handlers -> save state -> finish record
+    every checkpoint interval: flush store, dead letter and handlers, then commit
+    each partition's contiguous low watermark to the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from ..handlers.api import SegmentChange, change_id_for
+from ..handlers.router import Router
+from ..ops.stats import RelayStats
+from .deadletter import DeadLetter
+from .export import InvalidRecord, ProfileExport, parse_export
+from .membership import diff_membership
+from .ordering import InFlightLimit, PartitionWatermark, ProfileLanes
+from .profile_key import ProfileKeyRule
+from .sources.base import Source, SourceRecord
+from .state.base import MembershipStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    concurrency: int = 64  # profiles processed at once
+    max_in_flight_records: int = 10_000
+    max_in_flight_bytes: int = 64 * 1024 * 1024
+    checkpoint_interval_s: float = 5.0
+    shutdown_timeout_s: float = 30.0
+    store_retry_backoff_s: float = 1.0
+    segment_filter: frozenset[str] | None = None
+    track_profiles: bool = False  # count distinct profiles (demo); unbounded memory
+
+
+@dataclass(slots=True)
+class _Work:
+    record: SourceRecord
+    ticket: int
+    export: ProfileExport
+    profile_key: str
+
+
+class Pipeline:
+    def __init__(
+        self,
+        source: Source,
+        store: MembershipStore,
+        router: Router,
+        dead_letter: DeadLetter,
+        *,
+        key_rule: ProfileKeyRule | None = None,
+        settings: PipelineSettings | None = None,
+        stats: RelayStats | None = None,
+    ) -> None:
+        self.source = source
+        self.store = store
+        self.router = router
+        self.dead_letter = dead_letter
+        self.key_rule = key_rule or ProfileKeyRule()
+        self.settings = settings or PipelineSettings()
+        self.stats = stats or router.stats
+        if self.settings.track_profiles and self.stats.profiles_seen is None:
+            self.stats.profiles_seen = set()
+        self._watermarks: dict[str, PartitionWatermark] = {}
+        self._limit = InFlightLimit(self.settings.max_in_flight_records, self.settings.max_in_flight_bytes)
+        self._lanes: ProfileLanes[_Work] = ProfileLanes(self._process, self.settings.concurrency)
+        self._checkpoint_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self.running = False
+
+    # --- lifecycle --------------------------------------------------------------
+    def stop(self) -> None:
+        """Graceful stop: read no more, finish what is in flight, checkpoint, return from run()."""
+        if not self._stopping.is_set():
+            log.info("stopping: draining in-flight records")
+            self._stopping.set()
+            self.source.stop()
+
+    async def run(self) -> RelayStats:
+        await self.store.open()
+        try:
+            await self.router.start()
+            await self.source.start()
+            self._lanes.start()
+            checkpointer = asyncio.create_task(self._checkpoint_periodically(), name="checkpointer")
+            self.running = True
+            try:
+                await self._read()
+                await self._drain()
+            finally:
+                self.running = False
+                checkpointer.cancel()
+                await asyncio.gather(checkpointer, return_exceptions=True)
+                await self._lanes.stop()
+            await self.checkpoint()
+        finally:
+            await self._close()
+        return self.stats
+
+    async def _read(self) -> None:
+        async for batch in self.source.batches():
+            for record in batch:
+                await self._admit(record)
+            if self._stopping.is_set():
+                break
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.wait_for(self._lanes.wait_idle(), self.settings.shutdown_timeout_s)
+        except TimeoutError:
+            log.error(
+                "in-flight records did not finish in time; they are not checkpointed and will be read again",
+                extra={"in_flight": self._limit.records, "timeout_s": self.settings.shutdown_timeout_s},
+            )
+
+    async def _close(self) -> None:
+        for closer in (self.router.close, self.source.close, self.dead_letter.close, self.store.close):
+            try:
+                await closer()
+            except Exception:  # noqa: BLE001 - close everything we can, then report
+                log.exception("error while closing", extra={"part": getattr(closer, "__qualname__", "?")})
+
+    # --- per record ---------------------------------------------------------------
+    async def _admit(self, record: SourceRecord) -> None:
+        size = len(record.data)
+        await self._limit.acquire(size)
+        stats = self.stats
+        stats.records_read += 1
+        stats.in_flight_records = self._limit.records
+        watermark = self._watermarks.get(record.partition)
+        if watermark is None:
+            watermark = self._watermarks[record.partition] = PartitionWatermark()
+        ticket = watermark.register(record.position)
+        try:
+            export = parse_export(record.data)
+            profile_key = self.key_rule.key_for(export.identity_map)
+        except InvalidRecord as invalid:
+            await self._reject(record, invalid)
+            self._finish(record, ticket)
+            return
+        self._lanes.submit(profile_key, _Work(record, ticket, export, profile_key))
+
+    async def _reject(self, record: SourceRecord, invalid: InvalidRecord) -> None:
+        self.stats.invalid[invalid.reason.value] += 1
+        log.warning(
+            "invalid record sent to the dead letter",
+            extra={"reason": invalid.reason.value, "detail": invalid.detail,
+                   "partition": record.partition, "position": str(record.position)},
+        )
+        await self.dead_letter.invalid_record(
+            record.data, reason=invalid.reason.value, detail=invalid.detail,
+            partition=record.partition, position=str(record.position),
+        )
+        self.stats.dead_lettered("invalid_record")
+
+    def _finish(self, record: SourceRecord, ticket: int) -> None:
+        self._watermarks[record.partition].finish(ticket)
+        self._limit.release(len(record.data))
+        self.stats.records_finished += 1
+        self.stats.in_flight_records = self._limit.records
+
+    async def _process(self, work: _Work) -> None:
+        """One record of one profile; its lane guarantees nothing else of this profile runs now."""
+        stats = self.stats
+        export = work.export
+        record = work.record
+        state = await self._with_store_retry(self.store.load, work.profile_key)
+        diff = diff_membership(state, export, self.settings.segment_filter)
+        stats.stale += diff.stale
+        stats.duplicate += diff.duplicate
+        stats.filtered += diff.filtered
+        if stats.profiles_seen is not None:
+            stats.profiles_seen.add(work.profile_key)
+        position = str(record.position)
+        for transition in diff.transitions:
+            entry = transition.entry
+            change = SegmentChange(
+                change=transition.change,
+                segment_id=entry.segment_id,
+                segment_namespace=entry.namespace,
+                segment_name=entry.name,
+                profile_key=work.profile_key,
+                identities=export.identity_map,
+                attributes=export.attributes,
+                qualified_at=entry.qualified_at,
+                status=entry.status,
+                change_id=change_id_for(
+                    work.profile_key, entry.namespace, entry.segment_id, entry.status.value, entry.qualified_at_us
+                ),
+                partition=record.partition,
+                position=position,
+            )
+            stats.changes[(entry.segment_id, transition.change.value)] += 1
+            await self.router.dispatch(change)
+        if diff.updates:
+            # State after handlers: a crash before this line repeats the changes, never loses them.
+            await self._with_store_retry(self.store.save, work.profile_key, diff.updates)
+        self._finish(record, work.ticket)
+
+    async def _with_store_retry(self, operation: Any, *args: Any) -> Any:
+        # The store is not optional: dropping a record because it is down would lose state,
+        # so the lane waits (and the checkpoint with it) until the store answers again.
+        attempt = 0
+        while True:
+            try:
+                return await operation(*args)
+            except Exception:  # noqa: BLE001
+                attempt += 1
+                log.exception("membership store failed; retrying", extra={"attempt": attempt})
+                await asyncio.sleep(min(30.0, self.settings.store_retry_backoff_s * attempt))
+
+    # --- checkpoints ------------------------------------------------------------------
+    async def _checkpoint_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_interval_s)
+            try:
+                await self.checkpoint()
+            except Exception:  # noqa: BLE001 - the next interval tries again
+                log.exception("checkpoint failed; will retry")
+
+    async def checkpoint(self) -> None:
+        """Commit every partition's low watermark, after making what lies below it durable."""
+        async with self._checkpoint_lock:
+            due = {
+                partition: mark.watermark
+                for partition, mark in self._watermarks.items()
+                if mark.watermark is not None and mark.watermark != mark.committed
+            }
+            if not due:
+                return
+            # Everything below these watermarks was saved, dead-lettered or handled before now.
+            await self.store.flush()
+            await self.dead_letter.flush()
+            await self.router.flush()
+            for partition, position in due.items():
+                await self.source.commit(partition, position)
+                self._watermarks[partition].committed = position
+                self.stats.partitions.setdefault(partition, {})["checkpoint"] = position
+            log.debug("checkpointed", extra={"positions": {p: str(v) for p, v in due.items()}})
+
+    @property
+    def in_flight(self) -> int:
+        return self._limit.records

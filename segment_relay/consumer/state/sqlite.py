@@ -1,0 +1,144 @@
+"""SQLite membership state: WAL, batched commits, conditional upserts.
+
+Reads run on the event loop (a primary-key lookup in WAL mode is microseconds
+and never waits on a writer). Saves collect in memory and are written in one
+transaction by ``flush`` on a worker thread, so the loop never waits on a lock
+held by another process. Reads see saved-but-unflushed values through that
+in-memory overlay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..export import SegmentStatus
+from ..membership import SegmentKey, StoredMembership, supersedes
+from .base import ProfileState
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS membership (
+    profile_key     TEXT NOT NULL,
+    namespace       TEXT NOT NULL,
+    segment_id      TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    qualified_at_us INTEGER NOT NULL,
+    PRIMARY KEY (profile_key, namespace, segment_id)
+) WITHOUT ROWID
+"""
+
+# The WHERE clause is `supersedes` in SQL: the database itself refuses to go back in time,
+# which is what makes two processes sharing one file safe.
+_UPSERT = """
+INSERT INTO membership (profile_key, namespace, segment_id, status, qualified_at_us)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (profile_key, namespace, segment_id) DO UPDATE
+SET status = excluded.status, qualified_at_us = excluded.qualified_at_us
+WHERE excluded.qualified_at_us > membership.qualified_at_us
+   OR (excluded.qualified_at_us = membership.qualified_at_us AND excluded.status <> membership.status)
+"""
+
+_SELECT = "SELECT namespace, segment_id, status, qualified_at_us FROM membership WHERE profile_key = ?"
+
+_STATUS = {status.value: status for status in SegmentStatus}
+
+Pending = dict[str, dict[SegmentKey, StoredMembership]]
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path, *, max_pending: int = 20_000, busy_timeout_s: float = 30.0) -> None:
+        self.path = str(path)
+        self.max_pending = max_pending
+        self._busy_timeout_s = busy_timeout_s
+        self._reader: sqlite3.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._pending: Pending = {}
+        self._pending_rows = 0
+        self._flushing: Pending = {}
+        self._flush_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({self.path!r})"
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._writer = sqlite3.connect(
+            self.path, timeout=self._busy_timeout_s, check_same_thread=False, isolation_level=None
+        )
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        self._writer.execute("PRAGMA synchronous=NORMAL")
+        self._writer.execute(_SCHEMA)
+        self._reader = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+
+    async def load(self, profile_key: str) -> ProfileState:
+        assert self._reader is not None, "store not opened"
+        rows = self._reader.execute(_SELECT, (profile_key,)).fetchall()
+        state: ProfileState = {
+            (namespace, segment_id): StoredMembership(_STATUS[status], qualified_at_us)
+            for namespace, segment_id, status, qualified_at_us in rows
+        }
+        for overlay in (self._flushing, self._pending):
+            unflushed = overlay.get(profile_key)
+            if unflushed:
+                for key, value in unflushed.items():
+                    if supersedes(value, state.get(key)):
+                        state[key] = value
+        return state
+
+    async def save(self, profile_key: str, updates: Mapping[SegmentKey, StoredMembership]) -> None:
+        pending = self._pending.setdefault(profile_key, {})
+        for key, value in updates.items():
+            if supersedes(value, pending.get(key)):
+                if key not in pending:
+                    self._pending_rows += 1
+                pending[key] = value
+        if self._pending_rows >= self.max_pending and not self._flush_lock.locked():
+            await self.flush()  # bound memory: a long stretch without checkpoints still commits
+
+    async def flush(self) -> None:
+        async with self._flush_lock:
+            if not self._pending:
+                return
+            self._flushing, self._pending = self._pending, {}
+            self._pending_rows = 0
+            rows = [
+                (profile_key, namespace, segment_id, value.status.value, value.qualified_at_us)
+                for profile_key, updates in self._flushing.items()
+                for (namespace, segment_id), value in updates.items()
+            ]
+            try:
+                await asyncio.to_thread(self._write, rows)
+            except BaseException:
+                # Put the batch back in front of anything saved meanwhile so nothing is lost.
+                for profile_key, updates in self._flushing.items():
+                    pending = self._pending.setdefault(profile_key, {})
+                    for key, value in updates.items():
+                        if supersedes(value, pending.get(key)):
+                            pending[key] = value
+                self._pending_rows = sum(len(updates) for updates in self._pending.values())
+                raise
+            finally:
+                self._flushing = {}
+
+    def _write(self, rows: list[tuple[str, str, str, str, int]]) -> None:
+        assert self._writer is not None
+        self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            self._writer.executemany(_UPSERT, rows)
+            self._writer.execute("COMMIT")
+        except BaseException:
+            self._writer.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        try:
+            if self._writer is not None:
+                await self.flush()
+        finally:
+            for connection in (self._reader, self._writer):
+                if connection is not None:
+                    connection.close()
+            self._reader = self._writer = None
