@@ -8,12 +8,13 @@ attribute that is kept as-is and handed to handlers untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing_extensions import NotRequired, TypedDict  # pydantic needs typing_extensions' TypedDict on 3.11
 
 
 class InvalidReason(StrEnum):
@@ -54,16 +55,15 @@ class IdentityItem(BaseModel):
     authenticatedState: str | None = None
 
 
-class _Membership(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class _Membership(TypedDict):
+    # A TypedDict, not a model: validated just the same, without building an object per segment.
     status: SegmentStatus
     lastQualificationTime: datetime
-    name: str | None = None
-    createdAt: int | None = None
-    updatedAt: int | None = None
-    mappingCreatedAt: int | None = None
-    mappingUpdatedAt: int | None = None
+    name: NotRequired[str | None]
+    createdAt: NotRequired[int | None]
+    updatedAt: NotRequired[int | None]
+    mappingCreatedAt: NotRequired[int | None]
+    mappingUpdatedAt: NotRequired[int | None]
 
 
 class _Body(BaseModel):
@@ -80,20 +80,26 @@ class _Body(BaseModel):
         # One malformed identity must not cost the whole record: keep the usable ones.
         if not isinstance(value, dict):
             return value
+        if all(_all_usable(items) for items in value.values()):
+            return value  # the usual case: nothing to copy
         usable: dict[str, list[Any]] = {}
         for namespace, items in value.items():
-            if not isinstance(items, list):
-                continue
-            kept = [
-                item for item in items
-                if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]
-            ]
-            if kept:
-                usable[namespace] = kept
+            if isinstance(items, list):
+                kept = [item for item in items if _usable(item)]
+                if kept:
+                    usable[namespace] = kept
         return usable
 
 
-@dataclass(frozen=True, slots=True)
+def _usable(item: Any) -> bool:
+    return isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] != ""
+
+
+def _all_usable(items: Any) -> bool:
+    return isinstance(items, list) and bool(items) and all(_usable(item) for item in items)
+
+
+@dataclass(slots=True)  # not frozen: frozen dataclasses are slow to build, and this is built per segment
 class SegmentEntry:
     """One audience of a snapshot, in document order."""
 
@@ -113,11 +119,12 @@ class ProfileExport:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def to_epoch_us(moment: datetime) -> int:
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    """Exact integer microseconds since the epoch (no float rounding)."""
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def parse_export(raw: bytes | str) -> ProfileExport:
@@ -143,22 +150,19 @@ def export_from_document(document: Any) -> ProfileExport:
             InvalidReason.NO_IDENTITY, "identityMap has no identity with a non-empty string id"
         )
     segments = []
+    append = segments.append
     for namespace, audiences in body.segmentMembership.items():
         for segment_id, membership in audiences.items():
-            moment = membership.lastQualificationTime
+            moment = membership["lastQualificationTime"]
             if moment.tzinfo is None:  # Adobe always sends an offset; a bare time is read as UTC
                 moment = moment.replace(tzinfo=timezone.utc)
-            segments.append(
-                SegmentEntry(
-                    namespace=namespace,
-                    segment_id=segment_id,
-                    status=membership.status,
-                    qualified_at=moment,
-                    qualified_at_us=to_epoch_us(moment),
-                    name=membership.name,
-                )
-            )
-    attributes = {k: v for k, v in document.items() if k not in ("identityMap", "segmentMembership")}
+            append(SegmentEntry(
+                namespace, segment_id, membership["status"], moment,
+                (moment - _EPOCH) // _MICROSECOND, membership.get("name"),
+            ))
+    attributes = dict(document)
+    attributes.pop("identityMap", None)
+    attributes.pop("segmentMembership", None)
     return ProfileExport(identity_map=body.identityMap, segments=tuple(segments), attributes=attributes)
 
 

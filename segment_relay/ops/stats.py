@@ -35,11 +35,15 @@ class RelayStats:
         self.partitions: dict[str, dict[str, Any]] = {}
         self.in_flight_records = 0
         self.in_flight_bytes = 0
+        self._latency_children: dict[tuple[str, str], Any] = {}
         self.registry.register(_StatsCollector(self))
 
     # --- called by the router -------------------------------------------------
     def handler_succeeded(self, handler: str, seconds: float) -> None:
-        self.handler_latency.labels(handler, "ok").observe(seconds)
+        child = self._latency_children.get((handler, "ok"))
+        if child is None:  # labels() is a lock and a dict walk: look it up once per handler
+            child = self._latency_children[(handler, "ok")] = self.handler_latency.labels(handler, "ok")
+        child.observe(seconds)
 
     def handler_failed(self, handler: str, seconds: float) -> None:
         self.handler_failures[handler] += 1

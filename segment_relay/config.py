@@ -1,0 +1,174 @@
+"""One configuration model: TOML file, then SEGMENT_RELAY_* environment variables, then CLI flags
+(each overriding the one before). Every field is documented in the README's config reference."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "SEGMENT_RELAY_"
+CONFIG_FILE_ENV = "SEGMENT_RELAY_CONFIG"
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml_path", default=None)
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the field and what to do."""
+
+
+def _split_list(value: Any) -> Any:
+    # Environment variables and CLI flags give "a,b"; TOML gives a real list. Accept both.
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IdentityConfig(_Section):
+    namespace_priority: list[str] = Field(
+        default_factory=list, description="Namespaces tried in order to pick the profile key"
+    )
+    prefer_primary: bool = Field(True, description="An identity flagged primary wins over the priority list")
+
+    _split = field_validator("namespace_priority", mode="before")(classmethod(lambda cls, v: _split_list(v)))
+
+
+class PipelineConfig(_Section):
+    concurrency: int = Field(64, ge=1, description="Profiles processed at the same time")
+    max_in_flight_records: int = Field(10_000, ge=1, description="Records read but not finished, at most")
+    max_in_flight_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Bytes of such records, at most")
+    checkpoint_interval_s: float = Field(5.0, gt=0, description="Seconds between checkpoints")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="Seconds to drain in-flight work on SIGTERM")
+
+
+class RetryConfig(_Section):
+    max_attempts: int = Field(5, ge=1, description="Handler attempts per change before the dead letter")
+    initial_backoff_s: float = Field(0.2, ge=0)
+    max_backoff_s: float = Field(30.0, ge=0)
+    max_retry_after_s: float = Field(300.0, ge=0, description="Cap on a handler's Retry-After")
+    handler_timeout_s: float = Field(30.0, gt=0, description="One handler call, at most")
+
+
+class RelayConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        enable_decoding=False,
+    )
+
+    source: str = Field("file:-", description="file:PATH | file:- (stdin)")
+    state: str = Field("sqlite:segment-relay.sqlite", description="memory | sqlite:PATH")
+    handlers: list[str] = Field(default_factory=lambda: ["log"])
+    dead_letter: str = Field("dead-letter.jsonl", description="JSONL file for invalid records and failed changes")
+    segments: list[str] = Field(default_factory=list, description="Only these segment ids; empty = all")
+    checkpoint_file: str | None = Field(None, description="file source: where to keep the last finished line")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics, /healthz, /readyz")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+
+    _split = field_validator("handlers", "segments", mode="before")(classmethod(lambda cls, v: _split_list(v)))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        kind, _, arg = value.partition(":")
+        if kind != "file" or not arg:
+            raise ValueError("use file:PATH or file:- (stdin)")
+        return value
+
+    @field_validator("state")
+    @classmethod
+    def _check_state(cls, value: str) -> str:
+        kind, _, arg = value.partition(":")
+        if not ((kind == "memory" and not arg) or (kind == "sqlite" and arg)):
+            raise ValueError("use memory or sqlite:PATH")
+        return value
+
+    @field_validator("handlers")
+    @classmethod
+    def _need_handler(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one handler, e.g. log")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_path.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> RelayConfig:
+    """Build the configuration; raise ConfigError naming the bad field.
+
+    ``overrides`` are CLI flags (None means not given). ``path`` defaults to
+    $SEGMENT_RELAY_CONFIG when set.
+    """
+    if path is None:
+        path = os.environ.get(CONFIG_FILE_ENV) or None
+    toml_path = Path(path) if path is not None else None
+    if toml_path is not None and not toml_path.is_file():
+        raise ConfigError(f"config file {str(toml_path)!r} does not exist: pass an existing TOML file to --config")
+    given = {key: value for key, value in overrides.items() if value is not None}
+    token = _toml_path.set(toml_path)
+    saved_config_env = os.environ.pop(CONFIG_FILE_ENV, None)  # not a field: keep it out of extra=forbid
+    try:
+        return RelayConfig(**given)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, toml_path)) from None
+    except ValueError as exc:  # e.g. a TOML syntax error
+        raise ConfigError(f"cannot read config file {str(toml_path)!r}: {exc}") from None
+    finally:
+        _toml_path.reset(token)
+        if saved_config_env is not None:
+            os.environ[CONFIG_FILE_ENV] = saved_config_env
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        env_name = ENV_PREFIX + "__".join(str(part) for part in error["loc"]).upper()
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            lines.append(f"config field '{field}': unknown field; check its spelling against the README's config reference")
+            continue
+        where = f"in {path}, " if path else ""
+        lines.append(f"config field '{field}': {message} (set it {where}in {env_name} or with a flag)")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,297 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from segment_relay.ops.health import Health, OpsServer
+from segment_relay.ops.logging import SecretRedactingFilter, configure_logging, redact
+from segment_relay.ops.stats import RelayStats
+
+SECRET = "s3cr3t-Token-ABC123"
+
+
+async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Poll ``check`` until it is true or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def running(stats: RelayStats, health: Health) -> AsyncIterator[tuple[OpsServer, aiohttp.ClientSession]]:
+    server = OpsServer(stats, health, host="127.0.0.1", port=0)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            yield server, session
+    finally:
+        await server.stop()
+
+
+async def get(session: aiohttp.ClientSession, server: OpsServer, path: str) -> tuple[int, str, aiohttp.ClientResponse]:
+    async with session.get(f"http://127.0.0.1:{server.port}{path}") as resp:
+        return resp.status, await resp.text(), resp
+
+
+# --- /metrics ---------------------------------------------------------------------
+async def test_metrics_exposes_relay_stats() -> None:
+    stats = RelayStats()
+    stats.records_read = 7
+    stats.invalid["bad_json"] += 2
+    stats.changes[("seg-1", "enter")] += 3
+    stats.handler_succeeded("webhook", 0.01)
+    async with running(stats, Health()) as (server, session):
+        assert server.port != 0
+        status, text, resp = await get(session, server, "/metrics")
+        assert status == 200
+        assert resp.headers["Content-Type"] == CONTENT_TYPE_LATEST
+        assert "segment_relay_records_read_total 7.0" in text
+        assert 'segment_relay_records_invalid_total{reason="bad_json"} 2.0' in text
+        assert 'segment_relay_changes_total{change="enter",segment_id="seg-1"} 3.0' in text
+        assert 'segment_relay_handler_latency_seconds_count{handler="webhook",outcome="ok"} 1.0' in text
+
+        stats.records_read = 8  # read at scrape time, not cached
+        _, text, _ = await get(session, server, "/metrics")
+        assert "segment_relay_records_read_total 8.0" in text
+
+
+async def test_start_picks_free_port_and_stop_is_idempotent() -> None:
+    stats, health = RelayStats(), Health()
+    async with OpsServer(stats, health) as a, OpsServer(stats, health) as b:
+        assert a.port and b.port and a.port != b.port
+    await a.stop()
+
+
+# --- /readyz ----------------------------------------------------------------------
+async def test_readyz_transitions() -> None:
+    owns_work = True
+    health = Health(extra_ready=lambda: owns_work)
+    async with running(RelayStats(), health) as (server, session):
+        status, text, _ = await get(session, server, "/readyz")
+        assert status == 503 and orjson.loads(text)["status"] == "not ready"
+        assert health.ready is False
+
+        health.mark_started()
+        status, text, _ = await get(session, server, "/readyz")
+        assert status == 200 and orjson.loads(text) == {"status": "ok"}
+        assert health.ready is True
+
+        owns_work = False
+        status, text, _ = await get(session, server, "/readyz")
+        assert status == 503 and orjson.loads(text)["status"] == "not ready"
+        assert health.ready is False
+
+        owns_work = True
+        assert health.ready is True
+        health.mark_stopping()
+        status, text, _ = await get(session, server, "/readyz")
+        assert status == 503 and orjson.loads(text)["status"] == "not ready"
+        assert health.ready is False
+
+
+async def test_ready_false_when_extra_ready_raises() -> None:
+    def broken() -> bool:
+        raise RuntimeError("boom")
+
+    health = Health(extra_ready=broken)
+    health.mark_started()
+    assert health.ready is False
+    async with running(RelayStats(), health) as (server, session):
+        status, _, _ = await get(session, server, "/readyz")
+        assert status == 503
+
+
+# --- /healthz and the watchdog ------------------------------------------------------
+async def test_healthz_ok_then_503_when_heartbeat_is_stale() -> None:
+    health = Health(stall_after_s=0.1)
+    async with running(RelayStats(), health) as (server, session):
+        # Before the first beat there is nothing to judge: live.
+        status, text, _ = await get(session, server, "/healthz")
+        assert status == 200 and orjson.loads(text) == {"status": "ok"}
+
+        health.beat()
+        status, _, _ = await get(session, server, "/healthz")
+        assert status == 200
+
+        time.sleep(0.2)  # deliberately block the event loop: no watchdog, no beats
+        status, text, _ = await get(session, server, "/healthz")
+        body = orjson.loads(text)
+        assert status == 503 and body["status"] == "stalled" and "heartbeat" in body["reason"]
+
+        health.beat()
+        status, _, _ = await get(session, server, "/healthz")
+        assert status == 200
+
+
+async def test_watchdog_liveness_fails_only_when_loop_is_blocked(caplog: pytest.LogCaptureFixture) -> None:
+    health = Health(stall_after_s=0.1)
+    task = asyncio.create_task(health.watchdog(interval_s=0.01))
+    try:
+        await eventually(lambda: health.last_beat is not None)
+        assert health.live
+
+        caplog.set_level(logging.WARNING, logger="segment_relay.ops.health")
+        time.sleep(0.2)  # deliberately block the event loop (the behaviour under test)
+        assert health.live is False  # evaluated before the loop gets to run the watchdog
+
+        await eventually(lambda: health.live)  # the loop is free again: beats resume
+        await eventually(lambda: health.stalls >= 1)
+        assert any(r.getMessage() == "event loop was blocked" for r in caplog.records)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_awaiting_slow_io_does_not_stop_heartbeats() -> None:
+    health = Health(stall_after_s=0.2)
+    task = asyncio.create_task(health.watchdog(interval_s=0.01))
+    try:
+        await eventually(lambda: health.last_beat is not None)
+        # A "slow handler" awaiting I/O for well over stall_after_s; the loop stays free.
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            assert health.live
+        assert health.stalls == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_watchdog_rejects_interval_not_below_stall() -> None:
+    with pytest.raises(ValueError):
+        await Health(stall_after_s=1.0).watchdog(interval_s=1.0)
+
+
+# --- logging ----------------------------------------------------------------------
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    level = root.level
+    stream = io.StringIO()
+    yield stream
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and handler.stream is stream:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def lines(stream: io.StringIO) -> list[dict]:
+    return [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+
+class Unserialisable:
+    def __str__(self) -> str:
+        return "<unserialisable>"
+
+
+def test_json_logging_lines_with_extras_and_exception(log_stream: io.StringIO) -> None:
+    configure_logging("DEBUG", stream=log_stream)
+    log = logging.getLogger("segment_relay.test")
+    log.info("hello %s", "world", extra={"partition": "shard-1", "count": 3, "obj": Unserialisable(), "level": "x"})
+    try:
+        raise ValueError("kaput")
+    except ValueError:
+        log.exception("handler failed", extra={"handler": "webhook"})
+
+    first, second = lines(log_stream)
+    assert first["msg"] == "hello world"
+    assert first["level"] == "INFO"
+    assert first["logger"] == "segment_relay.test"
+    assert first["ts"].endswith("Z") and "T" in first["ts"]
+    assert first["partition"] == "shard-1" and first["count"] == 3
+    assert first["obj"] == "<unserialisable>"
+    assert first["extra_level"] == "x"  # core fields are not overwritten by extras
+    assert "exc" not in first
+    for key in ("args", "lineno", "pathname", "thread", "process"):
+        assert key not in first
+
+    assert second["level"] == "ERROR" and second["handler"] == "webhook"
+    assert "Traceback" in second["exc"] and "ValueError: kaput" in second["exc"]
+
+
+def test_configure_logging_twice_does_not_duplicate(log_stream: io.StringIO) -> None:
+    configure_logging(stream=io.StringIO())
+    configure_logging(stream=log_stream)
+    logging.getLogger("segment_relay.test").warning("once")
+    assert [line["msg"] for line in lines(log_stream)] == ["once"]
+    ours = [h for h in logging.getLogger().handlers if getattr(h, "_segment_relay_handler", False)]
+    assert len(ours) == 1
+
+
+def test_level_filters_records(log_stream: io.StringIO) -> None:
+    configure_logging("warning", stream=log_stream)
+    log = logging.getLogger("segment_relay.test")
+    log.info("hidden")
+    log.warning("shown")
+    assert [line["msg"] for line in lines(log_stream)] == ["shown"]
+
+
+@pytest.mark.parametrize("json", [True, False])
+def test_secret_never_appears_in_output(log_stream: io.StringIO, json: bool) -> None:
+    configure_logging(stream=log_stream, json=json, secrets=[SECRET, "abc"])
+    log = logging.getLogger("segment_relay.test.child")
+    log.info("token is %s", SECRET)
+    log.info(f"inline {SECRET} in message")
+    log.info(
+        "extras",
+        extra={
+            "token": SECRET,
+            "header": f"Bearer {SECRET}",
+            "nested": {"auth": [f"x{SECRET}y"], SECRET: 1},
+            "obj": type("O", (), {"__str__": lambda self: f"obj({SECRET})"})(),
+        },
+    )
+    try:
+        raise RuntimeError(f"auth failed with {SECRET}")
+    except RuntimeError:
+        log.exception("call failed")
+    log.info("stack", stack_info=True, extra={"note": SECRET})
+
+    output = log_stream.getvalue()
+    assert SECRET not in output
+    assert "***" in output
+    if json:
+        records = lines(log_stream)
+        assert records[0]["msg"] == "token is ***"
+        assert records[2]["header"] == "Bearer ***"
+        assert records[2]["nested"] == {"auth": ["x***y"], "***": 1}
+        assert records[2]["obj"] == "obj(***)"
+        assert "auth failed with ***" in records[3]["exc"]
+
+
+def test_short_secrets_are_ignored(log_stream: io.StringIO) -> None:
+    configure_logging(stream=log_stream, secrets=["abc", ""])
+    logging.getLogger("segment_relay.test").info("abc stays")
+    assert lines(log_stream)[0]["msg"] == "abc stays"
+
+
+def test_redact_helper_and_filter() -> None:
+    assert redact(f"a {SECRET} b {SECRET}", [SECRET]) == "a *** b ***"
+    assert redact("nothing here", [SECRET]) == "nothing here"
+    assert redact("key abcd", ["abc", "abcd"]) == "key ***"  # short one ignored
+    assert redact("xx longsecret yy", ["long", "longsecret"]) == "xx *** yy"  # longest wins
+    assert redact("a.b*c", ["a.b*c"]) == "***"  # not treated as a regex
+
+    record = logging.LogRecord("n", logging.INFO, __file__, 1, "v=%s", (SECRET,), None)
+    record.token = SECRET
+    assert SecretRedactingFilter([SECRET]).filter(record) is True
+    assert record.getMessage() == "v=***" and record.token == "***"
