@@ -1,0 +1,296 @@
+"""The handlers that ship with the relay: ``log``, ``jsonl`` and ``webhook``.
+
+All three send ``SegmentChange.to_dict()``, so a change looks the same on stdout,
+in a file and in an HTTP body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from .api import Handler, HandlerRetry, PermanentHandlerError, SegmentChange
+
+__all__ = ["LogHandler", "JsonlHandler", "WebhookHandler", "redact_url", "parse_retry_after"]
+
+
+class LogHandler(Handler):
+    """Writes one JSON line per change to stdout: the zero-configuration way to see what the relay does."""
+
+    name = "log"
+
+    def __init__(self, stream: IO[bytes] | None = None, *, name: str | None = None) -> None:
+        # None means "whatever sys.stdout is at write time", so redirection (and test capture) keeps working.
+        self._stream = stream
+        if name:
+            self.name = name
+
+    @property
+    def description(self) -> str:
+        return "one JSON line per change on stdout"
+
+    def __repr__(self) -> str:
+        return "LogHandler()" if self._stream is None else f"LogHandler({self._stream!r})"
+
+    def _target(self) -> IO[bytes]:
+        if self._stream is not None:
+            return self._stream
+        buffer = getattr(sys.stdout, "buffer", None)
+        if buffer is None:  # a text-only stdout replacement: write text
+            return _TextAsBinary(sys.stdout)
+        return buffer
+
+    async def handle(self, change: SegmentChange) -> None:
+        self._target().write(orjson.dumps(change.to_dict()) + b"\n")
+
+    async def flush(self) -> None:
+        """Push buffered lines out before a checkpoint, so a reader of the pipe is never behind it."""
+        self._target().flush()
+
+    async def close(self) -> None:
+        await self.flush()  # never close stdout: it is not ours
+
+
+class _TextAsBinary:
+    """Minimal binary facade over a text stream that has no ``.buffer``."""
+
+    def __init__(self, text: IO[str]) -> None:
+        self._text = text
+
+    def write(self, data: bytes) -> int:
+        return self._text.write(data.decode("utf-8"))
+
+    def flush(self) -> None:
+        self._text.flush()
+
+
+class JsonlHandler(Handler):
+    """Appends one JSON object per change to a file; ``flush`` fsyncs, so a checkpoint never
+    gets ahead of what is on disk."""
+
+    name = "jsonl"
+
+    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None) -> None:
+        if not str(path):
+            raise ValueError("jsonl handler needs a file path")
+        self.path = Path(path)
+        self._file: IO[bytes] | None = None
+        self.count = 0
+        if name:
+            self.name = name
+
+    @property
+    def description(self) -> str:
+        return f"append JSON lines to {self.path}"
+
+    def __repr__(self) -> str:
+        return f"JsonlHandler({str(self.path)!r})"
+
+    async def start(self) -> None:
+        if self._file is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "ab")  # noqa: SIM115 - kept open until close()
+        try:
+            if file.tell() > 0 and not _ends_with_newline(self.path):
+                # A crash mid-line left a torn last line: start ours on a fresh line so only that one is bad.
+                file.write(b"\n")
+        except BaseException:
+            file.close()
+            raise
+        self._file = file
+
+    async def handle(self, change: SegmentChange) -> None:
+        if self._file is None:
+            raise RuntimeError(f"{self!r} is not started: await start() before handle()")
+        self._file.write(orjson.dumps(change.to_dict()) + b"\n")
+        self.count += 1
+
+    async def flush(self) -> None:
+        """Flush Python's buffer and fsync: the relay checkpoints right after this returns."""
+        if self._file is None:
+            return
+        self._file.flush()
+        await asyncio.to_thread(os.fsync, self._file.fileno())
+
+    async def close(self) -> None:
+        if self._file is None:
+            return
+        try:
+            await self.flush()
+        finally:
+            self._file.close()
+            self._file = None
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as existing:
+        existing.seek(-1, os.SEEK_END)
+        return existing.read(1) == b"\n"
+
+
+def redact_url(url: str) -> str:
+    """``scheme://host[:port]/…`` without userinfo, path, query or fragment, for logs and errors.
+
+    Webhook URLs often carry their credentials (a password, ``?sig=...&code=...``, or a token
+    in the path as Slack- and Zapier-style hooks do), so the relay never prints a URL any other
+    way. A removed path shows as ``/…`` and a removed query as ``?…``. When the URL
+    is too malformed to tell the host from the userinfo, only the scheme is kept.
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a non-numeric or out-of-range port
+    except ValueError:
+        return "<unparseable URL>"
+    scheme = parts.scheme if re.fullmatch(r"[a-z][a-z0-9+.-]*", parts.scheme) else ""
+    if not parts.netloc:
+        # "host/x", "user:pw@host", "https:/x": without "//" we cannot tell a secret from a host.
+        return f"{scheme}:…" if scheme in ("http", "https") else "<not an absolute http(s) URL>"
+    if "@" in parts.path:
+        # An unescaped "/" in a password splits the userinfo into netloc and path: show neither.
+        return f"{scheme}://…"
+    host = parts.netloc.rpartition("@")[2]
+    redacted = f"{scheme}://{host}" + ("/…" if parts.path not in ("", "/") else parts.path)
+    if parts.query:
+        redacted += "?…"
+    return redacted
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if absent or unparseable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", value):
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:  # older Pythons return None instead of raising
+        return None
+    if when.tzinfo is None:  # "-0000": RFC 5322 says UTC with unknown origin
+        when = when.replace(tzinfo=timezone.utc)
+    now = now or datetime.now(timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+class WebhookHandler(Handler):
+    """POSTs each change as JSON to a URL, with ``Idempotency-Key: <change_id>`` so the receiver can
+    drop the duplicates that at-least-once delivery produces.
+
+    429 and 5xx ask the router to retry (honouring Retry-After); other 4xx go straight to the
+    dead letter. Redirects are not followed: a POST silently turned into a GET would look like success.
+    """
+
+    name = "webhook"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 10.0,
+        headers: Mapping[str, str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        shown = redact_url(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - validates the port
+        except ValueError:
+            # ValueError's own text may quote the URL: never show it.
+            raise ValueError(f"webhook URL {shown} is not a valid URL (bad host or port)") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"webhook URL {shown} must start with http:// or https://")
+        if not parts.hostname:
+            raise ValueError(f"webhook URL {shown} has no host")
+        if not timeout_s > 0:
+            raise ValueError(f"webhook timeout_s must be > 0, got {timeout_s!r}")
+        self._headers = dict(headers or {})
+        if (parts.username or parts.password) and any(k.lower() == "authorization" for k in self._headers):
+            raise ValueError(
+                f"webhook URL {shown} carries credentials and an Authorization header is also set: use one"
+            )
+        # Send the URL exactly as configured (signed query strings break when re-encoded); let yarl
+        # encode only a URL that is not already valid ASCII without spaces.
+        self._url = URL(url, encoded=True) if re.fullmatch(r"[!-~]+", url) else URL(url)
+        self._shown = shown
+        self.timeout_s = float(timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        if name:
+            self.name = name
+
+    @property
+    def url(self) -> str:
+        """The redacted URL: safe to print. The real one is deliberately not exposed."""
+        return self._shown
+
+    @property
+    def description(self) -> str:
+        return f"POST JSON to {self._shown}"
+
+    def __repr__(self) -> str:
+        return f"WebhookHandler({self._shown!r})"
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+
+    async def handle(self, change: SegmentChange) -> None:
+        session = self._session
+        if session is None:
+            raise RuntimeError(f"{self!r} is not started: await start() before handle()")
+        headers = {
+            **self._headers,
+            "Content-Type": "application/json",
+            "Idempotency-Key": change.change_id,
+        }
+        body = orjson.dumps(change.to_dict())
+        try:
+            async with session.post(self._url, data=body, headers=headers, allow_redirects=False) as response:
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
+                await response.read()  # drain, so the connection can be reused
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            # aiohttp's own messages may quote the full URL: describe the failure without it.
+            raise HandlerRetry(f"POST {self._shown} failed: {_describe_transport_error(exc)}") from None
+        if 200 <= status < 300:
+            return
+        if status in (408, 429) or 500 <= status < 600:
+            after = parse_retry_after(retry_after)
+            hint = f", Retry-After {after:g}s" if after is not None else ""
+            raise HandlerRetry(f"POST {self._shown} answered HTTP {status}{hint}", after=after)
+        if 300 <= status < 400:
+            raise PermanentHandlerError(
+                f"POST {self._shown} answered HTTP {status} (redirect): configure the final URL"
+            )
+        raise PermanentHandlerError(f"POST {self._shown} answered HTTP {status}")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+
+def _describe_transport_error(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    os_error = getattr(exc, "os_error", None)  # ClientConnectorError keeps the socket error here
+    strerror = getattr(os_error if os_error is not None else exc, "strerror", None)
+    if isinstance(strerror, str) and strerror:
+        return f"{type(exc).__name__} ({strerror})"
+    return type(exc).__name__
