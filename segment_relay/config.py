@@ -134,6 +134,30 @@ class RelayConfig(BaseSettings):
         return tuple(sources)
 
 
+def secrets_in(config: RelayConfig) -> list[str]:
+    """Strings that must never reach a log line: credentials carried inside handler URLs."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    found: list[str] = []
+    for spec in config.handlers:
+        _, _, arg = spec.partition(":")
+        if "://" not in arg:
+            continue
+        try:
+            parts = urlsplit(arg)
+            password = parts.password
+        except ValueError:
+            found.append(arg)
+            continue
+        if password:
+            found.append(password)
+        if parts.query:
+            found.append(parts.query)
+            found.extend(value for _, value in parse_qsl(parts.query) if value)
+        found.extend(segment for segment in parts.path.split("/") if len(segment) >= 12)  # path tokens
+    return found
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> RelayConfig:
     """Build the configuration; raise ConfigError naming the bad field.
 

@@ -92,7 +92,14 @@ class _Body(BaseModel):
 
 
 def _usable(item: Any) -> bool:
-    return isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] != ""
+    """An identity we can key on: a non-empty string id, and well-typed optional fields."""
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("id"), str)
+        and item["id"] != ""
+        and isinstance(item.get("primary", False), bool)
+        and isinstance(item.get("authenticatedState"), (str, type(None)))
+    )
 
 
 def _all_usable(items: Any) -> bool:

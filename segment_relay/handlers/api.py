@@ -175,8 +175,11 @@ class Handler:
     async def handle(self, change: SegmentChange) -> None:
         if not self._method_routes:
             raise NotImplementedError(f"{type(self).__name__} must override handle() or decorate methods")
+        called: set[str] = set()
         for attr, route in self._method_routes:
-            if route.matches(change.change, change.segment_id):
+            # A method with several matching routes (e.g. on_enter("a") and on_change()) runs once.
+            if attr not in called and route.matches(change.change, change.segment_id):
+                called.add(attr)
                 await getattr(self, attr)(change)
 
     async def flush(self) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -21,6 +22,9 @@ from .base import SourceRecord
 
 log = logging.getLogger(__name__)
 
+_STDIN_CHUNK = 1 << 16
+_STDIN_QUEUED_CHUNKS = 8  # bounds what the reader thread holds ahead of the pipeline
+
 
 class FileSource:
     def __init__(self, path: str, *, checkpoint_path: str | None = None, batch_size: int = 500) -> None:
@@ -30,13 +34,16 @@ class FileSource:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.batch_size = batch_size
         self.resume_after = 0  # last finished line of an earlier run
-        self._stopping = False
+        self._line = 0  # last line number read
         self._stream: IO[bytes] | None = None
+        self._stopping: asyncio.Event | None = None
 
     def __repr__(self) -> str:
-        return f"FileSource({self.path!r}, checkpoint={str(self.checkpoint_path) if self.checkpoint_path else None!r})"
+        checkpoint = str(self.checkpoint_path) if self.checkpoint_path else None
+        return f"FileSource({self.path!r}, checkpoint={checkpoint!r})"
 
     async def start(self) -> None:
+        self._stopping = asyncio.Event()
         if self.path != "-" and not Path(self.path).is_file():
             raise FileNotFoundError(f"source file {self.path!r} does not exist")
         if self.checkpoint_path and self.checkpoint_path.exists():
@@ -48,33 +55,76 @@ class FileSource:
                 )
             self.resume_after = int(saved["line"])
             log.info("resuming after checkpoint", extra={"source": self.partition, "line": self.resume_after})
-        self._stream = sys.stdin.buffer if self.path == "-" else open(self.path, "rb")
+        if self.path != "-":
+            self._stream = open(self.path, "rb")
 
-    def _read_batch(self, first_line: int) -> list[SourceRecord]:
-        assert self._stream is not None
-        batch: list[SourceRecord] = []
-        line_number = first_line
-        readline = self._stream.readline
-        while len(batch) < self.batch_size:
-            line = readline()
-            if not line:
-                break
-            line_number += 1
-            if line_number <= self.resume_after:
+    def _records(self, lines: list[bytes]) -> list[SourceRecord]:
+        """Number the lines; drop blank ones and those an earlier run finished."""
+        batch = []
+        for line in lines:
+            self._line += 1
+            if self._line <= self.resume_after:
                 continue
             data = line.rstrip(b"\r\n")
-            if data.strip():  # blank lines are not records; the loop ends only when full or at EOF
-                batch.append(SourceRecord(self.partition, line_number, data))
-        self._lines_read = line_number
+            if data.strip():
+                batch.append(SourceRecord(self.partition, self._line, data))
         return batch
 
     async def batches(self) -> AsyncIterator[Sequence[SourceRecord]]:
-        self._lines_read = 0
-        while not self._stopping:
-            batch = await asyncio.to_thread(self._read_batch, self._lines_read)
-            if not batch:
+        chunks = self._stdin_chunks() if self.path == "-" else self._file_chunks()
+        async for lines in chunks:
+            batch = self._records(lines)
+            if batch:
+                yield batch
+
+    async def _file_chunks(self) -> AsyncIterator[list[bytes]]:
+        assert self._stream is not None and self._stopping is not None
+        while not self._stopping.is_set():
+            lines = await asyncio.to_thread(self._stream.readlines, self.batch_size * 2048)
+            if not lines:
                 return
-            yield batch
+            yield lines
+
+    async def _stdin_chunks(self) -> AsyncIterator[list[bytes]]:
+        """stdin may be a pipe that stays open: hand over whatever lines have arrived, at once,
+        and let a stop request end the wait (the reader thread is a daemon, it never blocks exit)."""
+        assert self._stopping is not None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(_STDIN_QUEUED_CHUNKS)
+        threading.Thread(target=self._read_stdin, args=(loop, queue), name="stdin-reader", daemon=True).start()
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                getting = asyncio.ensure_future(queue.get())
+                await asyncio.wait((getting, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    return
+                lines = getting.result()
+                if lines is None:
+                    return
+                yield lines
+        finally:
+            stopping.cancel()
+
+    @staticmethod
+    def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[list[bytes] | None]) -> None:
+        fd = sys.stdin.fileno()
+        pending = b""
+        try:
+            while True:
+                chunk = os.read(fd, _STDIN_CHUNK)  # returns what is there, blocks only when nothing is
+                if not chunk:
+                    break
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                if lines:
+                    asyncio.run_coroutine_threadsafe(queue.put(lines), loop).result()
+            if pending:
+                asyncio.run_coroutine_threadsafe(queue.put([pending]), loop).result()
+            asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+        except RuntimeError:  # the loop closed under us: the relay is exiting
+            pass
 
     async def commit(self, partition: str, position: Any) -> None:
         if self.checkpoint_path is None:
@@ -93,9 +143,10 @@ class FileSource:
         os.replace(temporary, self.checkpoint_path)
 
     def stop(self) -> None:
-        self._stopping = True
+        if self._stopping is not None:
+            self._stopping.set()
 
     async def close(self) -> None:
-        if self._stream is not None and self._stream is not sys.stdin.buffer:
+        if self._stream is not None:
             self._stream.close()
         self._stream = None

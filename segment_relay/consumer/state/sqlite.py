@@ -63,15 +63,19 @@ class SqliteStore:
         return f"SqliteStore({self.path!r})"
 
     async def open(self) -> None:
-        if self.path != ":memory:":
+        if self.path == ":memory:":
+            # Two connections to ":memory:" would be two databases: share one named in-memory db.
+            target, uri = f"file:segment-relay-{id(self)}?mode=memory&cache=shared", True
+        else:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            target, uri = self.path, False
         self._writer = sqlite3.connect(
-            self.path, timeout=self._busy_timeout_s, check_same_thread=False, isolation_level=None
+            target, timeout=self._busy_timeout_s, check_same_thread=False, isolation_level=None, uri=uri
         )
         self._writer.execute("PRAGMA journal_mode=WAL")
         self._writer.execute("PRAGMA synchronous=NORMAL")
         self._writer.execute(_SCHEMA)
-        self._reader = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        self._reader = sqlite3.connect(target, timeout=5.0, isolation_level=None, uri=uri)
 
     async def load(self, profile_key: str) -> ProfileState:
         assert self._reader is not None, "store not opened"
@@ -116,7 +120,8 @@ class SqliteStore:
                 for profile_key, updates in self._flushing.items():
                     pending = self._pending.setdefault(profile_key, {})
                     for key, value in updates.items():
-                        if supersedes(value, pending.get(key)):
+                        later = pending.get(key)  # saved after this batch: it wins ties
+                        if later is None or not supersedes(later, value):
                             pending[key] = value
                 self._pending_rows = sum(len(updates) for updates in self._pending.values())
                 raise

@@ -1,0 +1,130 @@
+"""Wires a RelayConfig into running parts: source, store, handlers, pipeline, ops server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from .config import ConfigError, RelayConfig
+from .consumer.deadletter import JsonlDeadLetter
+from .consumer.pipeline import Pipeline, PipelineSettings
+from .consumer.profile_key import ProfileKeyRule
+from .consumer.sources.base import Source
+from .consumer.sources.file import FileSource
+from .consumer.state import open_store
+from .handlers.api import Handler
+from .handlers.loader import HandlerSpecError, load_handler
+from .handlers.router import RetryPolicy, Router
+from .ops.health import Health, OpsServer
+from .ops.stats import RelayStats
+
+log = logging.getLogger(__name__)
+
+
+def build_source(config: RelayConfig) -> Source:
+    kind, _, arg = config.source.partition(":")
+    if kind == "file":
+        return FileSource(arg, checkpoint_path=config.checkpoint_file)
+    raise ConfigError(f"config field 'source': unknown source {config.source!r}; use file:PATH or file:-")
+
+
+def build_handlers(config: RelayConfig, extra: list[Handler] | None = None) -> list[Handler]:
+    handlers: list[Handler] = []
+    for spec in config.handlers:
+        try:
+            handlers.append(load_handler(spec))
+        except HandlerSpecError as exc:
+            raise ConfigError(f"config field 'handlers': {exc}") from None
+    handlers += extra or []
+    # Names label metrics and dead letters: two webhooks become "webhook" and "webhook#2".
+    seen: dict[str, int] = {}
+    for handler in handlers:
+        count = seen[handler.name] = seen.get(handler.name, 0) + 1
+        if count > 1:
+            handler.name = f"{handler.name}#{count}"
+    return handlers
+
+
+class Relay:
+    """One running relay: build it from a config, then ``await run()`` until the source ends or a signal."""
+
+    def __init__(self, config: RelayConfig, *, extra_handlers: list[Handler] | None = None,
+                 track_profiles: bool = False) -> None:
+        self.config = config
+        self.stats = RelayStats()
+        self.health = Health(extra_ready=lambda: self.pipeline.running)
+        if config.checkpoint_file and not config.source.startswith("file:"):
+            raise ConfigError("config field 'checkpoint_file': only the file source uses it")
+        self.source = build_source(config)
+        self.store = open_store(config.state)
+        self.dead_letter = JsonlDeadLetter(Path(config.dead_letter))
+        retry = RetryPolicy(
+            max_attempts=config.retry.max_attempts,
+            initial_backoff_s=config.retry.initial_backoff_s,
+            max_backoff_s=config.retry.max_backoff_s,
+            max_retry_after_s=config.retry.max_retry_after_s,
+            timeout_s=config.retry.handler_timeout_s,
+        )
+        try:
+            self.router = Router(
+                build_handlers(config, extra_handlers), self.dead_letter, retry=retry, stats=self.stats
+            )
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"config field 'handlers': {exc}") from None
+        settings = PipelineSettings(
+            concurrency=config.pipeline.concurrency,
+            max_in_flight_records=config.pipeline.max_in_flight_records,
+            max_in_flight_bytes=config.pipeline.max_in_flight_bytes,
+            checkpoint_interval_s=config.pipeline.checkpoint_interval_s,
+            shutdown_timeout_s=config.pipeline.shutdown_timeout_s,
+            segment_filter=frozenset(config.segments) if config.segments else None,
+            track_profiles=track_profiles,
+        )
+        self.pipeline = Pipeline(
+            self.source, self.store, self.router, self.dead_letter,
+            key_rule=ProfileKeyRule(config.identity.namespace_priority, config.identity.prefer_primary),
+            settings=settings, stats=self.stats,
+        )
+        self.ops: OpsServer | None = None
+        if config.metrics_port is not None:
+            self.ops = OpsServer(self.stats, self.health, host=config.metrics_host, port=config.metrics_port)
+
+    def stop(self) -> None:
+        self.health.mark_stopping()
+        self.pipeline.stop()
+
+    async def run(self) -> RelayStats:
+        loop = asyncio.get_running_loop()
+        installed = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+                installed.append(signum)
+        watchdog = asyncio.create_task(self.health.watchdog(), name="watchdog")
+        try:
+            if self.ops is not None:
+                await self.ops.start()
+                log.info("serving metrics and probes", extra={"host": self.config.metrics_host, "port": self.ops.port})
+            self.health.mark_started()
+            log.info("relay started", extra={"source": self.source.name, "state": repr(self.store),
+                                             "handlers": [h.name for h in self.router.handlers]})
+            await self.pipeline.run()
+            log.info("relay stopped", extra=self.stats.summary())
+            return self.stats
+        finally:
+            self.health.mark_stopping()
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+            if self.ops is not None:
+                await self.ops.stop()
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        log.info("signal received: finishing in-flight work", extra={"signal": signal.Signals(signum).name})
+        self.stop()

@@ -1,0 +1,127 @@
+"""The `segment-relay` command."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import orjson
+import typer
+
+from .config import ConfigError, load_config, secrets_in
+
+app = typer.Typer(
+    help="Consume Adobe Real-Time CDP segment exports and call handlers on real enter/exit changes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (or $SEGMENT_RELAY_CONFIG)")] = None,
+    source: Annotated[Optional[str], typer.Option(help="file:PATH or file:- for stdin")] = None,
+    state: Annotated[Optional[str], typer.Option(help="memory or sqlite:PATH")] = None,
+    handler: Annotated[Optional[list[str]], typer.Option("--handler", "-H", help="log | jsonl:PATH | webhook:URL | NAME[:ARG] | module:attr; repeatable")] = None,
+    dead_letter: Annotated[Optional[str], typer.Option("--dead-letter", help="JSONL file for invalid records and failed changes")] = None,
+    segments: Annotated[Optional[str], typer.Option(help="Comma-separated segment ids to keep; others are ignored")] = None,
+    checkpoint_file: Annotated[Optional[str], typer.Option("--checkpoint-file", help="file source: resume point kept here")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option("--metrics-port", help="Serve /metrics, /healthz, /readyz on this port")] = None,
+    metrics_host: Annotated[Optional[str], typer.Option("--metrics-host", help="Address for the metrics server")] = None,
+    log_level: Annotated[Optional[str], typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")] = None,
+) -> None:
+    """Run the relay until the source ends or SIGINT/SIGTERM; then drain, checkpoint and exit 0."""
+    from .app import Relay
+    from .ops.logging import configure_logging
+
+    try:
+        settings = load_config(
+            config, source=source, state=state, handlers=handler, dead_letter=dead_letter,
+            segments=segments, checkpoint_file=checkpoint_file, metrics_port=metrics_port,
+            metrics_host=metrics_host, log_level=log_level,
+        )
+        configure_logging(settings.log_level, json=settings.log_format == "json", secrets=secrets_in(settings))
+        relay = Relay(settings)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    try:
+        stats = asyncio.run(relay.run())
+    except (FileNotFoundError, ValueError, OSError) as exc:  # e.g. missing input, foreign checkpoint
+        _fail(str(exc), 1)
+        return
+    typer.echo(orjson.dumps({"summary": stats.summary()}).decode(), err=True)
+
+
+@app.command()
+def validate(
+    file: Annotated[str, typer.Argument(help="JSONL file of export records, or - for stdin")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per invalid record")] = False,
+) -> None:
+    """Check every record of FILE; report each invalid one with its line and reason. Exit 1 if any."""
+    from .consumer.export import InvalidRecord, parse_export
+    from .consumer.profile_key import ProfileKeyRule
+
+    rule = ProfileKeyRule()
+    records = invalid = 0
+    try:
+        stream = sys.stdin.buffer if file == "-" else open(file, "rb")
+    except OSError as exc:
+        _fail(f"cannot read {file!r}: {exc.strerror}")
+        return
+    with stream:
+        for line_number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            records += 1
+            try:
+                rule.key_for(parse_export(line).identity_map)
+            except InvalidRecord as exc:
+                invalid += 1
+                if as_json:
+                    typer.echo(orjson.dumps({"line": line_number, "reason": exc.reason.value, "detail": exc.detail}).decode())
+                else:
+                    typer.echo(f"line {line_number}: {exc.reason.value}: {exc.detail}")
+    typer.echo(f"{records} records, {invalid} invalid", err=True)
+    if invalid:
+        raise typer.Exit(1)
+
+
+@app.command("handlers")
+def list_handlers() -> None:
+    """List the built-in handlers and those installed as plug-ins (entry points)."""
+    from .handlers.loader import available_handlers
+
+    for name, description in available_handlers().items():
+        typer.echo(f"{name:20} {description}")
+
+
+@app.command()
+def demo(
+    records: Annotated[int, typer.Option(help="Records in the generated stream")] = 5000,
+    profiles: Annotated[int, typer.Option(help="Profiles in the generated stream")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the generated stream")] = 7,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the change lines")] = False,
+    metrics_port: Annotated[Optional[int], typer.Option("--metrics-port", help="Serve metrics while it runs")] = None,
+) -> None:
+    """Run the relay on a generated stream of realistic exports (no cloud account) and print a summary."""
+    from .demo import run_demo
+
+    code = run_demo(records=records, profiles=profiles, seed=seed, quiet=quiet, metrics_port=metrics_port)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Handlers that tests/test_cli.py names by ``module:attr`` in a subprocess (PYTHONPATH=tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from segment_relay import SegmentChange
+
+# Set by the test: seconds each change takes, so a SIGTERM lands mid-run.
+DELAY_S = float(os.environ.get("CLI_TARGETS_DELAY_S", "0"))
+
+
+async def slow(change: SegmentChange) -> None:
+    await asyncio.sleep(DELAY_S)
+
+
+async def always_fails(change: SegmentChange) -> None:
+    raise RuntimeError("downstream is down")

@@ -1,0 +1,386 @@
+"""The in-process pipeline over a JSONL file: order, dead letters, checkpoints, restart, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from segment_relay import SegmentChange
+from segment_relay.consumer.deadletter import MemoryDeadLetter
+from segment_relay.consumer.export import parse_export
+from segment_relay.consumer.membership import StoredMembership, supersedes
+from segment_relay.consumer.pipeline import Pipeline, PipelineSettings
+from segment_relay.consumer.sources.file import FileSource
+from segment_relay.consumer.state import MembershipStore, MemoryStore, SqliteStore
+from segment_relay.handlers.api import FunctionHandler, change_id_for
+from segment_relay.handlers.router import RetryPolicy, Router
+
+FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0002, timeout_s=5.0)
+BASE = datetime(2024, 3, 1, tzinfo=timezone.utc)
+RUN_TIMEOUT_S = 20
+
+
+def record(profile: str, *segments: tuple[str, str, int], z_form: bool = True) -> bytes:
+    """One export line: segments are (segment_id, status, minutes after BASE)."""
+    audiences = {}
+    for segment_id, status, minutes in segments:
+        moment = BASE + timedelta(minutes=minutes)
+        text = moment.strftime("%Y-%m-%dT%H:%M:%SZ" if z_form else "%Y-%m-%dT%H:%M:%S+0000")
+        audiences[segment_id] = {"status": status, "lastQualificationTime": text}
+    return orjson.dumps({
+        "identityMap": {"ecid": [{"id": profile}]},
+        "segmentMembership": {"ups": audiences},
+        "person": {"name": profile},
+    })
+
+
+def write_lines(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def expected_changes(lines: list[bytes]) -> list[tuple[str, int, str, str, str]]:
+    """A reference model of DESIGN.md's rules: (change_id, line, profile_key, segment, change) in file order."""
+    state: dict[tuple[str, str, str], StoredMembership] = {}
+    out = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            export = parse_export(line)
+        except ValueError:
+            continue
+        key = f"ecid:{export.identity_map['ecid'][0].id}"
+        for entry in export.segments:
+            new = StoredMembership(entry.status, entry.qualified_at_us)
+            old = state.get((key, entry.namespace, entry.segment_id))
+            if not supersedes(new, old):
+                continue
+            state[(key, entry.namespace, entry.segment_id)] = new
+            if new.is_member and (old is None or not old.is_member):
+                kind = "enter"
+            elif not new.is_member and (old is None or old.is_member):
+                kind = "exit"
+            else:
+                continue
+            cid = change_id_for(key, entry.namespace, entry.segment_id, entry.status.value, entry.qualified_at_us)
+            out.append((cid, number, key, entry.segment_id, kind))
+    return out
+
+
+def make_pipeline(
+    path: Path,
+    handler: Callable[[SegmentChange], Awaitable[None]],
+    *,
+    store: MembershipStore | None = None,
+    checkpoint: Path | None = None,
+    batch_size: int = 500,
+    **settings: Any,
+) -> tuple[Pipeline, MemoryDeadLetter]:
+    dead = MemoryDeadLetter()
+    source = FileSource(str(path), checkpoint_path=str(checkpoint) if checkpoint else None, batch_size=batch_size)
+    settings.setdefault("checkpoint_interval_s", 3600.0)
+    router = Router([FunctionHandler(handler, name="recorder")], dead, retry=FAST)
+    pipeline = Pipeline(source, store or MemoryStore(), router, dead, settings=PipelineSettings(**settings))
+    return pipeline, dead
+
+
+def checkpoint_line(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    return int(orjson.loads(path.read_bytes())["line"])
+
+
+async def poll(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+async def random_yields(rng: random.Random, most: int = 10) -> None:
+    for _ in range(rng.randrange(most)):
+        await asyncio.sleep(0)
+
+
+def interleaved_history(rng: random.Random, profiles: int, per_profile: int) -> list[bytes]:
+    """Each profile flips two segments at every record; records of all profiles are interleaved."""
+    queues = {
+        f"p{n}": [
+            record(f"p{n}", ("a", "realized" if i % 2 == 0 else "exited", i * 10),
+                   ("b", "exited" if i % 2 == 0 else "existing", i * 10), z_form=i % 3 != 0)
+            for i in range(per_profile)
+        ]
+        for n in range(profiles)
+    }
+    lines = []
+    while queues:
+        name = rng.choice(sorted(queues))
+        lines.append(queues[name].pop(0))
+        if not queues[name]:
+            del queues[name]
+    return lines
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+async def test_order_within_a_profile_under_concurrency(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    lines = interleaved_history(rng, profiles=30, per_profile=8)
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    got: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    running: set[str] = set()
+    peak = 0
+
+    async def handler(change: SegmentChange) -> None:
+        nonlocal peak
+        assert change.profile_key not in running, "two changes of one profile at once"
+        running.add(change.profile_key)
+        peak = max(peak, len(running))
+        await random_yields(rng)
+        got[change.profile_key].append((int(change.position), change.segment_id, change.change.value))
+        running.discard(change.profile_key)
+
+    pipeline, dead = make_pipeline(path, handler, concurrency=16)
+    stats = await asyncio.wait_for(pipeline.run(), RUN_TIMEOUT_S)
+    expected: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    for _, line, key, segment, kind in expected_changes(lines):
+        expected[key].append((line, segment, kind))
+    assert len(expected) == 30 and sum(map(len, expected.values())) == 30 * 8 * 2
+    assert dict(got) == dict(expected)
+    assert peak > 1, "different profiles should run concurrently"
+    assert dead.entries == []
+    assert stats.records_finished == len(lines)
+
+
+async def test_always_failing_handler_dead_letters_and_checkpoint_reaches_the_end(tmp_path: Path) -> None:
+    lines = interleaved_history(random.Random(2), profiles=5, per_profile=4)
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    checkpoint = tmp_path / "cp.json"
+    calls = 0
+
+    async def broken(change: SegmentChange) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("downstream is down")
+
+    pipeline, dead = make_pipeline(path, broken, checkpoint=checkpoint, concurrency=4)
+    await asyncio.wait_for(pipeline.run(), RUN_TIMEOUT_S)
+    expected = expected_changes(lines)
+    assert calls == len(expected) * FAST.max_attempts
+    assert sorted(e["change"]["change_id"] for e in dead.entries) == sorted(cid for cid, *_ in expected)
+    assert {(e["kind"], e["handler"], e["attempts"], e["reason"]) for e in dead.entries} == {
+        ("failed_change", "recorder", FAST.max_attempts, "handler_failed")
+    }
+    assert all(e["partition"] == str(path) for e in dead.entries)
+    assert checkpoint_line(checkpoint) == len(lines)
+
+
+async def test_invalid_lines_are_dead_lettered_and_the_partition_moves_on(tmp_path: Path) -> None:
+    lines = [
+        record("p1", ("a", "realized", 1)),
+        b"this is not json",
+        record("p2", ("a", "exited", 1)),
+        b"[1, 2, 3]",
+        b'{"identityMap": {}, "segmentMembership": {}}',
+        b'{"identityMap": {"ecid": [{"id": "p3"}]}, "segmentMembership": {"ups": {"a": {"status": "maybe", "lastQualificationTime": "2024-01-01T00:00:00Z"}}}}',
+        record("p3", ("a", "realized", 2)),
+    ]
+    path = tmp_path / "in.jsonl"
+    # A blank line is not a record but still counts as a line.
+    path.write_bytes(b"\n".join(lines[:3]) + b"\n\n" + b"\n".join(lines[3:]) + b"\n")
+    checkpoint = tmp_path / "cp.json"
+    seen: list[tuple[str, str, str]] = []
+
+    async def handler(change: SegmentChange) -> None:
+        seen.append((change.profile_key, change.change.value, change.position))
+
+    pipeline, dead = make_pipeline(path, handler, checkpoint=checkpoint)
+    stats = await asyncio.wait_for(pipeline.run(), RUN_TIMEOUT_S)
+    assert sorted(seen) == [("ecid:p1", "enter", "1"), ("ecid:p2", "exit", "3"), ("ecid:p3", "enter", "8")]
+    invalid = [(e["kind"], e["reason"], e["position"], e["partition"]) for e in dead.entries]
+    assert invalid == [
+        ("invalid_record", "not_json", "2", str(path)),
+        ("invalid_record", "not_object", "5", str(path)),
+        ("invalid_record", "no_identity", "6", str(path)),
+        ("invalid_record", "unknown_status", "7", str(path)),
+    ]
+    assert dead.entries[0]["raw"] == "this is not json"
+    assert dead.entries[0]["detail"].startswith("not valid JSON")
+    assert dead.entries[1]["detail"] == "expected a JSON object, got list"
+    assert "segmentMembership.ups.a.status" in dead.entries[3]["detail"]
+    assert checkpoint_line(checkpoint) == 8
+    assert stats.invalid == {"not_json": 1, "not_object": 1, "no_identity": 1, "unknown_status": 1}
+
+
+async def test_checkpoint_never_passes_an_unfinished_record(tmp_path: Path) -> None:
+    lines = [record(f"p{i}", ("a", "realized", i)) for i in range(1, 21)]
+    blocked_line = 6
+    lines[blocked_line - 1] = record("blocked", ("a", "realized", 1))
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    checkpoint = tmp_path / "cp.json"
+    gate = asyncio.Event()
+    handled: list[int] = []
+
+    async def handler(change: SegmentChange) -> None:
+        if change.profile_key == "ecid:blocked":
+            await gate.wait()
+        handled.append(int(change.position))
+
+    pipeline, _ = make_pipeline(path, handler, checkpoint=checkpoint, concurrency=4)
+    run = asyncio.create_task(pipeline.run())
+    try:
+        await poll(lambda: pipeline.stats.records_finished == len(lines) - 1, "every other record to finish")
+        assert blocked_line not in handled and max(handled) == len(lines)
+        await pipeline.checkpoint()
+        assert checkpoint_line(checkpoint) == blocked_line - 1
+        assert pipeline.in_flight == 1  # only the blocked record is unfinished
+        gate.set()
+        await asyncio.wait_for(run, RUN_TIMEOUT_S)
+    finally:
+        gate.set()
+        if not run.done():
+            run.cancel()
+    assert checkpoint_line(checkpoint) == len(lines)
+    assert sorted(handled) == list(range(1, len(lines) + 1))
+
+
+async def test_restart_from_checkpoint_loses_no_change(tmp_path: Path) -> None:
+    rng = random.Random(9)
+    lines = interleaved_history(rng, profiles=25, per_profile=6)
+    # Some re-exports that must not change anything: a stale copy and a duplicate.
+    lines.insert(100, record("p3", ("a", "exited", -5)))
+    lines.insert(40, lines[10])
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    checkpoint = tmp_path / "cp.json"
+    db = tmp_path / "state.db"
+    expected = expected_changes(lines)
+    expected_ids = {cid for cid, *_ in expected}
+    assert len(expected_ids) == len(expected)
+    stop_after = 60
+
+    first: list[tuple[str, int]] = []
+    first_pipeline: Pipeline | None = None
+
+    async def first_handler(change: SegmentChange) -> None:
+        await random_yields(rng, 4)
+        first.append((change.change_id, int(change.position)))
+        if len(first) == stop_after:
+            assert first_pipeline is not None
+            first_pipeline.stop()
+
+    # A small in-flight bound keeps the reader from running far ahead of the handlers, so stop()
+    # lands part way through the file.
+    first_pipeline, dead1 = make_pipeline(path, first_handler, store=SqliteStore(db), checkpoint=checkpoint,
+                                          batch_size=7, concurrency=8, max_in_flight_records=8)
+    await asyncio.wait_for(first_pipeline.run(), RUN_TIMEOUT_S)
+    resumed_after = checkpoint_line(checkpoint)
+    assert resumed_after is not None and resumed_after < len(lines), "the first run should stop part way"
+    assert len(first) >= stop_after
+
+    second: list[tuple[str, int]] = []
+
+    async def second_handler(change: SegmentChange) -> None:
+        await random_yields(rng, 4)
+        second.append((change.change_id, int(change.position)))
+
+    second_pipeline, dead2 = make_pipeline(path, second_handler, store=SqliteStore(db), checkpoint=checkpoint,
+                                           batch_size=7, concurrency=8)
+    await asyncio.wait_for(second_pipeline.run(), RUN_TIMEOUT_S)
+
+    assert dead1.entries == [] and dead2.entries == []
+    assert checkpoint_line(checkpoint) == len(lines)
+    union = {cid for cid, _ in first} | {cid for cid, _ in second}
+    assert union == expected_ids  # nothing lost, nothing invented
+    assert all(line > resumed_after for _, line in second), "the second run re-read a checkpointed record"
+    repeated = {cid for cid, _ in first} & {cid for cid, _ in second}
+    by_id = {cid: line for cid, line, *_ in expected}
+    assert all(by_id[cid] > resumed_after for cid in repeated)
+    assert len({cid for cid, _ in first}) == len(first)
+
+
+async def test_in_flight_records_are_bounded(tmp_path: Path) -> None:
+    rng = random.Random(4)
+    lines = [record(f"p{rng.randrange(50)}", ("a", "realized" if i % 2 else "exited", i)) for i in range(150)]
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    observed: list[int] = []
+    pipeline: Pipeline | None = None
+
+    async def handler(change: SegmentChange) -> None:
+        assert pipeline is not None
+        observed.append(pipeline.in_flight)
+        await random_yields(rng, 12)
+        observed.append(pipeline.in_flight)
+
+    pipeline, dead = make_pipeline(path, handler, concurrency=16, max_in_flight_records=5, batch_size=50)
+    stats = await asyncio.wait_for(pipeline.run(), RUN_TIMEOUT_S)
+    assert observed and max(observed) <= 5
+    assert max(observed) == 5, "the bound should be reached with a backlog this size"
+    assert stats.records_finished == len(lines) and pipeline.in_flight == 0
+    assert dead.entries == []
+
+
+async def test_in_flight_bytes_are_bounded(tmp_path: Path) -> None:
+    rng = random.Random(8)
+    lines = [record(f"p{i}", ("a", "realized", i)) for i in range(60)]
+    size = max(len(line) for line in lines)
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    observed: list[int] = []
+    pipeline: Pipeline | None = None
+
+    async def handler(change: SegmentChange) -> None:
+        assert pipeline is not None
+        observed.append(pipeline._limit.bytes)
+        await random_yields(rng, 12)
+
+    pipeline, _ = make_pipeline(path, handler, concurrency=16, max_in_flight_bytes=3 * size)
+    await asyncio.wait_for(pipeline.run(), RUN_TIMEOUT_S)
+    assert len(observed) == 60 and max(observed) <= 3 * size
+
+
+async def test_restart_after_a_drain_timeout_loses_no_change(tmp_path: Path) -> None:
+    """A first run whose last record never finishes (shutdown timeout): the rerun handles it again."""
+    rng = random.Random(13)
+    lines = interleaved_history(rng, profiles=10, per_profile=5)
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    checkpoint = tmp_path / "cp.json"
+    db = tmp_path / "state.db"
+    expected_ids = {cid for cid, *_ in expected_changes(lines)}
+    stuck_profile = "ecid:p4"
+    never = asyncio.Event()
+    first: list[tuple[str, int]] = []
+    first_pipeline: Pipeline | None = None
+
+    async def first_handler(change: SegmentChange) -> None:
+        if change.profile_key == stuck_profile and int(change.position) > 10:
+            assert first_pipeline is not None
+            first_pipeline.stop()
+            await never.wait()  # hangs until the pipeline gives up on draining
+        first.append((change.change_id, int(change.position)))
+
+    first_pipeline, _ = make_pipeline(path, first_handler, store=SqliteStore(db), checkpoint=checkpoint,
+                                      batch_size=5, concurrency=4, shutdown_timeout_s=0.2)
+    await asyncio.wait_for(first_pipeline.run(), RUN_TIMEOUT_S)
+    resumed_after = checkpoint_line(checkpoint) or 0
+    stuck_lines = [n for n, line in enumerate(lines, 1) if b'"p4"' in line and n > 10]
+    assert resumed_after < stuck_lines[0], "the checkpoint passed the record that never finished"
+
+    second: list[tuple[str, int]] = []
+
+    async def second_handler(change: SegmentChange) -> None:
+        second.append((change.change_id, int(change.position)))
+
+    second_pipeline, _ = make_pipeline(path, second_handler, store=SqliteStore(db), checkpoint=checkpoint,
+                                       batch_size=5, concurrency=4)
+    await asyncio.wait_for(second_pipeline.run(), RUN_TIMEOUT_S)
+    assert {cid for cid, _ in first} | {cid for cid, _ in second} == expected_ids
+    assert all(line > resumed_after for _, line in second)
+    assert checkpoint_line(checkpoint) == len(lines)

@@ -1,0 +1,333 @@
+"""Routing, retries, timeouts and the dead letter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from segment_relay import (
+    ChangeType,
+    Handler,
+    HandlerRetry,
+    PermanentHandlerError,
+    SegmentChange,
+    SegmentStatus,
+    on_change,
+    on_enter,
+    on_exit,
+)
+from segment_relay.consumer.deadletter import MemoryDeadLetter
+from segment_relay.handlers.api import FunctionHandler, IdentityItem, change_id_for
+from segment_relay.handlers.router import RetryPolicy, Router
+
+FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.0005, max_backoff_s=0.001, timeout_s=5.0)
+ENTER, EXIT = ChangeType.ENTER, ChangeType.EXIT
+
+
+def change(kind: ChangeType, segment_id: str = "gold", profile: str = "ecid:1") -> SegmentChange:
+    status = SegmentStatus.REALIZED if kind is ENTER else SegmentStatus.EXITED
+    at = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    return SegmentChange(
+        change=kind, segment_id=segment_id, segment_namespace="ups", segment_name=None, profile_key=profile,
+        identities={"ecid": [IdentityItem(id="1")]}, attributes={"person": {"x": 1}}, qualified_at=at,
+        status=status, change_id=change_id_for(profile, "ups", segment_id, status.value, 0),
+        partition="p0", position="7",
+    )
+
+
+# --- routing ----------------------------------------------------------------------------------
+
+
+async def test_function_routes_by_segment_and_change_type() -> None:
+    calls: list[tuple[str, str, str]] = []
+
+    @on_enter("gold", "silver")
+    async def welcome(c: SegmentChange) -> None:
+        calls.append(("welcome", c.segment_id, c.change.value))
+
+    @on_exit("gold")
+    async def goodbye(c: SegmentChange) -> None:
+        calls.append(("goodbye", c.segment_id, c.change.value))
+
+    @on_change("bronze")
+    async def any_bronze(c: SegmentChange) -> None:
+        calls.append(("bronze", c.segment_id, c.change.value))
+
+    @on_exit()
+    async def every_exit(c: SegmentChange) -> None:
+        calls.append(("every_exit", c.segment_id, c.change.value))
+
+    async def everything(c: SegmentChange) -> None:  # undecorated: all changes
+        calls.append(("everything", c.segment_id, c.change.value))
+
+    handlers = [FunctionHandler(f) for f in (welcome, goodbye, any_bronze, every_exit, everything)]
+    router = Router(handlers, MemoryDeadLetter(), retry=FAST)
+    assert [h.name.split(":")[-1].split(".")[-1] for h in router.handlers_for(ENTER, "gold")] == ["welcome", "everything"]
+    for kind, segment in [(ENTER, "gold"), (EXIT, "gold"), (ENTER, "silver"), (EXIT, "silver"), (ENTER, "bronze"),
+                          (EXIT, "bronze"), (ENTER, "other")]:
+        await router.dispatch(change(kind, segment))
+    assert calls == [
+        ("welcome", "gold", "enter"), ("everything", "gold", "enter"),
+        ("goodbye", "gold", "exit"), ("every_exit", "gold", "exit"), ("everything", "gold", "exit"),
+        ("welcome", "silver", "enter"), ("everything", "silver", "enter"),
+        ("every_exit", "silver", "exit"), ("everything", "silver", "exit"),
+        ("bronze", "bronze", "enter"), ("everything", "bronze", "enter"),
+        ("bronze", "bronze", "exit"), ("every_exit", "bronze", "exit"), ("everything", "bronze", "exit"),
+        ("everything", "other", "enter"),
+    ]
+
+
+async def test_handler_subclass_methods_route() -> None:
+    calls: list[tuple[str, str, str]] = []
+
+    class Crm(Handler):
+        @on_enter("gold")
+        async def welcome(self, c: SegmentChange) -> None:
+            calls.append(("welcome", c.segment_id, c.change.value))
+
+        @on_exit()
+        async def goodbye(self, c: SegmentChange) -> None:
+            calls.append(("goodbye", c.segment_id, c.change.value))
+
+        @on_change("vip")
+        async def vip(self, c: SegmentChange) -> None:
+            calls.append(("vip", c.segment_id, c.change.value))
+
+    assert Crm.name == "Crm"
+    router = Router([Crm()], MemoryDeadLetter(), retry=FAST)
+    assert router.handlers_for(ENTER, "silver") == ()  # no method wants it: the handler is not called
+    for kind, segment in [(ENTER, "gold"), (EXIT, "gold"), (ENTER, "vip"), (EXIT, "vip"), (ENTER, "silver")]:
+        await router.dispatch(change(kind, segment))
+    assert calls == [
+        ("welcome", "gold", "enter"),
+        ("goodbye", "gold", "exit"),
+        ("vip", "vip", "enter"),
+        ("goodbye", "vip", "exit"), ("vip", "vip", "exit"),
+    ]
+
+
+async def test_handler_subclass_overriding_handle_uses_class_routes() -> None:
+    from segment_relay import Route
+
+    seen: list[str] = []
+
+    class Exits(Handler):
+        name = "exits"
+        routes = (Route(changes=frozenset({EXIT})),)
+
+        async def handle(self, c: SegmentChange) -> None:
+            seen.append(c.segment_id)
+
+    router = Router([Exits()], MemoryDeadLetter(), retry=FAST)
+    await router.dispatch(change(ENTER, "a"))
+    await router.dispatch(change(EXIT, "b"))
+    assert seen == ["b"]
+
+
+# BUG: a method decorated with overlapping routes (e.g. @on_enter("gold") and @on_change())
+# is called once per matching route by Handler.handle, so twice for one change. A function
+# handler with the same decorators is called once.
+async def test_method_with_overlapping_routes_is_called_once() -> None:
+    method_calls: list[str] = []
+    function_calls: list[str] = []
+
+    class Crm(Handler):
+        @on_enter("gold")
+        @on_change()
+        async def both(self, c: SegmentChange) -> None:
+            method_calls.append(c.change_id)
+
+    @on_enter("gold")
+    @on_change()
+    async def both(c: SegmentChange) -> None:
+        function_calls.append(c.change_id)
+
+    router = Router([Crm(), FunctionHandler(both, name="fn")], MemoryDeadLetter(), retry=FAST)
+    await router.dispatch(change(ENTER, "gold"))
+    assert len(function_calls) == 1
+    assert len(method_calls) == 1  # 2 today
+
+
+def test_decorators_reject_bad_segment_ids() -> None:
+    with pytest.raises(TypeError):
+        on_enter("")
+    with pytest.raises(TypeError):
+        on_exit(5)  # type: ignore[arg-type]
+
+
+def test_handler_names_must_be_unique() -> None:
+    async def f(c: SegmentChange) -> None: ...
+
+    with pytest.raises(ValueError, match="unique"):
+        Router([FunctionHandler(f, name="x"), FunctionHandler(f, name="x")], MemoryDeadLetter())
+
+
+# --- retries and the dead letter ------------------------------------------------------------
+
+
+async def test_fails_twice_then_succeeds() -> None:
+    calls = 0
+
+    async def flaky(c: SegmentChange) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise ConnectionError("temporarily down")
+
+    dead = MemoryDeadLetter()
+    router = Router([FunctionHandler(flaky, name="flaky")], dead, retry=FAST)
+    await router.dispatch(change(ENTER))
+    assert calls == 3
+    assert dead.entries == []
+    assert router.stats.handler_failures["flaky"] == 2
+
+
+async def test_always_failing_is_dead_lettered_after_max_attempts() -> None:
+    calls = 0
+
+    async def broken(c: SegmentChange) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("boom")
+
+    dead = MemoryDeadLetter()
+    router = Router([FunctionHandler(broken, name="broken")], dead, retry=FAST)
+    the_change = change(EXIT, "gold")
+    await router.dispatch(the_change)
+    assert calls == FAST.max_attempts
+    (entry,) = dead.entries
+    assert entry["kind"] == "failed_change"
+    assert entry["handler"] == "broken"
+    assert entry["attempts"] == FAST.max_attempts
+    assert entry["reason"] == "handler_failed"
+    assert entry["detail"] == "RuntimeError: boom"
+    assert (entry["partition"], entry["position"]) == ("p0", "7")
+    assert entry["change"] == the_change.to_dict()
+    assert entry["change"]["change_id"] == the_change.change_id
+    assert router.stats.dead_letters["failed_change"] == 1
+
+
+async def test_one_failing_handler_does_not_stop_the_others() -> None:
+    seen: list[str] = []
+
+    async def broken(c: SegmentChange) -> None:
+        raise RuntimeError("boom")
+
+    async def fine(c: SegmentChange) -> None:
+        seen.append(c.change_id)
+
+    dead = MemoryDeadLetter()
+    router = Router([FunctionHandler(broken, name="broken"), FunctionHandler(fine, name="fine")], dead, retry=FAST)
+    await router.dispatch(change(ENTER))
+    assert len(seen) == 1
+    assert [e["handler"] for e in dead.entries] == ["broken"]
+
+
+async def test_permanent_error_dead_letters_after_one_attempt() -> None:
+    calls = 0
+
+    async def rejects(c: SegmentChange) -> None:
+        nonlocal calls
+        calls += 1
+        raise PermanentHandlerError("HTTP 400: bad payload")
+
+    dead = MemoryDeadLetter()
+    router = Router([FunctionHandler(rejects, name="rejects")], dead, retry=FAST)
+    await router.dispatch(change(ENTER))
+    assert calls == 1
+    (entry,) = dead.entries
+    assert (entry["handler"], entry["attempts"], entry["reason"]) == ("rejects", 1, "handler_rejected")
+    assert entry["detail"] == "PermanentHandlerError: HTTP 400: bad payload"
+
+
+async def test_handler_retry_after_is_honoured() -> None:
+    attempts: list[float] = []
+
+    async def throttled(c: SegmentChange) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise HandlerRetry("429", after=0.05)
+
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0001, timeout_s=5.0)
+    dead = MemoryDeadLetter()
+    router = Router([FunctionHandler(throttled, name="throttled")], dead, retry=policy)
+    await router.dispatch(change(ENTER))
+    assert len(attempts) == 2 and dead.entries == []
+    assert attempts[1] - attempts[0] >= 0.045  # the backoff alone would be ~0.1 ms
+
+
+async def test_handler_retry_counts_as_an_attempt() -> None:
+    calls = 0
+
+    async def always_retry(c: SegmentChange) -> None:
+        nonlocal calls
+        calls += 1
+        raise HandlerRetry("later", after=0)
+
+    dead = MemoryDeadLetter()
+    router = Router([FunctionHandler(always_retry, name="r")], dead, retry=FAST)
+    await router.dispatch(change(ENTER))
+    assert calls == FAST.max_attempts
+    assert dead.entries[0]["detail"] == "HandlerRetry: later"
+
+
+def test_policy_delay() -> None:
+    policy = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=0.5, max_retry_after_s=2.0)
+    assert policy.delay(1, 0.75) == 0.75
+    assert policy.delay(3, 0.0) == 0.0
+    assert policy.delay(1, -5.0) == 0.0
+    assert policy.delay(1, 60.0) == 2.0  # capped
+    for _ in range(50):
+        assert 0.05 <= policy.delay(1, None) <= 0.1
+        assert 0.1 <= policy.delay(2, None) <= 0.2
+        assert 0.2 <= policy.delay(3, None) <= 0.4
+        assert 0.25 <= policy.delay(4, None) <= 0.5  # ceiling
+        assert 0.25 <= policy.delay(30, None) <= 0.5
+
+
+async def test_timeout_counts_as_a_failure() -> None:
+    calls = 0
+    never = asyncio.Event()
+
+    async def hangs(c: SegmentChange) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            await never.wait()
+
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0001, timeout_s=0.02)
+    dead = MemoryDeadLetter()
+    router = Router([FunctionHandler(hangs, name="hangs")], dead, retry=policy)
+    await router.dispatch(change(ENTER))
+    assert calls == 3 and dead.entries == []
+    assert router.stats.handler_failures["hangs"] == 2
+
+
+async def test_timeout_every_time_is_dead_lettered() -> None:
+    never = asyncio.Event()
+
+    async def hangs(c: SegmentChange) -> None:
+        await never.wait()
+
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.0001, max_backoff_s=0.0001, timeout_s=0.02)
+    dead = MemoryDeadLetter()
+    router = Router([FunctionHandler(hangs, name="hangs")], dead, retry=policy)
+    await router.dispatch(change(ENTER))
+    (entry,) = dead.entries
+    assert (entry["handler"], entry["attempts"], entry["reason"], entry["detail"]) == ("hangs", 2, "handler_failed", "timed out")
+
+
+async def test_class_handler_failures_use_its_name() -> None:
+    class Webhook(Handler):
+        name = "webhook"
+
+        @on_enter()
+        async def post(self, c: SegmentChange) -> None:
+            raise PermanentHandlerError("410 gone")
+
+    dead = MemoryDeadLetter()
+    await Router([Webhook()], dead, retry=FAST).dispatch(change(ENTER))
+    assert dead.entries[0]["handler"] == "webhook"
