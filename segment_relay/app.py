@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -126,5 +127,11 @@ class Relay:
                 loop.remove_signal_handler(signum)
 
     def _on_signal(self, signum: int) -> None:
-        log.info("signal received: finishing in-flight work", extra={"signal": signal.Signals(signum).name})
+        name = signal.Signals(signum).name
+        if self.health.stopping and self.pipeline.running:
+            # A second signal means "now". Nothing unfinished was checkpointed, so it is read again.
+            log.warning("second signal: exiting without draining", extra={"signal": name})
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("signal received: finishing in-flight work", extra={"signal": name})
         self.stop()

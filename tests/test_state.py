@@ -157,9 +157,9 @@ async def test_sqlite_max_pending_flushes_by_itself(tmp_path: Path) -> None:
         await reader.close()
 
 
-# BUG: when a flush fails, SqliteStore puts the failed batch back with `supersedes(failed, pending)`.
-# A save made *during* that flush with the same time and another status is newer (the later record
-# wins), but the older failed value supersedes it too (different status) and overwrites it.
+# Regression (found by this suite, fixed in c0ffd30): when a flush failed, SqliteStore put the
+# failed batch back with `supersedes(failed, pending)`. A save made *during* that flush with the same
+# time and another status is newer (the later record wins), but the older failed value overwrote it.
 async def test_sqlite_failed_flush_keeps_the_later_save_at_equal_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SqliteStore(tmp_path / "state.db")
     await store.open()
@@ -181,7 +181,7 @@ async def test_sqlite_failed_flush_keeps_the_later_save_at_equal_time(tmp_path: 
         with pytest.raises(OSError):
             await flushing
         monkeypatch.undo()
-        assert await store.load("p") == {K: m(EXITED, 20)}  # REALIZED@20 comes back today
+        assert await store.load("p") == {K: m(EXITED, 20)}  # REALIZED@20 came back before the fix
     finally:
         release.set()
         await store.close()
@@ -239,9 +239,9 @@ def test_open_store_errors(spec: str) -> None:
     assert "'memory' or 'sqlite:PATH'" in str(caught.value)
 
 
-# BUG: open_store("sqlite::memory:") is accepted (and SqliteStore special-cases ":memory:"), but
-# the reader and writer connections each open their own private in-memory database, so load()
-# fails with "sqlite3.OperationalError: no such table: membership".
+# Regression (found by this suite, fixed in c0ffd30): open_store("sqlite::memory:") is accepted, but
+# the reader and writer connections each opened their own private in-memory database, so load()
+# failed with "sqlite3.OperationalError: no such table: membership".
 async def test_open_store_sqlite_in_memory_works() -> None:
     store = open_store("sqlite::memory:")
     await store.open()

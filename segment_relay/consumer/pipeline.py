@@ -106,11 +106,12 @@ class Pipeline:
         return self.stats
 
     async def _read(self) -> None:
+        stopping = self._stopping
         async for batch in self.source.batches():
             for record in batch:
+                if stopping.is_set():  # unadmitted records are simply read again next time
+                    return
                 await self._admit(record)
-            if self._stopping.is_set():
-                break
 
     async def _drain(self) -> None:
         try:
@@ -135,6 +136,7 @@ class Pipeline:
         stats = self.stats
         stats.records_read += 1
         stats.in_flight_records = self._limit.records
+        stats.in_flight_bytes = self._limit.bytes
         watermark = self._watermarks.get(record.partition)
         if watermark is None:
             watermark = self._watermarks[record.partition] = PartitionWatermark()
@@ -166,6 +168,7 @@ class Pipeline:
         self._limit.release(len(record.data))
         self.stats.records_finished += 1
         self.stats.in_flight_records = self._limit.records
+        self.stats.in_flight_bytes = self._limit.bytes
 
     async def _process(self, work: _Work) -> None:
         """One record of one profile; its lane guarantees nothing else of this profile runs now."""
