@@ -467,3 +467,15 @@ def test_shaped_documents_only_raise_invalid_record(raw: bytes) -> None:
 @given(st.binary(max_size=64) | st.text(max_size=32))
 def test_random_bytes_only_raise_invalid_record(raw: bytes | str) -> None:
     _check(raw)
+
+
+def test_malformed_cosmetic_segment_fields_do_not_cost_the_record() -> None:
+    raw = orjson.dumps({
+        "identityMap": {"ecid": [{"id": "e1"}]},
+        "segmentMembership": {"ups": {"s": {
+            "status": "realized", "lastQualificationTime": "2024-01-01T00:00:00Z",
+            "name": 42, "createdAt": "yesterday", "mappingUpdatedAt": None,
+        }}},
+    })
+    (entry,) = parse_export(raw).segments
+    assert entry.name is None and entry.status.is_member

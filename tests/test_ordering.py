@@ -273,3 +273,30 @@ async def test_submit_while_key_is_running_keeps_order() -> None:
     finally:
         await lanes.stop()
     assert done == [0, 1, 2, 3, 4, 5, 6]
+
+
+async def test_a_failing_item_does_not_stall_other_keys_and_is_retried() -> None:
+    # An exception from `process` (e.g. the dead letter cannot be written) must neither shrink
+    # the worker pool nor drop the item: the key steps aside, others run, the item is retried.
+    done: list[int] = []
+    failures = 0
+
+    async def process(item: int) -> None:
+        nonlocal failures
+        if item == 0 and failures < 2:
+            failures += 1
+            raise RuntimeError("boom")
+        done.append(item)
+
+    lanes: ProfileLanes[int] = ProfileLanes(process, concurrency=1, retry_backoff_s=0.01)
+    lanes.start()
+    try:
+        lanes.submit("k", 0)
+        lanes.submit("k", 2)
+        lanes.submit("j", 1)
+        await until(lambda: 1 in done, "key j to run after key k's item failed")
+        await asyncio.wait_for(lanes.wait_idle(), 5)
+    finally:
+        await lanes.stop()
+    assert failures == 2
+    assert done == [1, 0, 2]  # k's items still in order, after j

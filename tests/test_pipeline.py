@@ -384,3 +384,35 @@ async def test_restart_after_a_drain_timeout_loses_no_change(tmp_path: Path) -> 
     assert {cid for cid, _ in first} | {cid for cid, _ in second} == expected_ids
     assert all(line > resumed_after for _, line in second)
     assert checkpoint_line(checkpoint) == len(lines)
+
+
+class FlakyStore(MemoryStore):
+    """A store that is down for its first ``failures`` calls (a real store's outage, in small)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def load(self, profile_key: str) -> dict[Any, StoredMembership]:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("store unavailable")
+        return await super().load(profile_key)
+
+
+async def test_a_store_outage_delays_records_but_loses_none(tmp_path: Path) -> None:
+    lines = [record(f"p{i % 5}", ("a", "realized" if i % 2 else "exited", i)) for i in range(1, 31)]
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    checkpoint = tmp_path / "cp.json"
+    seen: list[tuple[str, int, str, str, str]] = []
+
+    async def handler(change: SegmentChange) -> None:
+        seen.append((change.change_id, int(change.position), change.profile_key, change.segment_id,
+                     change.change.value))
+
+    pipeline, dead = make_pipeline(path, handler, store=FlakyStore(failures=3), checkpoint=checkpoint,
+                                   concurrency=2, record_retry_backoff_s=0.001)
+    await asyncio.wait_for(pipeline.run(), RUN_TIMEOUT_S)
+    assert sorted(seen) == sorted(expected_changes(lines))
+    assert not dead.entries  # an outage is not a reason to drop anything
+    assert checkpoint_line(checkpoint) == len(lines)

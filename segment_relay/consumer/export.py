@@ -57,13 +57,11 @@ class IdentityItem(BaseModel):
 
 class _Membership(TypedDict):
     # A TypedDict, not a model: validated just the same, without building an object per segment.
+    # createdAt/updatedAt/mappingCreatedAt/mappingUpdatedAt (epoch ms, optional) are not used,
+    # and a malformed one must not cost the record, so they are not declared.
     status: SegmentStatus
     lastQualificationTime: datetime
-    name: NotRequired[str | None]
-    createdAt: NotRequired[int | None]
-    updatedAt: NotRequired[int | None]
-    mappingCreatedAt: NotRequired[int | None]
-    mappingUpdatedAt: NotRequired[int | None]
+    name: NotRequired[Any]  # cosmetic: used only when it is a string
 
 
 class _Body(BaseModel):
@@ -165,12 +163,16 @@ def export_from_document(document: Any) -> ProfileExport:
                 moment = moment.replace(tzinfo=timezone.utc)
             append(SegmentEntry(
                 namespace, segment_id, membership["status"], moment,
-                (moment - _EPOCH) // _MICROSECOND, membership.get("name"),
+                (moment - _EPOCH) // _MICROSECOND, _text_or_none(membership.get("name")),
             ))
     attributes = dict(document)
     attributes.pop("identityMap", None)
     attributes.pop("segmentMembership", None)
     return ProfileExport(identity_map=body.identityMap, segments=tuple(segments), attributes=attributes)
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _invalid_from(exc: ValidationError) -> InvalidRecord:

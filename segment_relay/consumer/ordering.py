@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class PartitionWatermark:
@@ -92,9 +94,19 @@ class ProfileLanes(Generic[T]):
     task is created per item (this is on the hot path).
     """
 
-    def __init__(self, process: Callable[[T], Awaitable[None]], concurrency: int) -> None:
+    def __init__(
+        self,
+        process: Callable[[T], Awaitable[None]],
+        concurrency: int,
+        *,
+        retry_backoff_s: float = 0.1,
+        max_retry_backoff_s: float = 30.0,
+    ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        self.retry_backoff_s = retry_backoff_s
+        self.max_retry_backoff_s = max_retry_backoff_s
+        self._failures: dict[Hashable, int] = {}
         self._process = process
         self._concurrency = concurrency
         self._queues: dict[Hashable, deque[T]] = {}
@@ -129,12 +141,26 @@ class ProfileLanes(Generic[T]):
         while True:
             key = await self._ready.get()
             queue = self._queues[key]
-            while queue:
-                await process(queue[0])
-                queue.popleft()
+            try:
+                while queue:
+                    await process(queue[0])
+                    queue.popleft()
+            except Exception:  # noqa: BLE001 - e.g. the dead letter cannot be written
+                self._park(key)
+                continue
+            self._failures.pop(key, None)
             del self._queues[key]
             if not self._queues:
                 self._idle.set()
+
+    def _park(self, key: Hashable) -> None:
+        """An item failed: keep it (dropping it would lose a record), free the worker for other
+        keys, and offer the key again after a growing backoff. The item stays unfinished, so
+        the checkpoint cannot pass it."""
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        delay = min(self.max_retry_backoff_s, self.retry_backoff_s * 2 ** (failures - 1))
+        log.exception("processing failed; will retry", extra={"attempt": failures, "retry_in_s": delay})
+        asyncio.get_running_loop().call_later(delay, self._ready.put_nowait, key)
 
     async def stop(self) -> None:
         for worker in self._workers:

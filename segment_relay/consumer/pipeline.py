@@ -35,7 +35,7 @@ class PipelineSettings:
     max_in_flight_bytes: int = 64 * 1024 * 1024
     checkpoint_interval_s: float = 5.0
     shutdown_timeout_s: float = 30.0
-    store_retry_backoff_s: float = 1.0
+    record_retry_backoff_s: float = 0.1  # first wait before a record whose processing raised is retried
     segment_filter: frozenset[str] | None = None
     track_profiles: bool = False  # count distinct profiles (demo); unbounded memory
 
@@ -71,7 +71,9 @@ class Pipeline:
             self.stats.profiles_seen = set()
         self._watermarks: dict[str, PartitionWatermark] = {}
         self._limit = InFlightLimit(self.settings.max_in_flight_records, self.settings.max_in_flight_bytes)
-        self._lanes: ProfileLanes[_Work] = ProfileLanes(self._process, self.settings.concurrency)
+        self._lanes: ProfileLanes[_Work] = ProfileLanes(
+            self._process, self.settings.concurrency, retry_backoff_s=self.settings.record_retry_backoff_s
+        )
         self._checkpoint_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.running = False
@@ -175,7 +177,9 @@ class Pipeline:
         stats = self.stats
         export = work.export
         record = work.record
-        state = await self._with_store_retry(self.store.load, work.profile_key)
+        # Any exception here (store down, dead letter unwritable) leaves the record unfinished:
+        # its lane steps aside and retries it with backoff, and the checkpoint waits for it.
+        state = await self.store.load(work.profile_key)
         diff = diff_membership(state, export, self.settings.segment_filter)
         stats.stale += diff.stale
         stats.duplicate += diff.duplicate
@@ -205,20 +209,8 @@ class Pipeline:
             await self.router.dispatch(change)
         if diff.updates:
             # State after handlers: a crash before this line repeats the changes, never loses them.
-            await self._with_store_retry(self.store.save, work.profile_key, diff.updates)
+            await self.store.save(work.profile_key, diff.updates)
         self._finish(record, work.ticket)
-
-    async def _with_store_retry(self, operation: Any, *args: Any) -> Any:
-        # The store is not optional: dropping a record because it is down would lose state,
-        # so the lane waits (and the checkpoint with it) until the store answers again.
-        attempt = 0
-        while True:
-            try:
-                return await operation(*args)
-            except Exception:  # noqa: BLE001
-                attempt += 1
-                log.exception("membership store failed; retrying", extra={"attempt": attempt})
-                await asyncio.sleep(min(30.0, self.settings.store_retry_backoff_s * attempt))
 
     # --- checkpoints ------------------------------------------------------------------
     async def _checkpoint_periodically(self) -> None:

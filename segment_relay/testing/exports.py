@@ -449,8 +449,8 @@ IdentityMap = Mapping[str, Sequence[Mapping[str, Any]]]
 def reference_profile_key(identity_map: IdentityMap) -> str:
     """The default profile key rule, stated plainly: primary identities if any, else all;
     the alphabetically first namespace (lower-cased); its smallest id. ``"namespace:id"``."""
-    primary = [(ns.lower(), item["id"]) for ns, items in identity_map.items() for item in items if item.get("primary") is True]
-    candidates = primary or [(ns.lower(), item["id"]) for ns, items in identity_map.items() for item in items]
+    every = [(ns.lower(), item["id"], item.get("primary") is True) for ns, items in identity_map.items() for item in items]
+    candidates = [(ns, i) for ns, i, primary in every if primary] or [(ns, i) for ns, i, _ in every]
     namespace = min(ns for ns, _ in candidates)
     return f"{namespace}:{min(i for ns, i in candidates if ns == namespace)}"
 
@@ -486,6 +486,17 @@ def iso_utc(moment: datetime) -> str:
 _Entry = tuple[str, str, str, datetime]  # (namespace, segment_id, status, time)
 
 
+def _usable_identity(item: Any) -> bool:
+    """A non-empty string id, and optional fields of the right type; anything else is skipped."""
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("id"), str)
+        and item["id"] != ""
+        and isinstance(item.get("primary", False), bool)
+        and isinstance(item.get("authenticatedState"), (str, type(None)))
+    )
+
+
 def _read(raw: bytes) -> tuple[dict[str, list[Mapping[str, Any]]], list[_Entry]] | None:
     """The usable identities and the segment entries of a record, or None if it is invalid."""
     try:
@@ -501,12 +512,7 @@ def _read(raw: bytes) -> tuple[dict[str, list[Mapping[str, Any]]], list[_Entry]]
     for namespace, items in raw_identities.items():
         if not isinstance(items, list):
             continue  # an unusable namespace is skipped, not fatal
-        usable = [item for item in items if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]]
-        for item in usable:
-            if item.get("primary", False) not in (True, False):
-                return None
-            if not isinstance(item.get("authenticatedState", ""), str) and item.get("authenticatedState") is not None:
-                return None
+        usable = [item for item in items if _usable_identity(item)]
         if usable:
             identities[namespace] = usable
     if not identities:
