@@ -94,7 +94,9 @@ async def _run_pipeline(path: Path, variant: str, workdir: Path, checkpoint_inte
         source, store, Router([FunctionHandler(noop, name="noop")], dead_letter), dead_letter,
         settings=PipelineSettings(checkpoint_interval_s=checkpoint_interval_s),
     )
-    gc.collect()
+    from segment_relay.ops.runtime import tune_gc
+
+    tune_gc()  # what `segment-relay run` does at start
     rss_before = _peak_rss_kb()
     cpu_started = time.process_time()
     started = time.perf_counter()

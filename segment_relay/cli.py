@@ -41,6 +41,7 @@ def run(
     """Run the relay until the source ends or SIGINT/SIGTERM; then drain, checkpoint and exit 0."""
     from .app import Relay
     from .ops.logging import configure_logging
+    from .ops.runtime import tune_gc
 
     try:
         settings = load_config(
@@ -53,6 +54,7 @@ def run(
     except ConfigError as exc:
         _fail(str(exc))
         return
+    tune_gc()
     try:
         stats = asyncio.run(relay.run())
     except (FileNotFoundError, ValueError, OSError) as exc:  # e.g. missing input, foreign checkpoint

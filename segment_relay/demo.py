@@ -20,6 +20,7 @@ from rich.table import Table
 from .app import Relay
 from .config import load_config
 from .ops.logging import configure_logging
+from .ops.runtime import tune_gc
 from .testing.exports import StreamSpec, write_jsonl
 
 
@@ -46,6 +47,7 @@ def run_demo(
     )
     configure_logging(config.log_level, json=True)
     relay = Relay(config, track_profiles=True)
+    tune_gc()
     started = time.perf_counter()
     stats = asyncio.run(relay.run())
     elapsed = time.perf_counter() - started

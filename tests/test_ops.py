@@ -295,3 +295,19 @@ def test_redact_helper_and_filter() -> None:
     record.token = SECRET
     assert SecretRedactingFilter([SECRET]).filter(record) is True
     assert record.getMessage() == "v=***" and record.token == "***"
+
+
+def test_handler_latency_histogram_is_cumulative_with_le_semantics() -> None:
+    from prometheus_client import generate_latest
+
+    stats = RelayStats()
+    for seconds in (0.0005, 0.0007, 0.02, 100.0):
+        stats.handler_succeeded("noop", seconds)
+    stats.handler_failed("noop", 0.001)
+    text = generate_latest(stats.registry).decode()
+    assert 'segment_relay_handler_latency_seconds_bucket{handler="noop",le="0.0005",outcome="ok"} 1.0' in text
+    assert 'segment_relay_handler_latency_seconds_bucket{handler="noop",le="0.025",outcome="ok"} 3.0' in text
+    assert 'segment_relay_handler_latency_seconds_bucket{handler="noop",le="+Inf",outcome="ok"} 4.0' in text
+    assert 'segment_relay_handler_latency_seconds_count{handler="noop",outcome="ok"} 4.0' in text
+    assert 'segment_relay_handler_latency_seconds_count{handler="noop",outcome="error"} 1.0' in text
+    assert 'segment_relay_handler_failures_total{handler="noop"} 1.0' in text

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from typing_extensions import NotRequired, TypedDict  # pydantic needs typing_extensions' TypedDict on 3.11
 
 
@@ -50,9 +50,10 @@ class SegmentStatus(StrEnum):
 class IdentityItem(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    id: str
-    primary: bool = False
-    authenticatedState: str | None = None
+    # Strict types: a value that is not what XDM says makes the item unusable (and dropped).
+    id: StrictStr = Field(min_length=1)
+    primary: StrictBool = False
+    authenticatedState: StrictStr | None = None
 
 
 class _Membership(TypedDict):
@@ -72,21 +73,35 @@ class _Body(BaseModel):
     identityMap: dict[str, list[IdentityItem]] = Field(default_factory=dict)
     segmentMembership: dict[str, dict[str, _Membership]] = Field(default_factory=dict)
 
-    @field_validator("identityMap", mode="before")
-    @classmethod
-    def _drop_unusable_identities(cls, value: Any) -> Any:
-        # One malformed identity must not cost the whole record: keep the usable ones.
-        if not isinstance(value, dict):
-            return value
-        if all(_all_usable(items) for items in value.values()):
-            return value  # the usual case: nothing to copy
-        usable: dict[str, list[Any]] = {}
-        for namespace, items in value.items():
-            if isinstance(items, list):
-                kept = [item for item in items if _usable(item)]
-                if kept:
-                    usable[namespace] = kept
-        return usable
+
+def _validate_body(document: dict[str, Any]) -> _Body:
+    """Validate; if only some identities are malformed, drop them and validate again.
+
+    One malformed identity must not cost the whole record. The retry is off the hot path:
+    well-formed records validate in one call with no Python in between.
+    """
+    try:
+        body = _Body.model_validate(document)
+    except ValidationError as exc:
+        identities = document.get("identityMap")
+        if not isinstance(identities, dict) or not any(
+            error["loc"][:1] == ("identityMap",) for error in exc.errors(include_url=False)
+        ):
+            raise
+        body = _Body.model_validate({**document, "identityMap": _usable_identities(identities)})
+    if not all(body.identityMap.values()):  # e.g. "ecid": []
+        body.identityMap = {namespace: items for namespace, items in body.identityMap.items() if items}
+    return body
+
+
+def _usable_identities(identities: dict[str, Any]) -> dict[str, list[Any]]:
+    usable: dict[str, list[Any]] = {}
+    for namespace, items in identities.items():
+        if isinstance(items, list):
+            kept = [item for item in items if _usable(item)]
+            if kept:
+                usable[namespace] = kept
+    return usable
 
 
 def _usable(item: Any) -> bool:
@@ -98,10 +113,6 @@ def _usable(item: Any) -> bool:
         and isinstance(item.get("primary", False), bool)
         and isinstance(item.get("authenticatedState"), (str, type(None)))
     )
-
-
-def _all_usable(items: Any) -> bool:
-    return isinstance(items, list) and bool(items) and all(_usable(item) for item in items)
 
 
 @dataclass(slots=True)  # not frozen: frozen dataclasses are slow to build, and this is built per segment
@@ -147,7 +158,7 @@ def export_from_document(document: Any) -> ProfileExport:
             InvalidReason.NOT_OBJECT, f"expected a JSON object, got {type(document).__name__}"
         )
     try:
-        body = _Body.model_validate(document)
+        body = _validate_body(document)
     except ValidationError as exc:
         raise _invalid_from(exc) from None
     if not body.identityMap:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from .export import ProfileExport, SegmentEntry, SegmentStatus
 
@@ -26,8 +27,9 @@ class ChangeType(StrEnum):
     EXIT = "exit"
 
 
-@dataclass(frozen=True, slots=True)
-class StoredMembership:
+class StoredMembership(NamedTuple):
+    # A NamedTuple: immutable like a frozen dataclass, and several times cheaper to build
+    # (one is built per segment of every record).
     status: SegmentStatus
     qualified_at_us: int
 

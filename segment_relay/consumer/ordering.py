@@ -20,13 +20,13 @@ class PartitionWatermark:
     checkpoint may only move over a contiguous finished prefix.
     """
 
-    __slots__ = ("_next_ticket", "_positions", "_finished", "_base", "committed", "watermark")
+    __slots__ = ("_next_ticket", "_base", "_positions", "_finished", "committed", "watermark")
 
     def __init__(self) -> None:
         self._next_ticket = 0
-        self._base = 0  # ticket of _positions[0]
+        self._base = 0  # ticket of _positions[0], the oldest unfinished record
         self._positions: deque[Any] = deque()
-        self._finished: deque[bool] = deque()
+        self._finished: set[int] = set()  # finished tickets above the base
         self.watermark: Any = None  # position of the last record of the finished prefix
         self.committed: Any = None  # last watermark handed to the source
 
@@ -34,17 +34,18 @@ class PartitionWatermark:
         ticket = self._next_ticket
         self._next_ticket += 1
         self._positions.append(position)
-        self._finished.append(False)
         return ticket
 
     def finish(self, ticket: int) -> None:
-        finished = self._finished
-        finished[ticket - self._base] = True
         if ticket != self._base:
+            self._finished.add(ticket)
             return
         positions = self._positions
-        while finished and finished[0]:
-            finished.popleft()
+        finished = self._finished
+        self.watermark = positions.popleft()
+        self._base += 1
+        while self._base in finished:
+            finished.remove(self._base)
             self.watermark = positions.popleft()
             self._base += 1
 
@@ -68,17 +69,21 @@ class InFlightLimit:
         self._room = asyncio.Event()
         self._room.set()
 
-    def _fits(self, size: int) -> bool:
+    def fits(self, size: int) -> bool:
         if self.records == 0:
             return True
         return self.records < self.max_records and self.bytes + size <= self.max_bytes
 
-    async def acquire(self, size: int) -> None:
-        while not self._fits(size):
-            self._room.clear()
-            await self._room.wait()
+    def take(self, size: int) -> None:
+        """Admit without waiting; only after ``fits`` said yes."""
         self.records += 1
         self.bytes += size
+
+    async def acquire(self, size: int) -> None:
+        while not self.fits(size):
+            self._room.clear()
+            await self._room.wait()
+        self.take(size)
 
     def release(self, size: int) -> None:
         self.records -= 1

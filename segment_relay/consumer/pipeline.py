@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from ..handlers.api import SegmentChange, change_id_for
@@ -19,7 +20,7 @@ from ..handlers.router import Router
 from ..ops.stats import RelayStats
 from .deadletter import DeadLetter
 from .export import InvalidRecord, ProfileExport, parse_export
-from .membership import diff_membership
+from .membership import Transition, diff_membership
 from .ordering import InFlightLimit, PartitionWatermark, ProfileLanes
 from .profile_key import ProfileKeyRule
 from .sources.base import Source, SourceRecord
@@ -71,6 +72,7 @@ class Pipeline:
             self.stats.profiles_seen = set()
         self._watermarks: dict[str, PartitionWatermark] = {}
         self._limit = InFlightLimit(self.settings.max_in_flight_records, self.settings.max_in_flight_bytes)
+        self.stats.in_flight = self._limit  # read at scrape time
         self._lanes: ProfileLanes[_Work] = ProfileLanes(
             self._process, self.settings.concurrency, retry_backoff_s=self.settings.record_retry_backoff_s
         )
@@ -109,11 +111,21 @@ class Pipeline:
 
     async def _read(self) -> None:
         stopping = self._stopping
+        limit = self._limit
+        for_room = limit.acquire
+        admit = self._admit
         async for batch in self.source.batches():
             for record in batch:
                 if stopping.is_set():  # unadmitted records are simply read again next time
                     return
-                await self._admit(record)
+                size = len(record.data)
+                if limit.fits(size):  # the usual case, without a coroutine per record
+                    limit.take(size)
+                else:
+                    await for_room(size)
+                invalid = admit(record)
+                if invalid is not None:
+                    await self._reject(*invalid)
 
     async def _drain(self) -> None:
         try:
@@ -132,13 +144,10 @@ class Pipeline:
                 log.exception("error while closing", extra={"part": getattr(closer, "__qualname__", "?")})
 
     # --- per record ---------------------------------------------------------------
-    async def _admit(self, record: SourceRecord) -> None:
-        size = len(record.data)
-        await self._limit.acquire(size)
-        stats = self.stats
-        stats.records_read += 1
-        stats.in_flight_records = self._limit.records
-        stats.in_flight_bytes = self._limit.bytes
+    def _admit(self, record: SourceRecord) -> tuple[SourceRecord, int, InvalidRecord] | None:
+        """Register a record (room already taken), decode it and hand it to its profile's lane.
+        Returns what to dead-letter if it is invalid."""
+        self.stats.records_read += 1
         watermark = self._watermarks.get(record.partition)
         if watermark is None:
             watermark = self._watermarks[record.partition] = PartitionWatermark()
@@ -147,12 +156,11 @@ class Pipeline:
             export = parse_export(record.data)
             profile_key = self.key_rule.key_for(export.identity_map)
         except InvalidRecord as invalid:
-            await self._reject(record, invalid)
-            self._finish(record, ticket)
-            return
+            return record, ticket, invalid
         self._lanes.submit(profile_key, _Work(record, ticket, export, profile_key))
+        return None
 
-    async def _reject(self, record: SourceRecord, invalid: InvalidRecord) -> None:
+    async def _reject(self, record: SourceRecord, ticket: int, invalid: InvalidRecord) -> None:
         self.stats.invalid[invalid.reason.value] += 1
         log.warning(
             "invalid record sent to the dead letter",
@@ -164,13 +172,40 @@ class Pipeline:
             partition=record.partition, position=str(record.position),
         )
         self.stats.dead_lettered("invalid_record")
+        self._finish(record, ticket)
 
     def _finish(self, record: SourceRecord, ticket: int) -> None:
         self._watermarks[record.partition].finish(ticket)
         self._limit.release(len(record.data))
         self.stats.records_finished += 1
-        self.stats.in_flight_records = self._limit.records
-        self.stats.in_flight_bytes = self._limit.bytes
+
+    @staticmethod
+    def _changes(work: _Work, transitions: list[Transition]) -> list[SegmentChange]:
+        record = work.record
+        position = str(record.position)
+        # Read-only views: every change of the record, for every handler, shares them.
+        identities = MappingProxyType(work.export.identity_map)
+        attributes = MappingProxyType(work.export.attributes)
+        return [
+            SegmentChange(
+                change=transition.change,
+                segment_id=entry.segment_id,
+                segment_namespace=entry.namespace,
+                segment_name=entry.name,
+                profile_key=work.profile_key,
+                identities=identities,
+                attributes=attributes,
+                qualified_at=entry.qualified_at,
+                status=entry.status,
+                change_id=change_id_for(
+                    work.profile_key, entry.namespace, entry.segment_id, entry.status.value, entry.qualified_at_us
+                ),
+                partition=record.partition,
+                position=position,
+            )
+            for transition in transitions
+            for entry in (transition.entry,)
+        ]
 
     async def _process(self, work: _Work) -> None:
         """One record of one profile; its lane guarantees nothing else of this profile runs now."""
@@ -186,27 +221,10 @@ class Pipeline:
         stats.filtered += diff.filtered
         if stats.profiles_seen is not None:
             stats.profiles_seen.add(work.profile_key)
-        position = str(record.position)
-        for transition in diff.transitions:
-            entry = transition.entry
-            change = SegmentChange(
-                change=transition.change,
-                segment_id=entry.segment_id,
-                segment_namespace=entry.namespace,
-                segment_name=entry.name,
-                profile_key=work.profile_key,
-                identities=export.identity_map,
-                attributes=export.attributes,
-                qualified_at=entry.qualified_at,
-                status=entry.status,
-                change_id=change_id_for(
-                    work.profile_key, entry.namespace, entry.segment_id, entry.status.value, entry.qualified_at_us
-                ),
-                partition=record.partition,
-                position=position,
-            )
-            stats.changes[(entry.segment_id, transition.change.value)] += 1
-            await self.router.dispatch(change)
+        if diff.transitions:
+            for change in self._changes(work, diff.transitions):
+                stats.changes[(change.segment_id, change.change.value)] += 1
+                await self.router.dispatch(change)
         if diff.updates:
             # State after handlers: a crash before this line repeats the changes, never loses them.
             await self.store.save(work.profile_key, diff.updates)

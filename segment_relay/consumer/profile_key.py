@@ -39,19 +39,21 @@ class ProfileKeyRule:
         object.__setattr__(self, "_rank", rank)
 
     def key_for(self, identity_map: Mapping[str, Sequence[IdentityItem]]) -> str:
-        candidates: dict[str, list[str]] = {}
-        if self.prefer_primary:
-            for namespace, items in identity_map.items():
-                primary = [item.id for item in items if item.primary]
-                if primary:
-                    candidates.setdefault(namespace.lower(), []).extend(primary)
-        if not candidates:
-            for namespace, items in identity_map.items():
-                ids = [item.id for item in items if item.id]
-                if ids:
-                    candidates.setdefault(namespace.lower(), []).extend(ids)
-        if not candidates:
+        # One pass, smallest (not-primary, rank, namespace, id) wins: this is the rule above,
+        # since any primary beats every non-primary when prefer_primary is on.
+        rank = self._rank
+        unranked = len(rank)
+        prefer_primary = self.prefer_primary
+        best: tuple[bool, int, str, str] | None = None
+        for namespace, items in identity_map.items():
+            lowered = namespace.lower()
+            namespace_rank = rank.get(lowered, unranked)
+            for item in items:
+                if not item.id:
+                    continue
+                candidate = (not (prefer_primary and item.primary), namespace_rank, lowered, item.id)
+                if best is None or candidate < best:
+                    best = candidate
+        if best is None:
             raise InvalidRecord(InvalidReason.NO_IDENTITY, "identityMap has no usable identity")
-        unranked = len(self._rank)
-        namespace = min(candidates, key=lambda ns: (self._rank.get(ns, unranked), ns))
-        return f"{namespace}:{min(candidates[namespace])}"
+        return f"{best[2]}:{best[3]}"

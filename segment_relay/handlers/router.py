@@ -13,6 +13,7 @@ from ..consumer.deadletter import DeadLetter
 from ..consumer.membership import ChangeType
 from ..ops.stats import RelayStats
 from .api import Handler, HandlerRetry, PermanentHandlerError, SegmentChange
+from .deadlines import CallDeadlines
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Router:
         self.retry = retry or RetryPolicy()
         self.stats = stats or RelayStats()
         self._routes: dict[tuple[ChangeType, str], tuple[Handler, ...]] = {}
+        self._deadlines = CallDeadlines(self.retry.timeout_s)
 
     def handlers_for(self, change: ChangeType, segment_id: str) -> tuple[Handler, ...]:
         key = (change, segment_id)
@@ -83,8 +85,7 @@ class Router:
             attempt += 1
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(policy.timeout_s):
-                    await handler.handle(change)
+                await self._deadlines.run(handler.handle(change))
             except PermanentHandlerError as exc:
                 self.stats.handler_failed(handler.name, time.perf_counter() - started)
                 await self._give_up(handler, change, attempt, "handler_rejected", exc)
@@ -124,6 +125,7 @@ class Router:
             await handler.flush()
 
     async def close(self) -> None:
+        await self._deadlines.close()
         for handler in self.handlers:
             try:
                 await handler.close()

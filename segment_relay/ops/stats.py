@@ -7,8 +7,10 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -27,27 +29,25 @@ class RelayStats:
         self.handler_failures: Counter[str] = Counter()  # by handler
         self.profiles_seen: set[str] | None = None  # demo and tests only: unbounded
         self.registry = CollectorRegistry(auto_describe=True)
-        self.handler_latency = Histogram(
-            "segment_relay_handler_latency_seconds", "Time spent in one handler call",
-            ["handler", "outcome"], buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )
+        self.handler_latency: dict[tuple[str, str], LatencyHistogram] = {}  # by (handler, outcome)
         # Filled by the pipeline: partition -> {"checkpoint": last committed position}
         self.partitions: dict[str, dict[str, Any]] = {}
-        self.in_flight_records = 0
-        self.in_flight_bytes = 0
-        self._latency_children: dict[tuple[str, str], Any] = {}
+        self.in_flight: Any = None  # the pipeline's InFlightLimit (records, bytes), read at scrape time
         self.registry.register(_StatsCollector(self))
 
     # --- called by the router -------------------------------------------------
     def handler_succeeded(self, handler: str, seconds: float) -> None:
-        child = self._latency_children.get((handler, "ok"))
-        if child is None:  # labels() is a lock and a dict walk: look it up once per handler
-            child = self._latency_children[(handler, "ok")] = self.handler_latency.labels(handler, "ok")
-        child.observe(seconds)
+        self._latency(handler, "ok").observe(seconds)
 
     def handler_failed(self, handler: str, seconds: float) -> None:
         self.handler_failures[handler] += 1
-        self.handler_latency.labels(handler, "error").observe(seconds)
+        self._latency(handler, "error").observe(seconds)
+
+    def _latency(self, handler: str, outcome: str) -> LatencyHistogram:
+        histogram = self.handler_latency.get((handler, outcome))
+        if histogram is None:
+            histogram = self.handler_latency[(handler, outcome)] = LatencyHistogram()
+        return histogram
 
     def dead_lettered(self, kind: str) -> None:
         self.dead_letters[kind] += 1
@@ -76,6 +76,28 @@ class RelayStats:
         if self.profiles_seen is not None:
             summary["profiles"] = len(self.profiles_seen)
         return summary
+
+
+class LatencyHistogram:
+    """Bucket counts and a sum, read by the collector at scrape time. prometheus_client's own
+    Histogram takes a lock per bucket and per sum on every observation; this is on the hot path."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        buckets, running = [], 0
+        for bound, count in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), self.counts, strict=True):
+            running += count
+            buckets.append((bound, running))
+        return buckets
 
 
 def _position_value(position: Any) -> float | None:
@@ -116,14 +138,22 @@ class _StatsCollector(Collector):
         for kind, n in s.dead_letters.items():
             dead.add_metric([kind], n)
         yield dead
+        latency = HistogramMetricFamily(
+            "segment_relay_handler_latency_seconds", "Time spent in one handler call",
+            labels=["handler", "outcome"],
+        )
+        for (handler, outcome), histogram in s.handler_latency.items():
+            latency.add_metric([handler, outcome], histogram.cumulative(), histogram.total)
+        yield latency
         failures = CounterMetricFamily(
             "segment_relay_handler_failures", "Failed handler calls (each attempt)", labels=["handler"]
         )
         for handler, n in s.handler_failures.items():
             failures.add_metric([handler], n)
         yield failures
-        yield GaugeMetricFamily("segment_relay_in_flight_records", "Records admitted, not finished", value=s.in_flight_records)
-        yield GaugeMetricFamily("segment_relay_in_flight_bytes", "Bytes admitted, not finished", value=s.in_flight_bytes)
+        records, size = (s.in_flight.records, s.in_flight.bytes) if s.in_flight is not None else (0, 0)
+        yield GaugeMetricFamily("segment_relay_in_flight_records", "Records admitted, not finished", value=records)
+        yield GaugeMetricFamily("segment_relay_in_flight_bytes", "Bytes admitted, not finished", value=size)
         checkpoint = GaugeMetricFamily(
             "segment_relay_checkpoint_position", "Last checkpointed position, by partition", labels=["partition"]
         )
