@@ -416,3 +416,24 @@ async def test_a_store_outage_delays_records_but_loses_none(tmp_path: Path) -> N
     assert sorted(seen) == sorted(expected_changes(lines))
     assert not dead.entries  # an outage is not a reason to drop anything
     assert checkpoint_line(checkpoint) == len(lines)
+
+
+async def test_checkpoint_writes_never_interleave_or_go_back(tmp_path: Path) -> None:
+    # Commits abandoned by a cancelled task keep running in their threads; a later commit must
+    # neither interleave with them nor be overwritten by an older position.
+    path = write_lines(tmp_path / "in.jsonl", [record("p", ("a", "realized", 1))])
+    checkpoint = tmp_path / "cp.json"
+    source = FileSource(str(path), checkpoint_path=str(checkpoint))
+    await source.start()
+    try:
+        commits = [asyncio.create_task(source.commit(str(path), line)) for line in range(1, 200)]
+        for task in commits[::3]:
+            task.cancel()
+        await asyncio.gather(*commits, return_exceptions=True)
+        await source.commit(str(path), 200)
+        await source.commit(str(path), 150)  # older than what was written: ignored
+        await asyncio.to_thread(lambda: None)  # let abandoned writers finish
+        await poll(lambda: checkpoint_line(checkpoint) == 200, "the newest position to land")
+        assert checkpoint_line(checkpoint) == 200
+    finally:
+        await source.close()

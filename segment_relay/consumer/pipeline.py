@@ -101,7 +101,8 @@ class Pipeline:
                 await self._drain()
             finally:
                 self.running = False
-                checkpointer.cancel()
+                async with self._checkpoint_lock:  # never cancel it halfway through a commit
+                    checkpointer.cancel()
                 await asyncio.gather(checkpointer, return_exceptions=True)
                 await self._lanes.stop()
             await self.checkpoint()

@@ -37,6 +37,9 @@ class FileSource:
         self._line = 0  # last line number read
         self._stream: IO[bytes] | None = None
         self._stopping: asyncio.Event | None = None
+        # A cancelled commit leaves its thread running: writes are serialised and never go back.
+        self._checkpoint_lock = threading.Lock()
+        self._checkpointed = -1
 
     def __repr__(self) -> str:
         checkpoint = str(self.checkpoint_path) if self.checkpoint_path else None
@@ -129,18 +132,21 @@ class FileSource:
     async def commit(self, partition: str, position: Any) -> None:
         if self.checkpoint_path is None:
             return
-        payload = orjson.dumps({"source": self.partition, "line": int(position)})
-        await asyncio.to_thread(self._write_checkpoint, payload)
+        await asyncio.to_thread(self._write_checkpoint, int(position))
 
-    def _write_checkpoint(self, payload: bytes) -> None:
+    def _write_checkpoint(self, line: int) -> None:
         assert self.checkpoint_path is not None
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.checkpoint_path.with_name(self.checkpoint_path.name + ".tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.checkpoint_path)
+        with self._checkpoint_lock:
+            if line <= self._checkpointed:
+                return
+            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.checkpoint_path.with_name(self.checkpoint_path.name + ".tmp")
+            with open(temporary, "wb") as handle:
+                handle.write(orjson.dumps({"source": self.partition, "line": line}))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.checkpoint_path)
+            self._checkpointed = line
 
     def stop(self) -> None:
         if self._stopping is not None:
