@@ -479,3 +479,18 @@ def test_malformed_cosmetic_segment_fields_do_not_cost_the_record() -> None:
     })
     (entry,) = parse_export(raw).segments
     assert entry.name is None and entry.status.is_member
+
+
+def test_qualification_times_reach_handlers_in_utc() -> None:
+    raw = orjson.dumps({
+        "identityMap": {"ecid": [{"id": "e1"}]},
+        "segmentMembership": {"ups": {
+            "a": {"status": "realized", "lastQualificationTime": "2024-01-01T02:00:00+02:00"},
+            "b": {"status": "realized", "lastQualificationTime": "2024-01-01T00:00:00+0000"},
+            "c": {"status": "realized", "lastQualificationTime": "2024-01-01T00:00:00"},
+        }},
+    })
+    a, b, c = parse_export(raw).segments
+    assert a.qualified_at == b.qualified_at == c.qualified_at
+    assert a.qualified_at_us == b.qualified_at_us == c.qualified_at_us
+    assert all(entry.qualified_at.tzinfo is timezone.utc for entry in (a, b, c))

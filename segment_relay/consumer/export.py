@@ -61,7 +61,9 @@ class _Membership(TypedDict):
     # createdAt/updatedAt/mappingCreatedAt/mappingUpdatedAt (epoch ms, optional) are not used,
     # and a malformed one must not cost the record, so they are not declared.
     status: SegmentStatus
-    lastQualificationTime: datetime
+    # Parsed by datetime.fromisoformat, not pydantic: it reads both "Z" and "+0000", and its
+    # stdlib timezone makes the epoch arithmetic three times cheaper (per segment, per record).
+    lastQualificationTime: StrictStr
     name: NotRequired[Any]  # cosmetic: used only when it is a string
 
 
@@ -169,9 +171,19 @@ def export_from_document(document: Any) -> ProfileExport:
     append = segments.append
     for namespace, audiences in body.segmentMembership.items():
         for segment_id, membership in audiences.items():
-            moment = membership["lastQualificationTime"]
-            if moment.tzinfo is None:  # Adobe always sends an offset; a bare time is read as UTC
-                moment = moment.replace(tzinfo=timezone.utc)
+            try:
+                moment = datetime.fromisoformat(membership["lastQualificationTime"])
+            except ValueError:
+                raise InvalidRecord(
+                    InvalidReason.BAD_QUALIFICATION_TIME,
+                    f"segmentMembership.{namespace}.{segment_id}.lastQualificationTime: "
+                    f"cannot parse {membership['lastQualificationTime']!r} as an ISO-8601 time",
+                ) from None
+            if moment.tzinfo is not timezone.utc:  # handlers always get UTC
+                if moment.tzinfo is None:  # Adobe always sends an offset; a bare time is read as UTC
+                    moment = moment.replace(tzinfo=timezone.utc)
+                else:
+                    moment = moment.astimezone(timezone.utc)
             append(SegmentEntry(
                 namespace, segment_id, membership["status"], moment,
                 (moment - _EPOCH) // _MICROSECOND, _text_or_none(membership.get("name")),

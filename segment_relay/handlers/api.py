@@ -196,6 +196,5 @@ class FunctionHandler(Handler):
         self.fn = fn
         self.routes = routes_of(fn) or (Route(),)
         self.name = name or f"{fn.__module__}:{fn.__qualname__}"
-
-    async def handle(self, change: SegmentChange) -> None:
-        await self.fn(change)
+        # The function is the handle method: no wrapper coroutine per change (hot path).
+        self.handle = fn  # type: ignore[method-assign]

@@ -22,6 +22,7 @@ from .base import SourceRecord
 
 log = logging.getLogger(__name__)
 
+_WHITESPACE = frozenset(b" \t\r\n\f\v")
 _STDIN_CHUNK = 1 << 16
 _STDIN_QUEUED_CHUNKS = 8  # bounds what the reader thread holds ahead of the pipeline
 
@@ -69,7 +70,8 @@ class FileSource:
             if self._line <= self.resume_after:
                 continue
             data = line.rstrip(b"\r\n")
-            if data.strip():
+            # JSON lines start with "{"; only a line starting with white space needs the copy strip() makes.
+            if data and (data[0] not in _WHITESPACE or data.strip()):
                 batch.append(SourceRecord(self.partition, self._line, data))
         return batch
 
