@@ -172,26 +172,33 @@ def export_from_document(document: Any) -> ProfileExport:
     for namespace, audiences in body.segmentMembership.items():
         for segment_id, membership in audiences.items():
             try:
-                moment = datetime.fromisoformat(membership["lastQualificationTime"])
-            except ValueError:
+                moment, moment_us = _utc_and_epoch_us(membership["lastQualificationTime"])
+            except (ValueError, OverflowError):
                 raise InvalidRecord(
                     InvalidReason.BAD_QUALIFICATION_TIME,
                     f"segmentMembership.{namespace}.{segment_id}.lastQualificationTime: "
                     f"cannot parse {membership['lastQualificationTime']!r} as an ISO-8601 time",
                 ) from None
-            if moment.tzinfo is not timezone.utc:  # handlers always get UTC
-                if moment.tzinfo is None:  # Adobe always sends an offset; a bare time is read as UTC
-                    moment = moment.replace(tzinfo=timezone.utc)
-                else:
-                    moment = moment.astimezone(timezone.utc)
             append(SegmentEntry(
-                namespace, segment_id, membership["status"], moment,
-                (moment - _EPOCH) // _MICROSECOND, _text_or_none(membership.get("name")),
+                namespace, segment_id, membership["status"], moment, moment_us,
+                _text_or_none(membership.get("name")),
             ))
     attributes = dict(document)
     attributes.pop("identityMap", None)
     attributes.pop("segmentMembership", None)
     return ProfileExport(identity_map=body.identityMap, segments=tuple(segments), attributes=attributes)
+
+
+def _utc_and_epoch_us(text: str) -> tuple[datetime, int]:
+    """The time in UTC (what handlers get) and as epoch microseconds (what is compared).
+    Raises ValueError or OverflowError (e.g. year 1 with a positive offset)."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is not timezone.utc:
+        if moment.tzinfo is None:  # Adobe always sends an offset; a bare time is read as UTC
+            moment = moment.replace(tzinfo=timezone.utc)
+        else:
+            moment = moment.astimezone(timezone.utc)
+    return moment, (moment - _EPOCH) // _MICROSECOND
 
 
 def _text_or_none(value: Any) -> str | None:
