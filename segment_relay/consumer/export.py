@@ -129,7 +129,7 @@ class SegmentEntry:
     name: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per record, and frozen dataclasses are slow to build
 class ProfileExport:
     identity_map: dict[str, list[IdentityItem]]
     segments: tuple[SegmentEntry, ...]

@@ -69,6 +69,7 @@ def diff_membership(
 ) -> MembershipDiff:
     """Compare one snapshot with what is stored. Transitions keep the record's segment order."""
     result = MembershipDiff()
+    exited = SegmentStatus.EXITED
     for entry in export.segments:
         if segment_filter is not None and entry.segment_id not in segment_filter:
             result.filtered += 1
@@ -76,16 +77,20 @@ def diff_membership(
         key = (entry.namespace, entry.segment_id)
         new = StoredMembership(entry.status, entry.qualified_at_us)
         old = stored.get(key)
-        if old is not None and not supersedes(new, old):
+        if old is None:
+            was_member = None  # never seen
+        elif supersedes(new, old):
+            was_member = old.status is not exited
+        else:
             if new.qualified_at_us < old.qualified_at_us:
                 result.stale += 1
             else:
                 result.duplicate += 1
             continue
         result.updates[key] = new
-        if new.is_member:
-            if old is None or not old.is_member:
+        if entry.status is not exited:
+            if not was_member:  # first sighting, or back in
                 result.transitions.append(Transition(entry, ChangeType.ENTER))
-        elif old is None or old.is_member:
+        elif was_member is not False:  # first sighting of exited, or a member leaving
             result.transitions.append(Transition(entry, ChangeType.EXIT))
     return result
