@@ -62,13 +62,7 @@ class Relay:
         self.source = build_source(config)
         self.store = open_store(config.state)
         self.dead_letter = JsonlDeadLetter(Path(config.dead_letter))
-        retry = RetryPolicy(
-            max_attempts=config.retry.max_attempts,
-            initial_backoff_s=config.retry.initial_backoff_s,
-            max_backoff_s=config.retry.max_backoff_s,
-            max_retry_after_s=config.retry.max_retry_after_s,
-            timeout_s=config.retry.handler_timeout_s,
-        )
+        retry = RetryPolicy(**config.retry.model_dump())  # the config sections mirror these fields
         try:
             self.router = Router(
                 build_handlers(config, extra_handlers), self.dead_letter, retry=retry, stats=self.stats
@@ -78,11 +72,7 @@ class Relay:
                 raise
             raise ConfigError(f"config field 'handlers': {exc}") from None
         settings = PipelineSettings(
-            concurrency=config.pipeline.concurrency,
-            max_in_flight_records=config.pipeline.max_in_flight_records,
-            max_in_flight_bytes=config.pipeline.max_in_flight_bytes,
-            checkpoint_interval_s=config.pipeline.checkpoint_interval_s,
-            shutdown_timeout_s=config.pipeline.shutdown_timeout_s,
+            **config.pipeline.model_dump(),
             segment_filter=frozenset(config.segments) if config.segments else None,
             track_profiles=track_profiles,
         )

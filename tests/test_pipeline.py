@@ -22,7 +22,7 @@ from segment_relay.consumer.state import MembershipStore, MemoryStore, SqliteSto
 from segment_relay.handlers.api import FunctionHandler, change_id_for
 from segment_relay.handlers.router import RetryPolicy, Router
 
-FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0002, timeout_s=5.0)
+FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0002, handler_timeout_s=5.0)
 BASE = datetime(2024, 3, 1, tzinfo=timezone.utc)
 RUN_TIMEOUT_S = 20
 

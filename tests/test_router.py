@@ -23,7 +23,7 @@ from segment_relay.consumer.deadletter import MemoryDeadLetter
 from segment_relay.handlers.api import FunctionHandler, IdentityItem, change_id_for
 from segment_relay.handlers.router import RetryPolicy, Router
 
-FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.0005, max_backoff_s=0.001, timeout_s=5.0)
+FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.0005, max_backoff_s=0.001, handler_timeout_s=5.0)
 ENTER, EXIT = ChangeType.ENTER, ChangeType.EXIT
 
 
@@ -251,7 +251,7 @@ async def test_handler_retry_after_is_honoured() -> None:
         if len(attempts) == 1:
             raise HandlerRetry("429", after=0.05)
 
-    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0001, timeout_s=5.0)
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0001, handler_timeout_s=5.0)
     dead = MemoryDeadLetter()
     router = Router([FunctionHandler(throttled, name="throttled")], dead, retry=policy)
     await router.dispatch(change(ENTER))
@@ -298,7 +298,7 @@ async def test_timeout_counts_as_a_failure() -> None:
         if calls < 3:
             await never.wait()
 
-    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0001, timeout_s=0.02)
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0001, handler_timeout_s=0.02)
     dead = MemoryDeadLetter()
     router = Router([FunctionHandler(hangs, name="hangs")], dead, retry=policy)
     await router.dispatch(change(ENTER))
@@ -312,7 +312,7 @@ async def test_timeout_every_time_is_dead_lettered() -> None:
     async def hangs(c: SegmentChange) -> None:
         await never.wait()
 
-    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.0001, max_backoff_s=0.0001, timeout_s=0.02)
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.0001, max_backoff_s=0.0001, handler_timeout_s=0.02)
     dead = MemoryDeadLetter()
     router = Router([FunctionHandler(hangs, name="hangs")], dead, retry=policy)
     await router.dispatch(change(ENTER))

@@ -28,7 +28,7 @@ class RetryPolicy:
     initial_backoff_s: float = 0.2
     max_backoff_s: float = 30.0
     max_retry_after_s: float = 300.0
-    timeout_s: float = 30.0
+    handler_timeout_s: float = 30.0  # one call; a timeout is a failed attempt
 
     def delay(self, attempt: int, after: float | None) -> float:
         if after is not None:
@@ -55,7 +55,7 @@ class Router:
         self.retry = retry or RetryPolicy()
         self.stats = stats or RelayStats()
         self._routes: dict[tuple[ChangeType, str], tuple[Handler, ...]] = {}
-        self._deadlines = CallDeadlines(self.retry.timeout_s)
+        self._deadlines = CallDeadlines(self.retry.handler_timeout_s)
 
     def handlers_for(self, change: ChangeType, segment_id: str) -> tuple[Handler, ...]:
         key = (change, segment_id)
