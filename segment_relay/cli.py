@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import orjson
 import typer
@@ -27,16 +27,16 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def run(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (or $SEGMENT_RELAY_CONFIG)")] = None,
-    source: Annotated[Optional[str], typer.Option(help="file:PATH or file:- for stdin")] = None,
-    state: Annotated[Optional[str], typer.Option(help="memory or sqlite:PATH")] = None,
-    handler: Annotated[Optional[list[str]], typer.Option("--handler", "-H", help="log | jsonl:PATH | webhook:URL | NAME[:ARG] | module:attr; repeatable")] = None,
-    dead_letter: Annotated[Optional[str], typer.Option("--dead-letter", help="JSONL file for invalid records and failed changes")] = None,
-    segments: Annotated[Optional[str], typer.Option(help="Comma-separated segment ids to keep; others are ignored")] = None,
-    checkpoint_file: Annotated[Optional[str], typer.Option("--checkpoint-file", help="file source: resume point kept here")] = None,
-    metrics_port: Annotated[Optional[int], typer.Option("--metrics-port", help="Serve /metrics, /healthz, /readyz on this port")] = None,
-    metrics_host: Annotated[Optional[str], typer.Option("--metrics-host", help="Address for the metrics server")] = None,
-    log_level: Annotated[Optional[str], typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (or $SEGMENT_RELAY_CONFIG)")] = None,
+    source: Annotated[str | None, typer.Option(help="file:PATH or file:- for stdin")] = None,
+    state: Annotated[str | None, typer.Option(help="memory or sqlite:PATH")] = None,
+    handler: Annotated[list[str] | None, typer.Option("--handler", "-H", help="log | jsonl:PATH | webhook:URL | NAME[:ARG] | module:attr; repeatable")] = None,
+    dead_letter: Annotated[str | None, typer.Option("--dead-letter", help="JSONL file for invalid records and failed changes")] = None,
+    segments: Annotated[str | None, typer.Option(help="Comma-separated segment ids to keep; others are ignored")] = None,
+    checkpoint_file: Annotated[str | None, typer.Option("--checkpoint-file", help="file source: resume point kept here")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Serve /metrics, /healthz, /readyz on this port")] = None,
+    metrics_host: Annotated[str | None, typer.Option("--metrics-host", help="Address for the metrics server")] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")] = None,
 ) -> None:
     """Run the relay until the source ends or SIGINT/SIGTERM; then drain, checkpoint and exit 0."""
     from .app import Relay
@@ -112,7 +112,7 @@ def demo(
     profiles: Annotated[int, typer.Option(help="Profiles in the generated stream")] = 500,
     seed: Annotated[int, typer.Option(help="Seed of the generated stream")] = 7,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the change lines")] = False,
-    metrics_port: Annotated[Optional[int], typer.Option("--metrics-port", help="Serve metrics while it runs")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Serve metrics while it runs")] = None,
 ) -> None:
     """Run the relay on a generated stream of realistic exports (no cloud account) and print a summary."""
     from .demo import run_demo

@@ -84,9 +84,9 @@ class RelayConfig(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics, /healthz, /readyz")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
-    identity: IdentityConfig = Field(default_factory=IdentityConfig)
-    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
-    retry: RetryConfig = Field(default_factory=RetryConfig)
+    identity: IdentityConfig = Field(default_factory=lambda: IdentityConfig())
+    pipeline: PipelineConfig = Field(default_factory=lambda: PipelineConfig())
+    retry: RetryConfig = Field(default_factory=lambda: RetryConfig())
 
     _split = field_validator("handlers", "segments", mode="before")(classmethod(lambda cls, v: _split_list(v)))
 

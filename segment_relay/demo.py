@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections import Counter
 import time
+from collections import Counter
 from pathlib import Path
 
 import orjson

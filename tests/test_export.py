@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +121,8 @@ def test_sample_2020_parses() -> None:
         ("ups", "7841ba61-23c1-4bb3-a495-00d695fe1e93", SegmentStatus.EXISTING),
     ]
     assert SegmentStatus.EXISTING.is_member and not SegmentStatus.EXITED.is_member
-    assert export.segments[0].qualified_at == datetime(2020, 3, 3, 21, 24, 39, tzinfo=timezone.utc)
-    assert export.segments[1].qualified_at == datetime(2020, 3, 4, 23, 37, 33, tzinfo=timezone.utc)
+    assert export.segments[0].qualified_at == datetime(2020, 3, 3, 21, 24, 39, tzinfo=UTC)
+    assert export.segments[1].qualified_at == datetime(2020, 3, 4, 23, 37, 33, tzinfo=UTC)
     assert all(s.name is None for s in export.segments)
     assert set(export.identity_map) == {"ecid", "email_lc_sha256"}
     assert [i.id for i in export.identity_map["ecid"]] == [
@@ -142,7 +142,7 @@ def test_sample_current_parses() -> None:
     assert type(realized.segment_id) is str and type(exited.segment_id) is str
     assert realized.status is SegmentStatus.REALIZED and exited.status is SegmentStatus.EXITED
     # "+0000" and "Z" name the same instant.
-    assert realized.qualified_at == exited.qualified_at == datetime(2022, 1, 11, 21, 24, 39, tzinfo=timezone.utc)
+    assert realized.qualified_at == exited.qualified_at == datetime(2022, 1, 11, 21, 24, 39, tzinfo=UTC)
     assert realized.qualified_at_us == exited.qualified_at_us == 1641936279000000
     assert realized.name == "First name equals John"
     assert exited.name is None
@@ -177,7 +177,7 @@ def test_time_forms_name_the_same_instant(moment: str) -> None:
     export = parse_export(orjson.dumps(doc(segmentMembership=membership(s={"status": "realized", "lastQualificationTime": moment}))))
     (entry,) = export.segments
     assert entry.qualified_at.tzinfo is not None
-    assert entry.qualified_at == datetime(2022, 1, 11, 21, 24, 39, tzinfo=timezone.utc)
+    assert entry.qualified_at == datetime(2022, 1, 11, 21, 24, 39, tzinfo=UTC)
     assert entry.qualified_at_us == 1641936279000000 == to_epoch_us(entry.qualified_at)
 
 
@@ -493,4 +493,4 @@ def test_qualification_times_reach_handlers_in_utc() -> None:
     a, b, c = parse_export(raw).segments
     assert a.qualified_at == b.qualified_at == c.qualified_at
     assert a.qualified_at_us == b.qualified_at_us == c.qualified_at_us
-    assert all(entry.qualified_at.tzinfo is timezone.utc for entry in (a, b, c))
+    assert all(entry.qualified_at.tzinfo is UTC for entry in (a, b, c))

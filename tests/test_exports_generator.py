@@ -118,7 +118,7 @@ def test_timelines_enter_exit_and_first_sighting_exits() -> None:
     first_exits = sum(changes[0] == "exit" for changes in by_segment.values())
     assert first_exits > 0  # a profile may exit a segment it was never seen in
     for changes in by_segment.values():  # enter and exit alternate after the first change
-        assert all(a != b for a, b in zip(changes, changes[1:]))
+        assert all(a != b for a, b in zip(changes, changes[1:], strict=False))
     assert 0 < truth.profiles <= 300
 
 

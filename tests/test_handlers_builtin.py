@@ -8,7 +8,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
@@ -51,7 +51,7 @@ async def test_log_writes_one_parseable_json_line_per_change() -> None:
 
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
-    for line, change in zip(lines, changes):
+    for line, change in zip(lines, changes, strict=True):
         decoded = orjson.loads(line)
         assert SUMMARY_KEYS <= decoded.keys()
         assert decoded == change.to_dict()
@@ -220,7 +220,7 @@ async def test_webhook_429_with_retry_after_seconds(hook: Hook, webhooks: list[W
 
 
 async def test_webhook_503_with_retry_after_http_date(hook: Hook, webhooks: list[WebhookHandler]) -> None:
-    when = datetime.now(timezone.utc) + timedelta(seconds=30)
+    when = datetime.now(UTC) + timedelta(seconds=30)
     hook.script.append((503, {"Retry-After": format_datetime(when, usegmt=True)}))
     handler = await started(webhooks, hook.url())
     with pytest.raises(HandlerRetry) as info:
@@ -391,7 +391,7 @@ def test_redact_url(url: str, shown: str) -> None:
 
 
 def test_parse_retry_after() -> None:
-    now = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+    now = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
     assert parse_retry_after("2") == 2
     assert parse_retry_after(" 120 ") == 120
     assert parse_retry_after("Wed, 01 May 2024 12:00:30 GMT", now=now) == 30

@@ -6,7 +6,7 @@ import asyncio
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from segment_relay.handlers.api import FunctionHandler, change_id_for
 from segment_relay.handlers.router import RetryPolicy, Router
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0002, handler_timeout_s=5.0)
-BASE = datetime(2024, 3, 1, tzinfo=timezone.utc)
+BASE = datetime(2024, 3, 1, tzinfo=UTC)
 RUN_TIMEOUT_S = 20
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -29,7 +29,7 @@ ENTER, EXIT = ChangeType.ENTER, ChangeType.EXIT
 
 def change(kind: ChangeType, segment_id: str = "gold", profile: str = "ecid:1") -> SegmentChange:
     status = SegmentStatus.REALIZED if kind is ENTER else SegmentStatus.EXITED
-    at = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    at = datetime(2024, 1, 1, tzinfo=UTC)
     return SegmentChange(
         change=kind, segment_id=segment_id, segment_namespace="ups", segment_name=None, profile_key=profile,
         identities={"ecid": [IdentityItem(id="1")]}, attributes={"person": {"x": 1}}, qualified_at=at,

@@ -8,13 +8,16 @@ attribute that is kept as-is and handed to handlers untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import (
+    Any,
+    NotRequired,  # pydantic needs typing_extensions' TypedDict on 3.11
+)
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
-from typing_extensions import NotRequired, TypedDict  # pydantic needs typing_extensions' TypedDict on 3.11
+from typing_extensions import TypedDict
 
 
 class InvalidReason(StrEnum):
@@ -136,7 +139,7 @@ class ProfileExport:
     attributes: dict[str, Any]
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
@@ -167,7 +170,7 @@ def export_from_document(document: Any) -> ProfileExport:
         raise InvalidRecord(
             InvalidReason.NO_IDENTITY, "identityMap has no identity with a non-empty string id"
         )
-    segments = []
+    segments: list[SegmentEntry] = []
     append = segments.append
     for namespace, audiences in body.segmentMembership.items():
         for segment_id, membership in audiences.items():
@@ -193,11 +196,11 @@ def _utc_and_epoch_us(text: str) -> tuple[datetime, int]:
     """The time in UTC (what handlers get) and as epoch microseconds (what is compared).
     Raises ValueError or OverflowError (e.g. year 1 with a positive offset)."""
     moment = datetime.fromisoformat(text)
-    if moment.tzinfo is not timezone.utc:
+    if moment.tzinfo is not UTC:
         if moment.tzinfo is None:  # Adobe always sends an offset; a bare time is read as UTC
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         else:
-            moment = moment.astimezone(timezone.utc)
+            moment = moment.astimezone(UTC)
     return moment, (moment - _EPOCH) // _MICROSECOND
 
 

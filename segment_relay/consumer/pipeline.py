@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
 
 from ..handlers.api import SegmentChange, change_id_for
 from ..handlers.router import Router
@@ -163,15 +161,25 @@ class Pipeline:
 
     async def _reject(self, record: SourceRecord, ticket: int, invalid: InvalidRecord) -> None:
         self.stats.invalid[invalid.reason.value] += 1
+        position = str(record.position)
         log.warning(
             "invalid record sent to the dead letter",
             extra={"reason": invalid.reason.value, "detail": invalid.detail,
-                   "partition": record.partition, "position": str(record.position)},
+                   "partition": record.partition, "position": position},
         )
-        await self.dead_letter.invalid_record(
-            record.data, reason=invalid.reason.value, detail=invalid.detail,
-            partition=record.partition, position=str(record.position),
-        )
+        attempt = 0
+        while True:
+            try:
+                await self.dead_letter.invalid_record(
+                    record.data, reason=invalid.reason.value, detail=invalid.detail,
+                    partition=record.partition, position=position,
+                )
+                break
+            except Exception:  # noqa: BLE001 - e.g. a full disk: wait (reading pauses), never drop
+                attempt += 1
+                delay = min(30.0, self.settings.record_retry_backoff_s * 2 ** (attempt - 1))
+                log.exception("cannot write the dead letter; will retry", extra={"attempt": attempt})
+                await asyncio.sleep(delay)
         self.stats.dead_lettered("invalid_record")
         self._finish(record, ticket)
 
@@ -187,8 +195,13 @@ class Pipeline:
         # Read-only views: every change of the record, for every handler, shares them.
         identities = MappingProxyType(work.export.identity_map)
         attributes = MappingProxyType(work.export.attributes)
-        return [
-            SegmentChange(
+        changes = []
+        for transition in transitions:
+            entry = transition.entry
+            change_id = change_id_for(
+                work.profile_key, entry.namespace, entry.segment_id, entry.status.value, entry.qualified_at_us
+            )
+            changes.append(SegmentChange(
                 change=transition.change,
                 segment_id=entry.segment_id,
                 segment_namespace=entry.namespace,
@@ -198,15 +211,11 @@ class Pipeline:
                 attributes=attributes,
                 qualified_at=entry.qualified_at,
                 status=entry.status,
-                change_id=change_id_for(
-                    work.profile_key, entry.namespace, entry.segment_id, entry.status.value, entry.qualified_at_us
-                ),
+                change_id=change_id,
                 partition=record.partition,
                 position=position,
-            )
-            for transition in transitions
-            for entry in (transition.entry,)
-        ]
+            ))
+        return changes
 
     async def _process(self, work: _Work) -> None:
         """One record of one profile; its lane guarantees nothing else of this profile runs now."""

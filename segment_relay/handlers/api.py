@@ -197,4 +197,4 @@ class FunctionHandler(Handler):
         self.routes = routes_of(fn) or (Route(),)
         self.name = name or f"{fn.__module__}:{fn.__qualname__}"
         # The function is the handle method: no wrapper coroutine per change (hot path).
-        self.handle = fn  # type: ignore[method-assign]
+        self.handle = fn  # type: ignore[method-assign,assignment]

@@ -11,10 +11,10 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -49,7 +49,7 @@ class LogHandler(Handler):
             return self._stream
         buffer = getattr(sys.stdout, "buffer", None)
         if buffer is None:  # a text-only stdout replacement: write text
-            return _TextAsBinary(sys.stdout)
+            return cast(IO[bytes], _TextAsBinary(sys.stdout))
         return buffer
 
     async def handle(self, change: SegmentChange) -> None:
@@ -184,8 +184,8 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if when is None:  # older Pythons return None instead of raising
         return None
     if when.tzinfo is None:  # "-0000": RFC 5322 says UTC with unknown origin
-        when = when.replace(tzinfo=timezone.utc)
-    now = now or datetime.now(timezone.utc)
+        when = when.replace(tzinfo=UTC)
+    now = now or datetime.now(UTC)
     return max(0.0, (when - now).total_seconds())
 
 
@@ -265,7 +265,7 @@ class WebhookHandler(Handler):
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
                 await response.read()  # drain, so the connection can be reused
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # aiohttp's own messages may quote the full URL: describe the failure without it.
             raise HandlerRetry(f"POST {self._shown} failed: {_describe_transport_error(exc)}") from None
         if 200 <= status < 300:

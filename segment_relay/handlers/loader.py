@@ -134,7 +134,8 @@ def _to_handler(obj: object, spec: str, *, what: str, arg: str | None, default_n
                 "which does not subclass segment_relay.handlers.api.Handler"
             )
         try:
-            return obj() if arg is None else obj(arg)
+            factory: Any = obj  # a subclass may take one argument; Handler itself takes none
+            return factory() if arg is None else factory(arg)
         except Exception as exc:
             given = "no argument" if arg is None else "its argument"
             raise HandlerSpecError(

@@ -15,7 +15,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
@@ -110,7 +110,7 @@ class SecretRedactingFilter(logging.Filter):
 
 # --- formatting -----------------------------------------------------------------
 def _iso_utc(created: float) -> str:
-    return datetime.fromtimestamp(created, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(created, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _default(value: Any) -> str:

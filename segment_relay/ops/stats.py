@@ -3,11 +3,10 @@ time through a collector, so counting costs a dict update, not a metrics call.""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
-
-from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily

@@ -23,7 +23,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from random import Random
 from typing import Any
@@ -154,7 +154,7 @@ class _Generator:
         self.held: dict[int, bytes] = {}  # profile -> a record delivered after the profile's next one
         rng = Random(spec.seed ^ 0x5EED)
         self.segment_meta: list[dict[str, Any]] = []
-        for segment_id, name in spec.segments:
+        for _segment_id, name in spec.segments:
             created = (_START - rng.randrange(30, 900) * 86_400) * 1000 + rng.randrange(1000)
             updated = created + rng.randrange(0, 20 * 86_400) * 1000
             mapped = updated + rng.randrange(1, 10 * 86_400) * 1000
@@ -242,7 +242,7 @@ class _Generator:
         if text is None:
             if len(self._time_cache) > 4096:
                 self._time_cache.clear()
-            text = self._time_cache[t] = datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+            text = self._time_cache[t] = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         return text
 
     # --- events -----------------------------------------------------------------------
@@ -272,8 +272,7 @@ class _Generator:
             else:
                 pool = profile.affinity if rng.random() < 0.92 else list(range(len(self.spec.segments)))
                 for index in rng.sample(pool, min(len(pool), 2 if rng.random() < 0.2 else 1)):
-                    state = segments.get(index)
-                    if state is None:
+                    if segments.get(index) is None:
                         segments[index] = [True, t]
                     else:
                         state[0] = not state[0]
@@ -417,7 +416,7 @@ class _Generator:
 
 
 def _day(t: int) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d")
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d")
 
 
 def generate(spec: StreamSpec) -> Iterator[bytes]:
@@ -468,7 +467,7 @@ def _parse_time(text: Any) -> datetime | None:
     year, month, day, hour, minute, second, fraction, offset = match.groups()
     try:
         moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
-                          int((fraction or "0").ljust(6, "0")), tzinfo=timezone.utc)
+                          int((fraction or "0").ljust(6, "0")), tzinfo=UTC)
     except ValueError:
         return None
     if offset != "Z":
@@ -480,7 +479,7 @@ def _parse_time(text: Any) -> datetime | None:
 
 def iso_utc(moment: datetime) -> str:
     """How ``StreamTruth.changes`` writes a qualification time: UTC, ``Z``."""
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 _Entry = tuple[str, str, str, datetime]  # (namespace, segment_id, status, time)
