@@ -272,11 +272,12 @@ class _Generator:
             else:
                 pool = profile.affinity if rng.random() < 0.92 else list(range(len(self.spec.segments)))
                 for index in rng.sample(pool, min(len(pool), 2 if rng.random() < 0.2 else 1)):
-                    if segments.get(index) is None:
+                    current = segments.get(index)
+                    if current is None:
                         segments[index] = [True, t]
                     else:
-                        state[0] = not state[0]
-                        state[1] = t
+                        current[0] = not current[0]
+                        current[1] = t
         self._touch_attributes(profile, t)
 
     def _touch_attributes(self, profile: _Profile, t: int) -> None:
