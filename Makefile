@@ -4,7 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+EMULATORS := emulators/node_modules/.package-lock.json
+
+.PHONY: test demo bench lint clean emulators
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +14,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP) lint
+# kinesalite and dynalite, pinned by emulators/package-lock.json (needs Node 20 and npm).
+$(EMULATORS): emulators/package.json emulators/package-lock.json
+	cd emulators && npm ci --no-audit --no-fund --loglevel=error
+	touch $(EMULATORS)
+
+emulators: $(EMULATORS)
+
+test: $(STAMP) $(EMULATORS) lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -26,4 +35,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info emulators/node_modules

@@ -1,0 +1,42 @@
+"""The emulators the Kinesis tests stand on: started on loopback, answering, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+
+from aiobotocore.session import get_session
+
+from segment_relay.testing.aws import Emulator, running, start_dynalite
+
+
+async def test_kinesalite_creates_a_stream_and_takes_records(kinesalite: Emulator) -> None:
+    async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
+        await client.create_stream(StreamName="probe", ShardCount=2)
+        await client.put_record(StreamName="probe", Data=b"{}", PartitionKey="p")
+        shards = (await client.list_shards(StreamName="probe"))["Shards"]
+        assert len(shards) == 2
+        await client.delete_stream(StreamName="probe")
+
+
+async def test_dynalite_conditional_write(dynalite: Emulator) -> None:
+    async with get_session().create_client("dynamodb", endpoint_url=dynalite.endpoint) as client:
+        await client.create_table(
+            TableName="probe", BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[{"AttributeName": "k", "AttributeType": "S"}],
+            KeySchema=[{"AttributeName": "k", "KeyType": "HASH"}],
+        )
+        await client.put_item(TableName="probe", Item={"k": {"S": "a"}}, ConditionExpression="attribute_not_exists(k)")
+        try:
+            await client.put_item(TableName="probe", Item={"k": {"S": "a"}}, ConditionExpression="attribute_not_exists(k)")
+        except client.exceptions.ConditionalCheckFailedException:
+            pass
+        else:
+            raise AssertionError("the second conditional put should have failed")
+        await client.delete_table(TableName="probe")
+
+
+def test_an_emulator_is_stopped_by_pid(aws_env: None) -> None:
+    with running(start_dynalite()) as emulator:
+        pid = emulator.pid
+        os.kill(pid, 0)  # alive
+    assert emulator.process.poll() is not None
