@@ -494,3 +494,16 @@ def test_qualification_times_reach_handlers_in_utc() -> None:
     assert a.qualified_at == b.qualified_at == c.qualified_at
     assert a.qualified_at_us == b.qualified_at_us == c.qualified_at_us
     assert all(entry.qualified_at.tzinfo is UTC for entry in (a, b, c))
+
+
+def test_oversized_keys_are_refused_up_front_not_by_a_store_later() -> None:
+    # A store that cannot key on a value refuses it forever, so limits are checked at parse time.
+    good = {"status": "realized", "lastQualificationTime": "2024-01-01T00:00:00Z"}
+    too_long_segment = orjson.dumps({"identityMap": {"ecid": [{"id": "e1"}]},
+                                     "segmentMembership": {"ups": {"s" * 257: good}}})
+    with pytest.raises(InvalidRecord) as info:
+        parse_export(too_long_segment)
+    assert info.value.reason is InvalidReason.BAD_SHAPE
+    long_id_beside_a_good_one = orjson.dumps({"identityMap": {"ecid": [{"id": "x" * 1025}, {"id": "e1"}]},
+                                              "segmentMembership": {"ups": {"s": good}}})
+    assert [item.id for item in parse_export(long_id_beside_a_good_one).identity_map["ecid"]] == ["e1"]

@@ -231,7 +231,7 @@ def test_open_store_sqlite(tmp_path: Path) -> None:
     assert store.path == str(tmp_path / "x.db")
 
 
-@pytest.mark.parametrize("spec", ["", "sqlite", "sqlite:", "memory:x", "redis://localhost", "dynamodb:table", "file:x"])
+@pytest.mark.parametrize("spec", ["", "sqlite", "sqlite:", "memory:x", "redis://localhost", "dynamodb:", "file:x"])
 def test_open_store_errors(spec: str) -> None:
     with pytest.raises(ValueError, match="unknown state store") as caught:
         open_store(spec)

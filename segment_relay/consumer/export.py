@@ -10,14 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import (
-    Any,
-    NotRequired,  # pydantic needs typing_extensions' TypedDict on 3.11
-)
+from typing import Annotated, Any, NotRequired
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
-from typing_extensions import TypedDict
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, StringConstraints, ValidationError
+from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict on 3.11
 
 
 class InvalidReason(StrEnum):
@@ -54,7 +51,8 @@ class IdentityItem(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     # Strict types: a value that is not what XDM says makes the item unusable (and dropped).
-    id: StrictStr = Field(min_length=1)
+    # 1 KiB bounds what any store must key on (DynamoDB refuses longer keys, forever).
+    id: StrictStr = Field(min_length=1, max_length=1024)
     primary: StrictBool = False
     authenticatedState: StrictStr | None = None
 
@@ -70,13 +68,17 @@ class _Membership(TypedDict):
     name: NotRequired[Any]  # cosmetic: used only when it is a string
 
 
+# Namespaces and segment ids: bounded so that (namespace, segment) fits every store's key.
+_Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
 class _Body(BaseModel):
     """The two keys the relay interprets. Validated by pydantic; attributes are not."""
 
     model_config = ConfigDict(extra="ignore")
 
-    identityMap: dict[str, list[IdentityItem]] = Field(default_factory=dict)
-    segmentMembership: dict[str, dict[str, _Membership]] = Field(default_factory=dict)
+    identityMap: dict[_Name, list[IdentityItem]] = Field(default_factory=dict)
+    segmentMembership: dict[_Name, dict[_Name, _Membership]] = Field(default_factory=dict)
 
 
 def _validate_body(document: dict[str, Any]) -> _Body:
@@ -114,7 +116,7 @@ def _usable(item: Any) -> bool:
     return (
         isinstance(item, dict)
         and isinstance(item.get("id"), str)
-        and item["id"] != ""
+        and 0 < len(item["id"]) <= 1024
         and isinstance(item.get("primary", False), bool)
         and isinstance(item.get("authenticatedState"), (str, type(None)))
     )

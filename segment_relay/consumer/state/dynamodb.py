@@ -1,0 +1,317 @@
+"""DynamoDB membership state: one item per (profile, segment), conditional writes, shared by replicas.
+
+Item layout (table created on first ``open`` if missing, PAY_PER_REQUEST)::
+
+    profileKey     S  hash key   the profile key, verbatim
+    segment        S  range key  ESCAPE(namespace) + "/" + segment_id
+    status         S             "realized" | "existing" | "exited"
+    qualifiedAtUs  N             qualification time, microseconds since the epoch
+
+Namespaces and segment ids are arbitrary strings, so the range key escapes the namespace only:
+``%`` becomes ``%25`` and ``/`` becomes ``%2F`` (in that order). The escaped namespace then holds
+no ``/``, so the first ``/`` of the range key ends it and everything after it is the segment id,
+verbatim (it may contain ``/`` and ``%``). Usual keys stay readable: ``ups/5f9c...``.
+
+Every ``save`` is an UpdateItem per segment whose ConditionExpression is ``supersedes`` in
+DynamoDB terms, so the table itself refuses to go back in time, whichever replica writes::
+
+    attribute_not_exists(qualifiedAtUs) OR qualifiedAtUs < :t OR (qualifiedAtUs = :t AND status <> :s)
+
+A failed condition means a newer (or the same) value is already stored: not an error. Writes are
+synchronous, so ``flush`` has nothing to do and ``load`` (a strongly consistent Query) sees every
+completed ``save``.
+
+Throttling (and 5xx or connection errors) is retried here, a few times with full-jitter
+exponential backoff, then raised: the pipeline retries the record anyway. A client this store
+creates has botocore's own retries turned off so that backoff lives in one place; an injected
+client keeps whatever retry configuration it was built with (retried here on top of it).
+
+IAM: dynamodb:DescribeTable, Query, UpdateItem on the table, and CreateTable if it may be missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from ..export import SegmentStatus
+from ..membership import SegmentKey, StoredMembership
+from .base import ProfileState
+
+log = logging.getLogger(__name__)
+
+HASH_KEY = "profileKey"
+RANGE_KEY = "segment"
+
+# `status` is a DynamoDB reserved word (and `segment` one too): every name goes through a placeholder.
+_NAMES = {"#pk": HASH_KEY, "#sk": RANGE_KEY, "#status": "status", "#at": "qualifiedAtUs"}
+_UPDATE = "SET #status = :s, #at = :t"
+_SUPERSEDES = "attribute_not_exists(#at) OR #at < :t OR (#at = :t AND #status <> :s)"
+
+THROTTLING_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"})
+_TRANSIENT_CODES = THROTTLING_CODES | {"InternalServerError", "ServiceUnavailable"}
+
+_STATUS = {status.value: status for status in SegmentStatus}
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")
+_UNESCAPE = re.compile(r"%(25|2F)")
+_UNESCAPED = {"25": "%", "2F": "/"}
+
+
+def encode_segment(namespace: str, segment_id: str) -> str:
+    """The range key of (namespace, segment_id): the namespace escaped, a ``/``, the id verbatim."""
+    return namespace.replace("%", "%25").replace("/", "%2F") + "/" + segment_id
+
+
+def decode_segment(value: str) -> SegmentKey:
+    """Inverse of ``encode_segment``."""
+    escaped, sep, segment_id = value.partition("/")
+    if not sep:
+        raise ValueError(f"not a segment range key (no '/'): {value!r}")
+    # One pass, so "%252F" (a namespace holding "%2F" literally) comes back as "%2F", not "/".
+    return _UNESCAPE.sub(lambda match: _UNESCAPED[match[1]], escaped), segment_id
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return error.get("Code") in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)
+    return isinstance(exc, BotoConnectionError | HTTPClientError)
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _without_userinfo(url: str | None) -> str | None:
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host))
+
+
+class DynamoDBStore:
+    """Membership state in a DynamoDB table (see the module docstring for the item layout).
+
+    ``region`` and ``endpoint_url`` default to the standard AWS environment: ``AWS_REGION``, then
+    botocore's chain (``AWS_DEFAULT_REGION``, the profile); ``AWS_ENDPOINT_URL_DYNAMODB`` or
+    ``AWS_ENDPOINT_URL``. With ``client`` (an aiobotocore DynamoDB client) the store uses it as
+    is and never closes it.
+    """
+
+    def __init__(
+        self,
+        table: str,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        client: Any = None,
+        max_attempts: int = 5,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
+        concurrency: int = 16,
+        open_timeout_s: float = 300.0,
+    ) -> None:
+        if not (_TABLE_NAME.fullmatch(table) or table.startswith("arn:")):
+            raise ValueError(f"invalid DynamoDB table name {table!r}: 3-255 characters of A-Z a-z 0-9 _ . -")
+        if max_attempts < 1 or concurrency < 1:
+            raise ValueError("max_attempts and concurrency must be at least 1")
+        self.table = table
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.concurrency = concurrency
+        self.open_timeout_s = open_timeout_s
+        self.retries = 0  # calls repeated after throttling or a transient error (for metrics and tests)
+        self._client: Any = client
+        self._owns_client = client is None
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+
+    def __repr__(self) -> str:
+        region = self.region
+        endpoint = self.endpoint_url
+        if self._client is not None:  # what the client resolved (from the environment, say)
+            region = getattr(self._client.meta, "region_name", region)
+            endpoint = getattr(self._client.meta, "endpoint_url", endpoint)
+        return f"DynamoDBStore(table={self.table!r}, region={region!r}, endpoint_url={_without_userinfo(endpoint)!r})"
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._client is None:
+            from aiobotocore.config import AioConfig
+            from aiobotocore.session import get_session
+
+            stack = contextlib.AsyncExitStack()
+            config = AioConfig(
+                retries={"mode": "standard", "total_max_attempts": 1},  # retried here, see the docstring
+                max_pool_connections=64,  # the pipeline's default concurrency: one lane, one connection
+            )
+            self._client = await stack.enter_async_context(
+                get_session().create_client(
+                    "dynamodb",
+                    region_name=self.region or os.environ.get("AWS_REGION") or None,  # botocore skips AWS_REGION
+                    endpoint_url=self.endpoint_url,
+                    config=config,
+                )
+            )
+            self._exit_stack = stack
+        try:
+            await self._ensure_table()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _ensure_table(self) -> None:
+        """Wait until the table serves requests, creating it first if it is missing."""
+        deadline = time.monotonic() + self.open_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                table = (await self._call(self._client.describe_table, TableName=self.table))["Table"]
+            except ClientError as exc:
+                if _error_code(exc) != "ResourceNotFoundException":
+                    raise
+                await self._create_table()  # tolerates a concurrent creator
+                status = "missing"
+            else:
+                status = table.get("TableStatus")
+                if status in ("ACTIVE", "UPDATING"):  # UPDATING (a new GSI, a billing change) still serves
+                    self._check_schema(table)
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"DynamoDB table {self.table!r} is {status}, not ACTIVE, after {self.open_timeout_s:g} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _create_table(self) -> None:
+        log.info("creating DynamoDB table", extra={"table": self.table})
+        try:
+            await self._call(
+                self._client.create_table,
+                TableName=self.table,
+                BillingMode="PAY_PER_REQUEST",
+                AttributeDefinitions=[
+                    {"AttributeName": HASH_KEY, "AttributeType": "S"},
+                    {"AttributeName": RANGE_KEY, "AttributeType": "S"},
+                ],
+                KeySchema=[
+                    {"AttributeName": HASH_KEY, "KeyType": "HASH"},
+                    {"AttributeName": RANGE_KEY, "KeyType": "RANGE"},
+                ],
+            )
+        except ClientError as exc:
+            if _error_code(exc) != "ResourceInUseException":  # another replica is creating it: wait for it
+                raise
+
+    def _check_schema(self, table: Mapping[str, Any]) -> None:
+        keys = {key["KeyType"]: key["AttributeName"] for key in table.get("KeySchema", [])}
+        types = {attr["AttributeName"]: attr["AttributeType"] for attr in table.get("AttributeDefinitions", [])}
+        if keys != {"HASH": HASH_KEY, "RANGE": RANGE_KEY} or types.get(HASH_KEY) != "S" or types.get(RANGE_KEY) != "S":
+            raise ValueError(
+                f"DynamoDB table {self.table!r} is not a membership table: its key is {keys} {types}, "
+                f"expected {HASH_KEY} (HASH, S) and {RANGE_KEY} (RANGE, S)"
+            )
+
+    async def flush(self) -> None:
+        pass  # every save is written before it returns
+
+    async def close(self) -> None:
+        stack, self._exit_stack = self._exit_stack, None
+        if self._owns_client:
+            self._client = None
+        if stack is not None:
+            await stack.aclose()
+
+    # --- reads and writes ----------------------------------------------------------------
+    async def load(self, profile_key: str) -> ProfileState:
+        assert self._client is not None, "store not opened"
+        query = self._client.query
+        request: dict[str, Any] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "#pk = :pk",
+            "ProjectionExpression": "#sk, #status, #at",
+            "ExpressionAttributeNames": _NAMES,
+            "ExpressionAttributeValues": {":pk": {"S": profile_key}},
+            "ConsistentRead": True,
+        }
+        state: ProfileState = {}
+        while True:
+            page = await self._call(query, **request)
+            for item in page.get("Items", ()):
+                key = decode_segment(item[RANGE_KEY]["S"])
+                state[key] = StoredMembership(_STATUS[item["status"]["S"]], int(item["qualifiedAtUs"]["N"]))
+            last = page.get("LastEvaluatedKey")
+            if not last:
+                return state
+            request["ExclusiveStartKey"] = last
+
+    async def save(self, profile_key: str, updates: Mapping[SegmentKey, StoredMembership]) -> None:
+        assert self._client is not None, "store not opened"
+        if len(updates) <= 1:
+            for key, value in updates.items():
+                await self._write(profile_key, key, value)
+            return
+        # The profile's lane orders its saves, so the segments of one save may go out together.
+        items = iter(updates.items())
+
+        async def worker() -> None:
+            for key, value in items:  # one iterator shared by the workers: each item is written once
+                await self._write(profile_key, key, value)
+
+        results = await asyncio.gather(
+            *(worker() for _ in range(min(self.concurrency, len(updates)))), return_exceptions=True
+        )
+        # Let every write finish (a retried save repeats them harmlessly), then report the first failure.
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _write(self, profile_key: str, key: SegmentKey, value: StoredMembership) -> None:
+        try:
+            await self._call(
+                self._client.update_item,
+                TableName=self.table,
+                Key={HASH_KEY: {"S": profile_key}, RANGE_KEY: {"S": encode_segment(*key)}},
+                UpdateExpression=_UPDATE,
+                ConditionExpression=_SUPERSEDES,
+                ExpressionAttributeNames={"#status": "status", "#at": "qualifiedAtUs"},
+                ExpressionAttributeValues={":s": {"S": value.status.value}, ":t": {"N": str(value.qualified_at_us)}},
+            )
+        except ClientError as exc:
+            if _error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            # A newer value (or this very one) is already stored: the condition did its job.
+
+    async def _call(self, method: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
+        """``method(**kwargs)``, retried on throttling and transient errors with full-jitter backoff."""
+        attempt = 1
+        while True:
+            try:
+                return await method(**kwargs)
+            except (ClientError, BotoConnectionError, HTTPClientError) as exc:
+                if attempt >= self.max_attempts or not _is_retryable(exc):
+                    raise
+                delay = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+                self.retries += 1
+                log.debug(
+                    "DynamoDB call retried",
+                    extra={"table": self.table, "attempt": attempt, "delay_s": round(delay, 3), "error": repr(exc)},
+                )
+                attempt += 1
+                await asyncio.sleep(delay)

@@ -1,0 +1,412 @@
+"""DynamoDBStore against dynalite: the conditional semantics of every store, the item layout,
+table creation, replicas racing, open_store from the AWS environment, and throttling retries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
+from hypothesis import given
+from hypothesis import strategies as st
+
+from segment_relay.consumer.export import SegmentStatus
+from segment_relay.consumer.membership import StoredMembership
+from segment_relay.consumer.state import DynamoDBStore, MembershipStore, open_store
+from segment_relay.consumer.state.dynamodb import decode_segment, encode_segment
+from segment_relay.testing.aws import Emulator
+
+REALIZED, EXISTING, EXITED = SegmentStatus.REALIZED, SegmentStatus.EXISTING, SegmentStatus.EXITED
+STATUSES = (REALIZED, EXISTING, EXITED)
+K = ("ups", "seg-1")
+
+
+def m(status: SegmentStatus, at: int) -> StoredMembership:
+    return StoredMembership(status, at)
+
+
+@pytest.fixture
+def table() -> str:
+    return f"membership-{uuid.uuid4().hex[:12]}"  # one table per test: dynalite lives for the session
+
+
+@pytest.fixture
+async def client(dynalite: Emulator) -> AsyncIterator[Any]:
+    async with get_session().create_client("dynamodb", endpoint_url=dynalite.endpoint) as raw:
+        yield raw
+
+
+@pytest.fixture
+async def store(dynalite: Emulator, table: str) -> AsyncIterator[DynamoDBStore]:
+    opened = DynamoDBStore(table, endpoint_url=dynalite.endpoint)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+# --- the cases of tests/test_state.py, mirrored (dynalite needs its own fixtures) ---------------
+
+
+async def test_protocol(store: DynamoDBStore) -> None:
+    assert isinstance(store, MembershipStore)
+
+
+async def test_unknown_profile_loads_empty(store: DynamoDBStore) -> None:
+    assert await store.load("nobody") == {}
+
+
+@pytest.mark.parametrize("flush_between", [False, True])
+async def test_older_never_overwrites_newer(store: DynamoDBStore, flush_between: bool) -> None:
+    await store.save("p", {K: m(REALIZED, 20)})
+    if flush_between:
+        await store.flush()
+    await store.save("p", {K: m(EXITED, 10)})
+    await store.flush()
+    assert await store.load("p") == {K: m(REALIZED, 20)}
+    await store.save("p", {K: m(EXITED, 30)})
+    if flush_between:
+        await store.flush()
+    assert await store.load("p") == {K: m(EXITED, 30)}
+
+
+@pytest.mark.parametrize("flush_between", [False, True])
+async def test_same_time_different_status_replaces(store: DynamoDBStore, flush_between: bool) -> None:
+    await store.save("p", {K: m(REALIZED, 20)})
+    if flush_between:
+        await store.flush()
+    await store.save("p", {K: m(EXITED, 20)})
+    if flush_between:
+        await store.flush()
+    assert await store.load("p") == {K: m(EXITED, 20)}
+    await store.save("p", {K: m(EXISTING, 20)})
+    await store.flush()
+    assert await store.load("p") == {K: m(EXISTING, 20)}
+
+
+async def test_same_value_again_is_not_an_error(store: DynamoDBStore) -> None:
+    await store.save("p", {K: m(REALIZED, 20)})
+    await store.save("p", {K: m(REALIZED, 20)})  # ConditionalCheckFailed underneath, swallowed
+    assert await store.load("p") == {K: m(REALIZED, 20)}
+
+
+async def test_keys_and_profiles_are_independent(store: DynamoDBStore) -> None:
+    other = ("aep", "seg-1")
+    await store.save("p", {K: m(REALIZED, 5), other: m(EXITED, 7)})
+    await store.save("q", {K: m(EXITED, 1)})
+    await store.save("p", {K: m(EXITED, 4), other: m(REALIZED, 8)})
+    await store.flush()
+    assert await store.load("p") == {K: m(REALIZED, 5), other: m(REALIZED, 8)}
+    assert await store.load("q") == {K: m(EXITED, 1)}
+
+
+async def test_saves_visible_to_load_without_flush(store: DynamoDBStore) -> None:
+    await store.save("p", {K: m(REALIZED, 1)})
+    assert await store.load("p") == {K: m(REALIZED, 1)}
+    await store.save("p", {K: m(EXITED, 2)})
+    assert await store.load("p") == {K: m(EXITED, 2)}
+
+
+async def test_a_second_store_sees_saves_at_once(dynalite: Emulator, store: DynamoDBStore, table: str) -> None:
+    other = DynamoDBStore(table, endpoint_url=dynalite.endpoint)
+    await other.open()
+    try:
+        await store.save("p", {K: m(REALIZED, 1)})
+        assert await other.load("p") == {K: m(REALIZED, 1)}  # synchronous writes, consistent reads
+        await other.save("p", {K: m(EXITED, 0)})  # older: refused by the table, not by a cache
+        assert await store.load("p") == {K: m(REALIZED, 1)}
+    finally:
+        await other.close()
+
+
+# --- key encoding and item layout -------------------------------------------------------------
+
+AWKWARD_KEYS = [
+    ("ups", "seg-1"),
+    ("a/b", "c"),  # must not collide with the next one
+    ("a", "b/c"),
+    ("a/b/", "/c/"),
+    ("%2F", "x"),  # a namespace spelling the escape itself
+    ("/", "x"),
+    ("%", "%2F"),
+    ("", ""),
+    ("ns with spaces", "Ünïcødé ✓"),
+]
+
+
+@pytest.mark.parametrize(("namespace", "segment_id"), AWKWARD_KEYS)
+def test_encode_segment_round_trips(namespace: str, segment_id: str) -> None:
+    assert decode_segment(encode_segment(namespace, segment_id)) == (namespace, segment_id)
+
+
+def test_encode_segment_is_readable_and_unambiguous() -> None:
+    assert encode_segment("ups", "5f9c-1") == "ups/5f9c-1"
+    assert encode_segment("a/b", "c") == "a%2Fb/c"
+    assert encode_segment("a", "b/c") == "a/b/c"
+    assert encode_segment("%2F", "x") == "%252F/x"
+    assert len({encode_segment(*key) for key in AWKWARD_KEYS}) == len(AWKWARD_KEYS)
+
+
+@given(st.tuples(st.text(), st.text()), st.tuples(st.text(), st.text()))
+def test_encode_segment_is_injective(a: tuple[str, str], b: tuple[str, str]) -> None:
+    assert decode_segment(encode_segment(*a)) == a
+    assert (encode_segment(*a) == encode_segment(*b)) == (a == b)
+
+
+def test_decode_segment_rejects_a_foreign_key() -> None:
+    with pytest.raises(ValueError, match="no '/'"):
+        decode_segment("no-separator")
+
+
+async def test_load_returns_one_profiles_segments_across_namespaces(store: DynamoDBStore) -> None:
+    mine = {key: m(STATUSES[i % 3], 100 + i) for i, key in enumerate(AWKWARD_KEYS) if key != ("", "")}
+    await store.save("p", mine)
+    await store.save("p/", {("a", "b/c"): m(EXITED, 1)})  # a profile key that prefixes another one
+    await store.save("q", {("a/b", "c"): m(REALIZED, 2)})
+    assert await store.load("p") == mine
+    assert await store.load("p/") == {("a", "b/c"): m(EXITED, 1)}
+    assert await store.load("q") == {("a/b", "c"): m(REALIZED, 2)}
+
+
+async def test_load_paginates(client: Any, table: str) -> None:
+    # ~1.2 MB of keys: more than one Query page (1 MB), so LastEvaluatedKey must be followed.
+    counting = ThrottlingClient(client, operation="query", fail=0)
+    store = DynamoDBStore(table, client=counting)
+    await store.open()
+    many = {("ups", f"{i:05d}-" + "x" * 1000): m(REALIZED, i) for i in range(1200)}
+    await store.save("big", many)
+    assert await store.load("big") == many
+    assert counting.calls == 2
+
+
+async def test_item_layout(store: DynamoDBStore, client: Any, table: str) -> None:
+    await store.save("ups:abc", {("a/b", "seg-1"): m(EXISTING, 1_700_000_000_123_456)})
+    item = (await client.get_item(TableName=table, Key={"profileKey": {"S": "ups:abc"}, "segment": {"S": "a%2Fb/seg-1"}},
+                                  ConsistentRead=True))["Item"]
+    assert item == {
+        "profileKey": {"S": "ups:abc"},
+        "segment": {"S": "a%2Fb/seg-1"},
+        "status": {"S": "existing"},
+        "qualifiedAtUs": {"N": "1700000000123456"},
+    }
+    described = (await client.describe_table(TableName=table))["Table"]
+    assert described["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    assert sorted((k["AttributeName"], k["KeyType"]) for k in described["KeySchema"]) == [
+        ("profileKey", "HASH"), ("segment", "RANGE")
+    ]
+
+
+# --- open, close, repr -----------------------------------------------------------------------
+
+
+async def test_open_uses_an_existing_table_and_keeps_its_items(dynalite: Emulator, store: DynamoDBStore, table: str) -> None:
+    await store.save("p", {K: m(REALIZED, 1)})
+    again = DynamoDBStore(table, endpoint_url=dynalite.endpoint)
+    await again.open()
+    try:
+        assert await again.load("p") == {K: m(REALIZED, 1)}
+    finally:
+        await again.close()
+
+
+async def test_concurrent_opens_create_the_table_once(dynalite: Emulator, table: str) -> None:
+    stores = [DynamoDBStore(table, endpoint_url=dynalite.endpoint) for _ in range(4)]
+    try:
+        await asyncio.gather(*(s.open() for s in stores))  # all but one see ResourceInUseException
+        await stores[0].save("p", {K: m(REALIZED, 1)})
+        assert [await s.load("p") for s in stores] == [{K: m(REALIZED, 1)}] * 4
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_open_refuses_a_table_with_another_key(dynalite: Emulator, client: Any, table: str) -> None:
+    await client.create_table(
+        TableName=table, BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": "leaseKey", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "leaseKey", "KeyType": "HASH"}],
+    )
+    store = DynamoDBStore(table, endpoint_url=dynalite.endpoint)
+    with pytest.raises(ValueError, match="not a membership table"):
+        await store.open()
+    assert store._client is None  # the client it created is closed again
+
+
+async def test_injected_client_is_used_and_left_open(client: Any, table: str) -> None:
+    store = DynamoDBStore(table, client=client)
+    await store.open()
+    await store.save("p", {K: m(REALIZED, 1)})
+    await store.close()
+    assert (await client.describe_table(TableName=table))["Table"]["TableStatus"] == "ACTIVE"  # still usable
+
+
+def test_repr_names_the_table_and_no_secrets() -> None:
+    store = DynamoDBStore("membership", region="eu-west-1", endpoint_url="http://user:s3cret@127.0.0.1:8000")
+    assert repr(store) == "DynamoDBStore(table='membership', region='eu-west-1', endpoint_url='http://127.0.0.1:8000')"
+
+
+@pytest.mark.parametrize("name", ["ab", "has space", "a/b", "x" * 256])
+def test_invalid_table_names_are_refused_early(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid DynamoDB table name"):
+        DynamoDBStore(name)
+
+
+# --- open_store -------------------------------------------------------------------------------
+
+
+async def test_open_store_dynamodb_from_the_environment(dynalite: Emulator, table: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", dynalite.endpoint)  # botocore reads it itself
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")  # botocore alone ignores AWS_REGION; the store does not
+    store = open_store(f"dynamodb:{table}")
+    assert isinstance(store, DynamoDBStore)
+    assert store.table == table
+    await store.open()
+    try:
+        assert repr(store) == f"DynamoDBStore(table={table!r}, region='eu-west-1', endpoint_url={dynalite.endpoint!r})"
+        await store.save("p", {K: m(REALIZED, 1)})
+        assert await store.load("p") == {K: m(REALIZED, 1)}
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("spec", ["dynamodb", "dynamodb:", "dynamo:table"])
+def test_open_store_dynamodb_errors(spec: str) -> None:
+    with pytest.raises(ValueError, match="unknown state store") as caught:
+        open_store(spec)
+    assert "'memory' or 'sqlite:PATH' or 'dynamodb:TABLE'" in str(caught.value)
+
+
+# --- replicas racing ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_two_stores_racing_end_with_the_max_per_key(dynalite: Emulator, table: str, seed: int) -> None:
+    rng = random.Random(seed)
+    stores = [DynamoDBStore(table, endpoint_url=dynalite.endpoint) for _ in range(2)]  # two clients
+    for s in stores:
+        await s.open()
+    profiles, segments = [f"p{i}" for i in range(6)], [("ups", f"s{i}") for i in range(5)] + [("a/b", "s/0")]
+    plans: list[list[tuple[str, dict[tuple[str, str], StoredMembership]]]] = []
+    for _ in stores:
+        saves = []
+        for _ in range(120):
+            keys = rng.sample(segments, rng.randint(1, 4))
+            saves.append((rng.choice(profiles), {key: m(rng.choice(STATUSES), rng.randrange(8)) for key in keys}))
+        plans.append(saves)
+
+    async def writer(store: DynamoDBStore, saves: list[tuple[str, dict[tuple[str, str], StoredMembership]]]) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+        for profile, updates in saves:  # several saves of one store at once, too: the table decides
+            in_flight.add(asyncio.create_task(store.save(profile, updates)))
+            if len(in_flight) >= 8:
+                _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.gather(*in_flight)
+
+    try:
+        await asyncio.gather(*(writer(s, saves) for s, saves in zip(stores, plans, strict=True)))
+        best: dict[tuple[str, tuple[str, str]], tuple[int, set[SegmentStatus]]] = {}
+        for saves in plans:
+            for profile, updates in saves:
+                for key, value in updates.items():
+                    top, statuses = best.get((profile, key), (-1, set()))
+                    if value.qualified_at_us > top:
+                        best[(profile, key)] = (value.qualified_at_us, {value.status})
+                    elif value.qualified_at_us == top:
+                        statuses.add(value.status)
+        for profile in profiles:
+            loaded = await stores[seed % 2].load(profile)
+            expected = {key for p, key in best if p == profile}
+            assert set(loaded) == expected
+            for key, value in loaded.items():
+                top, statuses = best[(profile, key)]
+                assert value.qualified_at_us == top, (profile, key, value, top)
+                assert value.status in statuses, (profile, key, value, statuses)
+    finally:
+        for s in stores:
+            await s.close()
+
+
+# --- throttling --------------------------------------------------------------------------------
+# dynalite enforces no capacity (neither does moto), so it never throttles: the fault is injected
+# at the client layer by a proxy around the real aiobotocore client.
+
+
+def _throttled(code: str, operation: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "Rate of requests exceeds the allowed throughput."},
+                        "ResponseMetadata": {"HTTPStatusCode": 400}}, operation)
+
+
+class ThrottlingClient:
+    """The real client, except that the first ``fail`` calls of ``operation`` raise ``code``."""
+
+    def __init__(self, real: Any, *, operation: str = "update_item", fail: int,
+                 code: str = "ProvisionedThroughputExceededException") -> None:
+        self._real, self._operation, self._code = real, operation, code
+        self.remaining = fail
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name != self._operation:
+            return attr
+
+        async def call(**kwargs: Any) -> Any:
+            self.calls += 1
+            if self.remaining > 0:
+                self.remaining -= 1
+                raise _throttled(self._code, self._operation)
+            return await attr(**kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("code", ["ProvisionedThroughputExceededException", "ThrottlingException"])
+async def test_throttled_writes_are_retried(client: Any, table: str, code: str, caplog: pytest.LogCaptureFixture) -> None:
+    proxy = ThrottlingClient(client, fail=3, code=code)
+    store = DynamoDBStore(table, client=proxy, max_attempts=5, backoff_s=0.02, max_backoff_s=0.05)
+    await store.open()
+    with caplog.at_level(logging.DEBUG, logger="segment_relay.consumer.state.dynamodb"):
+        await store.save("p", {K: m(REALIZED, 1)})
+    assert proxy.calls == 4 and store.retries == 3
+    assert await store.load("p") == {K: m(REALIZED, 1)}
+    # Full jitter under a doubling ceiling: [0, 0.02], [0, 0.04], then capped at [0, 0.05].
+    delays = [record.__dict__["delay_s"] for record in caplog.records if record.getMessage() == "DynamoDB call retried"]
+    assert len(delays) == 3
+    assert all(0 <= delay <= cap for delay, cap in zip(delays, [0.02, 0.04, 0.05], strict=True))
+
+
+async def test_throttling_gives_up_after_max_attempts(client: Any, table: str) -> None:
+    proxy = ThrottlingClient(client, fail=10)
+    store = DynamoDBStore(table, client=proxy, max_attempts=3, backoff_s=0.01)
+    await store.open()
+    with pytest.raises(ClientError) as caught:
+        await store.save("p", {K: m(REALIZED, 1)})
+    assert caught.value.response["Error"]["Code"] == "ProvisionedThroughputExceededException"
+    assert proxy.calls == 3  # not forever: the pipeline retries the record
+    proxy.remaining = 0
+    await store.save("p", {K: m(REALIZED, 1)})  # the record's retry goes through
+    assert await store.load("p") == {K: m(REALIZED, 1)}
+
+
+async def test_throttled_reads_are_retried(client: Any, table: str) -> None:
+    store = DynamoDBStore(table, client=ThrottlingClient(client, operation="query", fail=2), backoff_s=0.01)
+    await store.open()
+    assert await store.load("p") == {}
+    assert store.retries == 2
+
+
+async def test_a_failing_write_does_not_stop_the_others_of_its_save(client: Any, table: str) -> None:
+    proxy = ThrottlingClient(client, fail=1, code="ValidationException")  # not retryable
+    store = DynamoDBStore(table, client=proxy)
+    await store.open()
+    updates = {("ups", f"s{i}"): m(REALIZED, i) for i in range(20)}
+    with pytest.raises(ClientError, match="ValidationException"):
+        await store.save("p", updates)
+    assert store.retries == 0
+    assert len(await store.load("p")) == 19  # every other write finished before the error was raised
