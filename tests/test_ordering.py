@@ -300,3 +300,21 @@ async def test_a_failing_item_does_not_stall_other_keys_and_is_retried() -> None
         await lanes.stop()
     assert failures == 2
     assert done == [1, 0, 2]  # k's items still in order, after j
+
+
+def test_records_sharing_a_position_move_the_watermark_only_together() -> None:
+    # The sub-records of one KPL aggregate share the parent's sequence number: a checkpoint
+    # at that number claims all of them, so it must wait for the last one.
+    mark = PartitionWatermark()
+    first = mark.register("100")
+    aggregate = [mark.register("200") for _ in range(3)]
+    last = mark.register("300")
+    mark.finish(first)
+    mark.finish(aggregate[0])
+    assert mark.watermark == "100"
+    mark.finish(aggregate[2])
+    assert mark.watermark == "100"
+    mark.finish(aggregate[1])
+    assert mark.watermark == "200"
+    mark.finish(last)
+    assert mark.watermark == "300"

@@ -42,12 +42,17 @@ class PartitionWatermark:
             return
         positions = self._positions
         finished = self._finished
-        self.watermark = positions.popleft()
-        self._base += 1
+        self._advance(positions.popleft())
         while self._base in finished:
             finished.remove(self._base)
-            self.watermark = positions.popleft()
-            self._base += 1
+            self._advance(positions.popleft())
+
+    def _advance(self, position: Any) -> None:
+        self._base += 1
+        # Several records may share a position (the sub-records of one KPL aggregate): the
+        # watermark reaches it only when the last of them is finished.
+        if not self._positions or self._positions[0] != position:
+            self.watermark = position
 
     @property
     def in_flight(self) -> int:
