@@ -259,10 +259,12 @@ class Pipeline:
             }
             if not due:
                 return
-            # Everything below these watermarks was saved, dead-lettered or handled before now.
-            await self.store.flush()
-            await self.dead_letter.flush()
+            # Everything below these watermarks was handled, dead-lettered and saved before now.
+            # Handlers first: state must never be durable ahead of the effects it records, or a
+            # crash in between would make a replay skip changes as duplicates.
             await self.router.flush()
+            await self.dead_letter.flush()
+            await self.store.flush()
             for partition, position in due.items():
                 await self.source.commit(partition, position)
                 self._watermarks[partition].committed = position

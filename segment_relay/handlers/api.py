@@ -147,7 +147,12 @@ class Handler:
     Override ``handle`` to receive every change that ``routes`` allows, or decorate
     methods with ``on_enter`` / ``on_exit`` and leave ``handle`` alone. ``start``,
     ``flush`` and ``close`` are optional hooks: ``flush`` is awaited before the
-    relay checkpoints, so a handler that buffers must make its writes durable there.
+    relay checkpoints, so a handler may fsync or commit there.
+
+    What ``handle`` did must have left the process when it returns (sent, written to the
+    OS, committed): membership state may be saved right after, and a change the state
+    records as done is not emitted again after a crash. Do not keep changes in a buffer
+    that only ``flush`` empties.
     """
 
     name: str = ""
