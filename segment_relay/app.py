@@ -25,11 +25,21 @@ from .ops.stats import RelayStats
 log = logging.getLogger(__name__)
 
 
-def build_source(config: RelayConfig) -> Source:
+def build_source(config: RelayConfig, stats: RelayStats) -> Source:
     kind, _, arg = config.source.partition(":")
     if kind == "file":
         return FileSource(arg, checkpoint_path=config.checkpoint_file)
-    raise ConfigError(f"config field 'source': unknown source {config.source!r}; use file:PATH or file:-")
+    if kind == "kinesis":
+        from .consumer.sources.kinesis import InitialPosition, KinesisSettings, KinesisSource
+
+        section = config.kinesis.model_dump()
+        section["initial_position"] = InitialPosition(section["initial_position"])
+        if section["renew_interval_s"] is None:
+            section["renew_interval_s"] = section["lease_duration_s"] / 3
+        source = KinesisSource(KinesisSettings(stream=arg, **section), stats=stats)
+        stats.owned_partitions = lambda: source.owned_shards
+        return source
+    raise ConfigError(f"config field 'source': unknown source {config.source!r}; use file:PATH, file:- or kinesis:STREAM")
 
 
 def build_handlers(config: RelayConfig, extra: list[Handler] | None = None) -> list[Handler]:
@@ -59,7 +69,7 @@ class Relay:
         self.health = Health(extra_ready=lambda: self.pipeline.running)
         if config.checkpoint_file and not config.source.startswith("file:"):
             raise ConfigError("config field 'checkpoint_file': only the file source uses it")
-        self.source = build_source(config)
+        self.source = build_source(config, self.stats)
         self.store = open_store(config.state)
         self.dead_letter = JsonlDeadLetter(Path(config.dead_letter))
         retry = RetryPolicy(**config.retry.model_dump())  # the config sections mirror these fields

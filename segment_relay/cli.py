@@ -28,8 +28,8 @@ def _fail(message: str, code: int = 2) -> None:
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (or $SEGMENT_RELAY_CONFIG)")] = None,
-    source: Annotated[str | None, typer.Option(help="file:PATH or file:- for stdin")] = None,
-    state: Annotated[str | None, typer.Option(help="memory or sqlite:PATH")] = None,
+    source: Annotated[str | None, typer.Option(help="file:PATH, file:- for stdin, or kinesis:STREAM")] = None,
+    state: Annotated[str | None, typer.Option(help="memory, sqlite:PATH or dynamodb:TABLE")] = None,
     handler: Annotated[list[str] | None, typer.Option("--handler", "-H", help="log | jsonl:PATH | webhook:URL | NAME[:ARG] | module:attr; repeatable")] = None,
     dead_letter: Annotated[str | None, typer.Option("--dead-letter", help="JSONL file for invalid records and failed changes")] = None,
     segments: Annotated[str | None, typer.Option(help="Comma-separated segment ids to keep; others are ignored")] = None,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextvars
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -66,6 +67,33 @@ class RetryConfig(_Section):
     handler_timeout_s: float = Field(30.0, gt=0, description="One handler call, at most")
 
 
+class KinesisConfig(_Section):
+    """Used when source = "kinesis:STREAM". Credentials come from the standard AWS chain."""
+
+    application: str = Field("segment-relay", min_length=1, description="Names the lease table: APPLICATION-leases")
+    region: str | None = Field(None, description="AWS region; default: the AWS chain (AWS_REGION, profile)")
+    endpoint_url: str | None = Field(None, description="Kinesis endpoint override")
+    dynamodb_endpoint_url: str | None = Field(None, description="DynamoDB endpoint override (lease table)")
+    worker_id: str | None = Field(None, description="Unique per replica; default hostname-pid")
+    initial_position: Literal["TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"] = "TRIM_HORIZON"
+    initial_timestamp: datetime | None = Field(None, description="For AT_TIMESTAMP")
+    get_records_limit: int = Field(1000, ge=1, le=10_000)
+    idle_wait_s: float = Field(1.0, gt=0)
+    lease_duration_s: float = Field(10.0, gt=0, description="A lease not renewed this long is taken over")
+    renew_interval_s: float | None = Field(None, gt=0, description="Default: lease_duration_s / 3")
+    shard_sync_interval_s: float = Field(60.0, gt=0)
+    max_backoff_s: float = Field(10.0, gt=0)
+    deaggregate: bool = Field(False, description="De-aggregate KPL records (pip install aws-kinesis-agg)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KinesisConfig:
+        if self.initial_position == "AT_TIMESTAMP" and self.initial_timestamp is None:
+            raise ValueError("initial_position AT_TIMESTAMP needs kinesis.initial_timestamp")
+        if self.renew_interval_s is not None and self.renew_interval_s >= self.lease_duration_s:
+            raise ValueError("renew_interval_s must be shorter than lease_duration_s")
+        return self
+
+
 class RelayConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -74,8 +102,8 @@ class RelayConfig(BaseSettings):
         enable_decoding=False,
     )
 
-    source: str = Field("file:-", description="file:PATH | file:- (stdin)")
-    state: str = Field("sqlite:segment-relay.sqlite", description="memory | sqlite:PATH")
+    source: str = Field("file:-", description="file:PATH | file:- (stdin) | kinesis:STREAM")
+    state: str = Field("sqlite:segment-relay.sqlite", description="memory | sqlite:PATH | dynamodb:TABLE")
     handlers: list[str] = Field(default_factory=lambda: ["log"])
     dead_letter: str = Field("dead-letter.jsonl", description="JSONL file for invalid records and failed changes")
     segments: list[str] = Field(default_factory=list, description="Only these segment ids; empty = all")
@@ -87,6 +115,7 @@ class RelayConfig(BaseSettings):
     identity: IdentityConfig = Field(default_factory=lambda: IdentityConfig())
     pipeline: PipelineConfig = Field(default_factory=lambda: PipelineConfig())
     retry: RetryConfig = Field(default_factory=lambda: RetryConfig())
+    kinesis: KinesisConfig = Field(default_factory=lambda: KinesisConfig())
 
     _split = field_validator("handlers", "segments", mode="before")(classmethod(lambda cls, v: _split_list(v)))
 
@@ -99,16 +128,16 @@ class RelayConfig(BaseSettings):
     @classmethod
     def _check_source(cls, value: str) -> str:
         kind, _, arg = value.partition(":")
-        if kind != "file" or not arg:
-            raise ValueError("use file:PATH or file:- (stdin)")
+        if kind not in ("file", "kinesis") or not arg:
+            raise ValueError("use file:PATH, file:- (stdin) or kinesis:STREAM (a name or an ARN)")
         return value
 
     @field_validator("state")
     @classmethod
     def _check_state(cls, value: str) -> str:
         kind, _, arg = value.partition(":")
-        if not ((kind == "memory" and not arg) or (kind == "sqlite" and arg)):
-            raise ValueError("use memory or sqlite:PATH")
+        if not ((kind == "memory" and not arg) or (kind in ("sqlite", "dynamodb") and arg)):
+            raise ValueError("use memory, sqlite:PATH or dynamodb:TABLE")
         return value
 
     @field_validator("handlers")

@@ -117,7 +117,7 @@ def test_validate_reports_each_invalid_line_and_exits_1(tmp_path: Path) -> None:
         ('sorce = "file:x"\n', {}, [], "config field 'sorce': unknown field"),
         ('[pipeline]\nconcurrency = 0\n', {}, [], "config field 'pipeline.concurrency'"),
         ("", {"SEGMENT_RELAY_RETRY__MAX_ATTEMPTS": "many"}, [], "SEGMENT_RELAY_RETRY__MAX_ATTEMPTS"),
-        ("", {}, ["--state", "postgres:x"], "config field 'state': use memory or sqlite:PATH"),
+        ("", {}, ["--state", "postgres:x"], "config field 'state': use memory, sqlite:PATH or dynamodb:TABLE"),
         ("", {}, ["--source", "kafka:x"], "config field 'source'"),
         ("", {}, ["--handler", "nosuchhandler"], "config field 'handlers': unknown handler 'nosuchhandler'"),
         ("", {}, ["--handler", "no_such_module:fn"], "config field 'handlers'"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -32,6 +32,8 @@ class RelayStats:
         # Filled by the pipeline: partition -> {"checkpoint": last committed position}
         self.partitions: dict[str, dict[str, Any]] = {}
         self.in_flight: Any = None  # the pipeline's InFlightLimit (records, bytes), read at scrape time
+        self.partition_lag_ms: dict[str, float] = {}  # e.g. Kinesis MillisBehindLatest, by shard
+        self.owned_partitions: Callable[[], Collection[str]] | None = None  # set by a source that shares work
         self.registry.register(_StatsCollector(self))
 
     # --- called by the router -------------------------------------------------
@@ -161,3 +163,16 @@ class _StatsCollector(Collector):
             if value is not None:
                 checkpoint.add_metric([partition], value)
         yield checkpoint
+        lag = GaugeMetricFamily(
+            "segment_relay_partition_lag_milliseconds",
+            "How far reading is behind the newest record, by partition (Kinesis: MillisBehindLatest)",
+            labels=["partition"],
+        )
+        for partition, millis in s.partition_lag_ms.items():
+            lag.add_metric([partition], millis)
+        yield lag
+        if s.owned_partitions is not None:
+            yield GaugeMetricFamily(
+                "segment_relay_partitions_owned", "Shards or partitions this replica owns now",
+                value=len(s.owned_partitions()),
+            )

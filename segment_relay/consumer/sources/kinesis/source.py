@@ -1,0 +1,206 @@
+"""The Kinesis source: shard readers for the leases this replica owns, one stream of batches.
+
+    ListShards -> lease per shard (DynamoDB) -> LeaseCoordinator takes this replica's share
+      -> one ShardReader task per owned shard -> bounded queue -> Pipeline
+    Pipeline.commit(shard, seq) -> lease checkpoint (only while the lease is ours)
+
+A shard read to its end is marked SHARD_END once its last record is checkpointed, which
+frees its children for reading (parents first, as KCL does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ....ops.stats import RelayStats
+from ..base import SourceRecord
+from .aws import check_stream, dynamodb_client, error_code, kinesis_client
+from .coordinator import LeaseCoordinator
+from .leases import Lease, LeaseTable
+from .settings import SHARD_END, InitialPosition, KinesisSettings
+from .shard_reader import ShardReader
+
+log = logging.getLogger(__name__)
+
+_QUEUED_BATCHES = 16  # per replica: with Limit=1000 that is at most 16k records read ahead
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class KinesisSource:
+    def __init__(self, settings: KinesisSettings, *, stats: RelayStats | None = None) -> None:
+        self.settings = settings
+        self.name = f"kinesis:{settings.stream_name}"
+        self.worker_id = settings.worker_id or default_worker_id()
+        self.stats = stats
+        self._exit = contextlib.AsyncExitStack()
+        self._kinesis: Any = None
+        self._coordinator: LeaseCoordinator | None = None
+        self._queue: asyncio.Queue[list[SourceRecord]] = asyncio.Queue(_QUEUED_BATCHES)
+        self._readers: dict[str, ShardReader] = {}
+        self._reader_tasks: dict[str, asyncio.Task[None]] = {}
+        self._shard_ends: dict[str, str | None] = {}  # shard -> last sequence read, once it ended
+        self._committed: dict[str, str] = {}  # shard -> last sequence checkpointed by us
+        self._stopping = asyncio.Event()
+        self._sync_task: asyncio.Task[None] | None = None
+        self.running = False
+
+    def __repr__(self) -> str:
+        return f"KinesisSource({self.settings.stream_name!r}, worker={self.worker_id!r})"
+
+    # --- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        self._kinesis = await self._exit.enter_async_context(kinesis_client(self.settings))
+        dynamodb = await self._exit.enter_async_context(dynamodb_client(self.settings))
+        shards = await check_stream(self._kinesis, self.settings)
+        table = LeaseTable(dynamodb, self.settings.lease_table)
+        await table.ensure_table()
+        self._coordinator = LeaseCoordinator(
+            table, self.settings, self.worker_id, on_acquired=self._on_acquired, on_lost=self._on_lost
+        )
+        await self._coordinator.sync_shards(shards)
+        await self._coordinator.start()
+        self._sync_task = asyncio.create_task(self._sync_shards_periodically(), name="kinesis-shard-sync")
+        self.running = True
+        log.info("kinesis source started", extra={"stream": self.settings.stream_name, "shards": len(shards),
+                                                   "worker": self.worker_id})
+
+    def stop(self) -> None:
+        """Read no more. Leases stay ours until close(), so the drained work can still be checkpointed."""
+        self._stopping.set()
+        if self._coordinator is not None:
+            self._coordinator.stop_taking()
+        for reader in self._readers.values():
+            reader.stop()
+
+    async def close(self) -> None:
+        self.running = False
+        self.stop()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+        await self._cancel_readers(list(self._reader_tasks))
+        if self._coordinator is not None:
+            await self._coordinator.stop(release=True)  # graceful hand-off: others take them at once
+        await self._exit.aclose()
+
+    # --- reading ----------------------------------------------------------------------
+    async def batches(self) -> AsyncIterator[Sequence[SourceRecord]]:
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                getting = asyncio.ensure_future(self._queue.get())
+                await asyncio.wait((getting, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    return
+                yield getting.result()
+        finally:
+            stopping.cancel()
+
+    async def _on_acquired(self, lease: Lease) -> None:
+        shard_id = lease.shard_id
+        if self._stopping.is_set() or shard_id in self._reader_tasks:
+            return
+        checkpoint = lease.checkpoint
+        if checkpoint == SHARD_END:
+            return
+        start_after = checkpoint if checkpoint else None
+        # A child shard starts at its beginning, whatever the configured position: its parents
+        # were read to their ends, so everything after them is in the children.
+        start_at = InitialPosition.TRIM_HORIZON if lease.parent_shard_ids else self.settings.initial_position
+        reader = ShardReader(self._kinesis, self.settings, shard_id, start_after=start_after, start_at=start_at,
+                             on_lag=self._on_lag)
+        self._readers[shard_id] = reader
+        self._reader_tasks[shard_id] = asyncio.create_task(self._read_shard(reader), name=f"kinesis-{shard_id}")
+        self._shard_ends.pop(shard_id, None)
+        log.info("reading shard", extra={"shard": shard_id, "after": start_after or start_at.value})
+
+    async def _read_shard(self, reader: ShardReader) -> None:
+        shard_id = reader.shard_id
+        try:
+            async for batch in reader.batches():
+                await self._queue.put(batch)
+            if reader.ended:
+                self._shard_ends[shard_id] = reader.last_sequence
+                await self._maybe_finish_shard(shard_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - give the shard back so that a replica can retry it
+            if self._coordinator is None:
+                raise
+            if error_code(exc) == "ResourceNotFoundException":
+                # Trimmed past retention: nothing is left to read, and its children must not wait.
+                log.warning("shard no longer exists; marking it finished", extra={"shard": shard_id})
+                await self._coordinator.mark_shard_end(shard_id)
+            else:
+                log.exception("shard reader failed; releasing its lease", extra={"shard": shard_id})
+                await self._coordinator.release(shard_id)
+        finally:
+            self._readers.pop(shard_id, None)
+            self._reader_tasks.pop(shard_id, None)
+
+    async def _on_lost(self, shard_id: str) -> None:
+        log.warning("lease lost: no longer reading the shard", extra={"shard": shard_id})
+        await self._cancel_readers([shard_id])
+        self._shard_ends.pop(shard_id, None)
+        if self.stats is not None:
+            self.stats.partition_lag_ms.pop(shard_id, None)
+
+    async def _cancel_readers(self, shard_ids: list[str]) -> None:
+        tasks = []
+        for shard_id in shard_ids:
+            reader = self._readers.get(shard_id)
+            if reader is not None:
+                reader.stop()
+            task = self._reader_tasks.get(shard_id)
+            if task is not None:
+                task.cancel()
+                tasks.append(task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _on_lag(self, shard_id: str, millis: int) -> None:
+        if self.stats is not None:
+            self.stats.partition_lag_ms[shard_id] = millis
+
+    async def _sync_shards_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.shard_sync_interval_s)
+            try:
+                assert self._coordinator is not None
+                await self._coordinator.sync_shards(await check_stream(self._kinesis, self.settings))
+            except Exception:  # noqa: BLE001 - try again at the next interval
+                log.exception("shard sync failed; will retry")
+
+    # --- checkpoints ------------------------------------------------------------------
+    async def commit(self, partition: str, position: Any) -> None:
+        coordinator = self._coordinator
+        if coordinator is None or partition not in coordinator.held:
+            return  # the lease moved on: its new owner checkpoints from now on
+        sequence = str(position)
+        if await coordinator.checkpoint(partition, sequence):
+            self._committed[partition] = sequence
+            await self._maybe_finish_shard(partition)
+
+    async def _maybe_finish_shard(self, shard_id: str) -> None:
+        """Mark SHARD_END once the shard ended and its last record is checkpointed."""
+        if shard_id not in self._shard_ends or self._coordinator is None:
+            return
+        last = self._shard_ends[shard_id]
+        committed = self._committed.get(shard_id)
+        if last is None or (committed is not None and int(committed) >= int(last)):
+            if await self._coordinator.mark_shard_end(shard_id):  # also releases the lease
+                log.info("shard finished", extra={"shard": shard_id})
+                self._shard_ends.pop(shard_id, None)
+
+    @property
+    def owned_shards(self) -> list[str]:
+        return sorted(self._coordinator.held) if self._coordinator is not None else []
