@@ -1,0 +1,205 @@
+"""Several replicas sharing one stream, as separate `segment-relay run` processes.
+
+kinesalite and dynalite stand in for Kinesis and DynamoDB; replicas share one sqlite state
+file (the dynamodb store is covered by its own tests). "Killed without warning" is SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aiobotocore.session import get_session
+
+from segment_relay.testing.aws import Emulator
+from segment_relay.testing.exports import StreamSpec, expected_changes, generate
+from segment_relay.testing.kinesis import create_stream, put_records
+
+CLI = [sys.executable, "-m", "segment_relay.cli"]
+Change = tuple[str, str, str, str]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def changes_in(paths: list[Path]) -> Counter[Change]:
+    found: Counter[Change] = Counter()
+    for path in paths:
+        if path.exists():
+            for line in path.read_bytes().splitlines():
+                if line.strip():
+                    c = json.loads(line)
+                    found[(c["profile_key"], c["segment_id"], c["change"], c["qualified_at"])] += 1
+    return found
+
+
+class Cluster:
+    """Replicas of one application over one stream."""
+
+    def __init__(self, tmp_path: Path, kinesalite: Emulator, dynalite: Emulator, stream: str,
+                 lease_duration_s: float) -> None:
+        self.tmp_path = tmp_path
+        self.kinesalite = kinesalite
+        self.dynalite = dynalite
+        self.stream = stream
+        self.application = f"app-{uuid.uuid4().hex[:8]}"
+        self.lease_duration_s = lease_duration_s
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def output(self, name: str) -> Path:
+        return self.tmp_path / f"changes-{name}.jsonl"
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [self.output(name) for name in self.processes]
+
+    def start(self, name: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENT_RELAY_")}
+        env.update({
+            "SEGMENT_RELAY_KINESIS__ENDPOINT_URL": self.kinesalite.endpoint,
+            "SEGMENT_RELAY_KINESIS__DYNAMODB_ENDPOINT_URL": self.dynalite.endpoint,
+            "SEGMENT_RELAY_KINESIS__APPLICATION": self.application,
+            "SEGMENT_RELAY_KINESIS__WORKER_ID": name,
+            "SEGMENT_RELAY_KINESIS__LEASE_DURATION_S": str(self.lease_duration_s),
+            "SEGMENT_RELAY_KINESIS__IDLE_WAIT_S": "0.05",
+            "SEGMENT_RELAY_KINESIS__SHARD_SYNC_INTERVAL_S": "0.5",
+            "SEGMENT_RELAY_PIPELINE__CHECKPOINT_INTERVAL_S": "0.2",
+        })
+        self.processes[name] = subprocess.Popen(
+            [*CLI, "run", "--source", f"kinesis:{self.stream}", "--state", f"sqlite:{self.tmp_path / 'state.sqlite'}",
+             "--handler", f"jsonl:{self.output(name)}", "--dead-letter", str(self.tmp_path / f"dl-{name}.jsonl")],
+            cwd=self.tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(self.tmp_path / f"{name}.log", "wb"),
+        )
+
+    def owners(self) -> Counter[str | None]:
+        async def scan() -> list[dict]:
+            async with get_session().create_client("dynamodb", endpoint_url=self.dynalite.endpoint) as client:
+                try:
+                    return (await client.scan(TableName=f"{self.application}-leases", ConsistentRead=True))["Items"]
+                except client.exceptions.ResourceNotFoundException:
+                    return []
+
+        items = asyncio.run(scan())
+        return Counter(item["leaseOwner"]["S"] if "S" in item.get("leaseOwner", {}) else None for item in items)
+
+    def signal(self, name: str, signum: int) -> None:
+        self.processes[name].send_signal(signum)
+
+    def wait(self, name: str, timeout_s: float = 60.0) -> int:
+        return self.processes[name].wait(timeout=timeout_s)
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, kinesalite: Emulator, dynalite: Emulator) -> Iterator[Callable[..., Cluster]]:
+    clusters: list[Cluster] = []
+
+    def make(stream: str, lease_duration_s: float) -> Cluster:
+        cluster = Cluster(tmp_path, kinesalite, dynalite, stream, lease_duration_s)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.stop_all()
+
+
+def load(kinesalite: Emulator, stream: str, records: list[bytes], *, create_shards: int | None = None) -> None:
+    async def run() -> None:
+        async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
+            if create_shards:
+                await create_stream(client, stream, create_shards)
+            await put_records(client, stream, records, in_flight=1)
+
+    asyncio.run(run())
+
+
+def test_replicas_split_the_shards_and_survive_a_kill_without_losing_a_change(
+    kinesalite: Emulator, make_cluster: Callable[..., Cluster]
+) -> None:
+    stream = f"exports-{uuid.uuid4().hex[:8]}"
+    records = list(generate(StreamSpec(seed=51, profiles=200, records=3000)))
+    first, second = records[:1500], records[1500:]
+    load(kinesalite, stream, first, create_shards=4)
+    cluster = make_cluster(stream, lease_duration_s=2.0)
+
+    cluster.start("a")
+    cluster.start("b")
+    wait_for(lambda: sorted(cluster.owners().values()) == [2, 2], "two replicas to own 2 shards each")
+    cluster.start("c")
+    wait_for(lambda: sorted(cluster.owners().values()) == [1, 1, 2], "three replicas to split 4 shards 2/1/1")
+    truth_first = Counter(expected_changes(first).changes)
+    wait_for(lambda: not truth_first - changes_in(cluster.outputs), "every change of the first half")
+
+    victim = next(name for name, count in cluster.owners().items() if count == 2)
+    assert victim is not None
+    cluster.signal(victim, signal.SIGKILL)
+    cluster.wait(victim)
+    load(kinesalite, stream, second)
+    survivors = {"a", "b", "c"} - {victim}
+    wait_for(lambda: set(cluster.owners()) == survivors and sum(cluster.owners().values()) == 4,
+             "the survivors to take the killed replica's shards", timeout_s=4 * 2.0 + 30)
+    truth = Counter(expected_changes(records).changes)
+    wait_for(lambda: not truth - changes_in(cluster.outputs), "every change of the whole stream")
+
+    emitted = changes_in(cluster.outputs)
+    assert not truth - emitted, "a change was lost"
+    assert set(emitted) <= set(truth), "a change was invented"
+    for name in survivors:
+        cluster.signal(name, signal.SIGTERM)
+    for name in survivors:
+        assert cluster.wait(name) == 0, cluster.log(name)
+
+
+def test_sigterm_hands_the_leases_over_at_once_with_no_repeat(
+    kinesalite: Emulator, make_cluster: Callable[..., Cluster]
+) -> None:
+    stream = f"exports-{uuid.uuid4().hex[:8]}"
+    records = list(generate(StreamSpec(seed=52, profiles=120, records=1600)))
+    first, second = records[:800], records[800:]
+    load(kinesalite, stream, first, create_shards=4)
+    lease_duration_s = 6.0
+    cluster = make_cluster(stream, lease_duration_s=lease_duration_s)
+    cluster.start("a")
+    wait_for(lambda: cluster.owners().get("a") == 4, "one replica to own every shard")
+    truth_first = Counter(expected_changes(first).changes)
+    wait_for(lambda: not truth_first - changes_in(cluster.outputs), "the first half")
+    cluster.start("b")
+    wait_for(lambda: cluster.owners().get("b") == 2, "the new replica to get its share", timeout_s=2 * lease_duration_s + 30)
+
+    cluster.signal("a", signal.SIGTERM)
+    assert cluster.wait("a") == 0, cluster.log("a")
+    handed_over_in = wait_for(lambda: cluster.owners().get("b") == 4, "b to own every shard")
+    # Released leases are free at once; waiting for them to expire would take a lease duration.
+    assert handed_over_in < lease_duration_s, handed_over_in
+    load(kinesalite, stream, second)
+    truth = Counter(expected_changes(records).changes)
+    wait_for(lambda: not truth - changes_in(cluster.outputs), "every change of the whole stream")
+    # A drained hand-off checkpoints everything it handled: nothing is handled twice.
+    assert changes_in(cluster.outputs) == truth
+    cluster.signal("b", signal.SIGTERM)
+    assert cluster.wait("b") == 0, cluster.log("b")
