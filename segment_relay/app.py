@@ -7,7 +7,9 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError, RelayConfig
 from .consumer.deadletter import JsonlDeadLetter
@@ -25,7 +27,7 @@ from .ops.stats import RelayStats
 log = logging.getLogger(__name__)
 
 
-def build_source(config: RelayConfig, stats: RelayStats) -> Source:
+def build_source(config: RelayConfig, stats: RelayStats, on_client: Callable[[str, Any], None] | None = None) -> Source:
     kind, _, arg = config.source.partition(":")
     if kind == "file":
         return FileSource(arg, checkpoint_path=config.checkpoint_file)
@@ -36,7 +38,7 @@ def build_source(config: RelayConfig, stats: RelayStats) -> Source:
         section["initial_position"] = InitialPosition(section["initial_position"])
         if section["renew_interval_s"] is None:
             section["renew_interval_s"] = section["lease_duration_s"] / 3
-        source = KinesisSource(KinesisSettings(stream=arg, **section), stats=stats)
+        source = KinesisSource(KinesisSettings(stream=arg, **section), stats=stats, on_client=on_client)
         stats.owned_partitions = lambda: source.owned_shards
         return source
     raise ConfigError(f"config field 'source': unknown source {config.source!r}; use file:PATH, file:- or kinesis:STREAM")
@@ -63,13 +65,15 @@ class Relay:
     """One running relay: build it from a config, then ``await run()`` until the source ends or a signal."""
 
     def __init__(self, config: RelayConfig, *, extra_handlers: list[Handler] | None = None,
-                 track_profiles: bool = False) -> None:
+                 track_profiles: bool = False, on_client: Callable[[str, Any], None] | None = None) -> None:
+        """``extra_handlers`` join the configured ones (embedding, tests); ``on_client`` sees each
+        cloud client a source creates (a test seam for fault injection)."""
         self.config = config
         self.stats = RelayStats()
         self.health = Health(extra_ready=lambda: self.pipeline.running)
         if config.checkpoint_file and not config.source.startswith("file:"):
             raise ConfigError("config field 'checkpoint_file': only the file source uses it")
-        self.source = build_source(config, self.stats)
+        self.source = build_source(config, self.stats, on_client)
         self.store = open_store(config.state)
         self.dead_letter = JsonlDeadLetter(Path(config.dead_letter))
         retry = RetryPolicy(**config.retry.model_dump())  # the config sections mirror these fields

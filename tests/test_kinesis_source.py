@@ -90,3 +90,124 @@ async def test_every_change_of_a_four_shard_stream_reaches_the_handlers_once(
     assert len(items) == 4
     assert all("leaseOwner" not in item or "NULL" in item["leaseOwner"] for item in items), items
     assert all(item["checkpoint"]["S"].isdigit() for item in items), items
+
+
+class _FaultResponse:
+    """What a before-call hook returns to botocore instead of a real HTTP response."""
+
+    def __init__(self, status_code: int) -> None:
+        self.status_code = status_code
+        self.headers: dict[str, str] = {}
+
+
+class FaultInjector:
+    """Fails GetRecords calls through botocore's before-call event: kinesalite never throttles
+    and expires iterators only after 300 s, so these faults are injected at the client layer,
+    on the real client talking to the real emulator."""
+
+    def __init__(self, throttle_first: int, expire_at_call: int) -> None:
+        self.throttle_first = throttle_first
+        self.expire_at_call = expire_at_call
+        self.calls = 0
+        self.throttled = 0
+        self.expired = 0
+
+    def attach(self, service: str, client: object) -> None:
+        if service == "kinesis":
+            client.meta.events.register("before-call.kinesis.GetRecords", self._before_get_records)  # type: ignore[attr-defined]
+
+    def _before_get_records(self, **_: object) -> tuple[_FaultResponse, dict] | None:
+        self.calls += 1
+        if self.calls <= self.throttle_first:
+            self.throttled += 1
+            return _FaultResponse(400), {"Error": {"Code": "ProvisionedThroughputExceededException",
+                                                   "Message": "Rate exceeded for shard (injected)"}}
+        if self.calls == self.expire_at_call:
+            self.expired += 1
+            return _FaultResponse(400), {"Error": {"Code": "ExpiredIteratorException",
+                                                   "Message": "Iterator expired (injected)"}}
+        return None
+
+
+async def test_throttling_and_an_expired_iterator_are_recovered_with_nothing_lost_or_repeated(
+    kinesalite: Emulator, dynalite: Emulator, stream_name: str, tmp_path: Path
+) -> None:
+    records = list(generate(StreamSpec(seed=43, profiles=80, records=800)))
+    truth = expected_changes(records)
+    async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
+        await create_stream(client, stream_name, 2)
+        await put_records(client, stream_name, records, in_flight=1)
+
+    faults = FaultInjector(throttle_first=6, expire_at_call=12)
+    collector = Collector()
+    config = relay_config(stream_name, tmp_path, kinesalite, dynalite, get_records_limit=100,
+                          max_backoff_s=0.05)
+    relay = Relay(config, extra_handlers=[collector.handler()], on_client=faults.attach)
+    run = asyncio.create_task(relay.run())
+    try:
+        await poll(lambda: relay.stats.records_finished == len(records) or run.done(), "every record")
+        assert not run.done(), run
+    finally:
+        relay.stop()
+        await asyncio.wait_for(run, 30)
+    assert faults.throttled == 6 and faults.expired == 1
+    assert Counter(collector.changes) == Counter(truth.changes)  # exactly once: no loss, no repeat
+
+
+async def test_split_and_merge_mid_run_keep_every_profile_in_order(
+    kinesalite: Emulator, dynalite: Emulator, stream_name: str, tmp_path: Path
+) -> None:
+    records = list(generate(StreamSpec(seed=44, profiles=120, records=2400)))
+    first, second = records[:1200], records[1200:]
+    truth = expected_changes(records)
+    collector = Collector()
+    config = relay_config(stream_name, tmp_path, kinesalite, dynalite, shard_sync_interval_s=0.2)
+    async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
+        await create_stream(client, stream_name, 3)
+        await put_records(client, stream_name, first, in_flight=1)
+        relay = Relay(config, extra_handlers=[collector.handler()])
+        run = asyncio.create_task(relay.run())
+        try:
+            await poll(lambda: relay.stats.records_finished == len(first) or run.done(), "the first half")
+            shards = (await client.list_shards(StreamName=stream_name))["Shards"]
+            zero, one, two = sorted(shards, key=lambda s: int(s["HashKeyRange"]["StartingHashKey"]))
+            low, high = int(zero["HashKeyRange"]["StartingHashKey"]), int(zero["HashKeyRange"]["EndingHashKey"])
+            await client.split_shard(StreamName=stream_name, ShardToSplit=zero["ShardId"],
+                                     NewStartingHashKey=str((low + high) // 2))
+            await _wait_active(client, stream_name)
+            await client.merge_shards(StreamName=stream_name, ShardToMerge=one["ShardId"],
+                                      AdjacentShardToMerge=two["ShardId"])
+            await _wait_active(client, stream_name)
+            await put_records(client, stream_name, second, in_flight=1)  # lands in the children
+            await poll(lambda: relay.stats.records_finished == len(records) or run.done(), "the second half")
+            assert not run.done(), run
+        finally:
+            relay.stop()
+            await asyncio.wait_for(run, 30)
+
+    assert Counter(collector.changes) == Counter(truth.changes)
+    by_profile: dict[str, list[Change]] = {}
+    for change in collector.changes:
+        by_profile.setdefault(change[0], []).append(change)
+    expected_by_profile: dict[str, list[Change]] = {}
+    for change in truth.changes:
+        expected_by_profile.setdefault(change[0], []).append(change)
+    assert by_profile == expected_by_profile  # parents were finished before their children were read
+    async with get_session().create_client("dynamodb", endpoint_url=dynalite.endpoint) as ddb:
+        items = (await ddb.scan(TableName=f"{config.kinesis.application}-leases", ConsistentRead=True))["Items"]
+    checkpoints = {item["leaseKey"]["S"]: item["checkpoint"]["S"] for item in items if "checkpoint" in item}
+    for parent in (zero, one, two):
+        assert checkpoints[parent["ShardId"]] == "SHARD_END"
+    assert len(items) == 6  # 3 parents, 2 split children, 1 merged child
+
+
+async def _wait_active(client: object, stream: str) -> None:
+    async def status() -> str:
+        summary = await client.describe_stream_summary(StreamName=stream)  # type: ignore[attr-defined]
+        return summary["StreamDescriptionSummary"]["StreamStatus"]
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while await status() != "ACTIVE":
+        assert loop.time() < deadline, "stream did not become ACTIVE"
+        await asyncio.sleep(0.02)

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from ....ops.stats import RelayStats
@@ -36,8 +36,18 @@ def default_worker_id() -> str:
 
 
 class KinesisSource:
-    def __init__(self, settings: KinesisSettings, *, stats: RelayStats | None = None) -> None:
+    def __init__(
+        self,
+        settings: KinesisSettings,
+        *,
+        stats: RelayStats | None = None,
+        on_client: Callable[[str, Any], None] | None = None,
+    ) -> None:
+        """``on_client(service, client)`` sees each aiobotocore client once it exists: the seam
+        for tests that inject faults (throttling, expired iterators) through botocore's
+        event hooks, since the emulators never produce them."""
         self.settings = settings
+        self._on_client = on_client
         self.name = f"kinesis:{settings.stream_name}"
         self.worker_id = settings.worker_id or default_worker_id()
         self.stats = stats
@@ -60,6 +70,9 @@ class KinesisSource:
     async def start(self) -> None:
         self._kinesis = await self._exit.enter_async_context(kinesis_client(self.settings))
         dynamodb = await self._exit.enter_async_context(dynamodb_client(self.settings))
+        if self._on_client is not None:
+            self._on_client("kinesis", self._kinesis)
+            self._on_client("dynamodb", dynamodb)
         shards = await check_stream(self._kinesis, self.settings)
         table = LeaseTable(dynamodb, self.settings.lease_table)
         await table.ensure_table()
