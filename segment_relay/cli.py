@@ -11,6 +11,7 @@ import orjson
 import typer
 
 from .config import ConfigError, load_config, secrets_in
+from .errors import StartupError
 
 app = typer.Typer(
     help="Consume Adobe Real-Time CDP segment exports and call handlers on real enter/exit changes.",
@@ -57,7 +58,7 @@ def run(
     tune_gc()
     try:
         stats = asyncio.run(relay.run())
-    except (FileNotFoundError, ValueError, OSError) as exc:  # e.g. missing input, foreign checkpoint
+    except (StartupError, FileNotFoundError, ValueError, OSError) as exc:  # e.g. no stream, foreign checkpoint
         _fail(str(exc), 1)
         return
     typer.echo(orjson.dumps({"summary": stats.summary()}).decode(), err=True)

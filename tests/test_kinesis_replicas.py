@@ -203,3 +203,27 @@ def test_sigterm_hands_the_leases_over_at_once_with_no_repeat(
     assert changes_in(cluster.outputs) == truth
     cluster.signal("b", signal.SIGTERM)
     assert cluster.wait("b") == 0, cluster.log("b")
+
+
+def test_a_missing_stream_fails_at_start_with_a_message_naming_it(
+    kinesalite: Emulator, dynalite: Emulator, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENT_RELAY_")}
+    env["SEGMENT_RELAY_KINESIS__ENDPOINT_URL"] = kinesalite.endpoint
+    env["SEGMENT_RELAY_KINESIS__DYNAMODB_ENDPOINT_URL"] = dynalite.endpoint
+    result = subprocess.run([*CLI, "run", "--source", "kinesis:no-such-stream", "--state", "memory"],
+                            cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    assert result.returncode == 1
+    stderr = result.stderr.decode()
+    assert "no-such-stream" in stderr and "not found" in stderr and "region" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_no_region_fails_at_start_saying_how_to_set_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SEGMENT_RELAY_", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"))}
+    env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_CONFIG_FILE": "/dev/null"})
+    result = subprocess.run([*CLI, "run", "--source", "kinesis:s", "--state", "memory"],
+                            cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    assert result.returncode == 1
+    assert "region" in result.stderr.decode() and "Traceback" not in result.stderr.decode()

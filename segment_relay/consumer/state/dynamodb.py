@@ -42,9 +42,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from ...errors import StartupError
 from ..export import SegmentStatus
 from ..membership import SegmentKey, StoredMembership
 from .base import ProfileState
@@ -173,6 +174,9 @@ class DynamoDBStore:
             self._exit_stack = stack
         try:
             await self._ensure_table()
+        except (ClientError, BotoCoreError) as exc:
+            await self.close()
+            raise StartupError(f"membership store {self!r} cannot be opened: {_describe_aws_error(exc)}") from exc
         except BaseException:
             await self.close()
             raise
@@ -315,3 +319,14 @@ class DynamoDBStore:
                 )
                 attempt += 1
                 await asyncio.sleep(delay)
+
+
+def _describe_aws_error(exc: BaseException) -> str:
+    """The code and AWS's first message line (later lines can echo signed headers)."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        message = str(error.get("Message", "")).splitlines()[0] if error.get("Message") else ""
+        hint = " (grant dynamodb:DescribeTable, Query, UpdateItem and CreateTable)" if "AccessDenied" in str(
+            error.get("Code")) else ""
+        return f"{exc.operation_name} gave {error.get('Code')}: {message}{hint}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -37,6 +37,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from ....errors import StartupError
 from .settings import KinesisSettings
 
 __all__ = [
@@ -96,7 +97,7 @@ _KINESIS_OPERATIONS = frozenset({
 })
 
 
-class AwsError(RuntimeError):
+class AwsError(StartupError):
     """A call failed for a reason the operator has to fix; ``str()`` is ``explain()``'s sentence.
     The original exception is chained (``__cause__``) and its code kept in ``code``."""
 

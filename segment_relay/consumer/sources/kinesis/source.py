@@ -18,9 +18,11 @@ import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from ....ops.stats import RelayStats
 from ..base import SourceRecord
-from .aws import check_stream, dynamodb_client, error_code, kinesis_client
+from .aws import AwsError, check_stream, dynamodb_client, error_code, explain, kinesis_client
 from .coordinator import LeaseCoordinator
 from .leases import Lease, LeaseTable
 from .settings import SHARD_END, InitialPosition, KinesisSettings
@@ -68,6 +70,16 @@ class KinesisSource:
 
     # --- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
+        try:
+            await self._start()
+        except (ClientError, BotoCoreError) as exc:  # e.g. the lease table: access denied, no credentials
+            await self._exit.aclose()
+            raise AwsError(explain(exc, self.settings), code=error_code(exc)) from exc
+        except BaseException:
+            await self._exit.aclose()
+            raise
+
+    async def _start(self) -> None:
         self._kinesis = await self._exit.enter_async_context(kinesis_client(self.settings))
         dynamodb = await self._exit.enter_async_context(dynamodb_client(self.settings))
         if self._on_client is not None:

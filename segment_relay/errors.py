@@ -1,0 +1,6 @@
+"""Errors that mean: something outside the relay must be fixed before it can run."""
+
+
+class StartupError(RuntimeError):
+    """The relay cannot start (a missing stream, a denied permission, no credentials...).
+    The message says what to fix; the CLI prints it and exits 1, without a traceback."""
