@@ -79,6 +79,7 @@ class KinesisConfig(_Section):
     initial_timestamp: datetime | None = Field(None, description="For AT_TIMESTAMP")
     get_records_limit: int = Field(1000, ge=1, le=10_000)
     idle_wait_s: float = Field(1.0, gt=0)
+    min_get_records_interval_s: float = Field(0.2, ge=0, description="Pacing per shard; AWS allows 5 calls/s")
     lease_duration_s: float = Field(10.0, gt=0, description="A lease not renewed this long is taken over")
     renew_interval_s: float | None = Field(None, gt=0, description="Default: lease_duration_s / 3")
     shard_sync_interval_s: float = Field(60.0, gt=0)

@@ -251,7 +251,8 @@ async def test_start_positions(kinesis: Any, make_stream: Any, settings_for: Any
         iterator = (await kinesis.get_shard_iterator(StreamName=stream, ShardId=SHARD_0,
                                                      ShardIteratorType="TRIM_HORIZON"))["ShardIterator"]
         arrivals = [r["ApproximateArrivalTimestamp"] for r in (await kinesis.get_records(ShardIterator=iterator))["Records"]]
-        last_ms = int(max(arrivals).timestamp() * 1000)
+        # Our Kinesis client keeps timestamps as epoch floats (see kinesis_client in aws.py).
+        last_ms = int(max(float(arrival) for arrival in arrivals) * 1000)
         await until(lambda: int(time.time() * 1000) > last_ms, "the clock to pass the last arrival")
         overrides["initial_timestamp"] = datetime.fromtimestamp(int(time.time() * 1000) / 1000, UTC)
     b_data = payloads("b", 7)

@@ -211,3 +211,34 @@ async def _wait_active(client: object, stream: str) -> None:
     while await status() != "ACTIVE":
         assert loop.time() < deadline, "stream did not become ACTIVE"
         await asyncio.sleep(0.02)
+
+
+async def test_get_records_is_paced_per_shard(
+    kinesalite: Emulator, dynalite: Emulator, stream_name: str, tmp_path: Path
+) -> None:
+    # AWS allows 5 GetRecords per second per shard; kinesalite enforces nothing, so the calls are
+    # timed through botocore's before-call hook on the real client.
+    records = list(generate(StreamSpec(seed=45, profiles=30, records=300)))
+    async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
+        await create_stream(client, stream_name, 1)
+        await put_records(client, stream_name, records, in_flight=1)
+    loop = asyncio.get_running_loop()
+    calls: list[float] = []
+
+    def attach(service: str, client: object) -> None:
+        if service == "kinesis":
+            client.meta.events.register(  # type: ignore[attr-defined]
+                "before-call.kinesis.GetRecords", lambda **_: calls.append(loop.time()))
+
+    config = relay_config(stream_name, tmp_path, kinesalite, dynalite, get_records_limit=50,
+                          min_get_records_interval_s=0.1)
+    relay = Relay(config, on_client=attach)
+    run = asyncio.create_task(relay.run())
+    try:
+        await poll(lambda: relay.stats.records_finished == len(records) or run.done(), "every record")
+    finally:
+        relay.stop()
+        await asyncio.wait_for(run, 30)
+    assert len(calls) >= 6  # 300 records, 50 a call
+    gaps = [later - earlier for earlier, later in zip(calls, calls[1:], strict=False)]
+    assert min(gaps) >= 0.1 - 0.005, gaps

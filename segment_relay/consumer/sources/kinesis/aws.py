@@ -123,6 +123,10 @@ def client_config(*, max_pool_connections: int = DEFAULT_MAX_POOL_CONNECTIONS) -
     )
 
 
+def _raw_timestamp(value: Any) -> Any:
+    return value
+
+
 @contextlib.asynccontextmanager
 async def kinesis_client(
     settings: KinesisSettings, *, session: AioSession | None = None,
@@ -130,7 +134,12 @@ async def kinesis_client(
 ) -> AsyncIterator[KinesisClient]:
     """A Kinesis client for ``settings.region`` and ``settings.endpoint_url`` (None: the standard
     chain, including AWS_ENDPOINT_URL_KINESIS). Closed, with its connection pool, on exit."""
-    session = session or create_session()
+    if session is None:
+        session = create_session()
+        # Keep timestamps as botocore received them (epoch floats): converting every record's
+        # ApproximateArrivalTimestamp to a local datetime was half of botocore's parsing cost,
+        # and nothing here reads it. The setting belongs to the session: this one is ours alone.
+        session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_raw_timestamp)
     async with session.create_client(
         "kinesis", region_name=settings.region, endpoint_url=settings.endpoint_url,
         config=client_config(max_pool_connections=max_pool_connections),

@@ -31,6 +31,7 @@ class KinesisSettings:
     initial_timestamp: datetime | None = None  # for AT_TIMESTAMP
     get_records_limit: int = 1000  # records per GetRecords call (max 10,000)
     idle_wait_s: float = 1.0  # wait after an empty GetRecords before polling again
+    min_get_records_interval_s: float = 0.2  # AWS allows 5 GetRecords per second per shard
     lease_duration_s: float = 10.0  # a lease not renewed for this long is free to take (KCL: failoverTime)
     renew_interval_s: float = 10.0 / 3  # how often the owner renews its leases
     shard_sync_interval_s: float = 60.0  # how often ListShards looks for new shards

@@ -104,12 +104,23 @@ class ShardReader:
     async def batches(self) -> AsyncIterator[list[SourceRecord]]:
         """Non-empty batches in shard order, until the shard ends or ``stop()``."""
         limit = self.settings.get_records_limit
+        pace = self.settings.min_get_records_interval_s
+        loop = asyncio.get_running_loop()
+        last_call = -pace
         iterator: str | None = None
         while not self._stopping.is_set():
             if iterator is None:
                 iterator = await self._shard_iterator()
                 if iterator is None:
                     return  # stopped
+            # AWS allows 5 GetRecords per second per shard: keep under it instead of
+            # provoking throttling while catching up.
+            wait = last_call + pace - loop.time()
+            if wait > 0:
+                await self._wait_stopping(wait)
+                if self._stopping.is_set():
+                    return
+            last_call = loop.time()
             try:
                 response = await self._call(self.client.get_records, ShardIterator=iterator, Limit=limit)
             except Exception as exc:

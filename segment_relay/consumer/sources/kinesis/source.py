@@ -30,7 +30,7 @@ from .shard_reader import ShardReader
 
 log = logging.getLogger(__name__)
 
-_QUEUED_BATCHES = 16  # per replica: with Limit=1000 that is at most 16k records read ahead
+_READ_AHEAD_RECORDS = 10_000  # per replica, across shards: bounds memory whatever get_records_limit is
 
 
 def default_worker_id() -> str:
@@ -56,7 +56,9 @@ class KinesisSource:
         self._exit = contextlib.AsyncExitStack()
         self._kinesis: Any = None
         self._coordinator: LeaseCoordinator | None = None
-        self._queue: asyncio.Queue[list[SourceRecord]] = asyncio.Queue(_QUEUED_BATCHES)
+        self._queue: asyncio.Queue[list[SourceRecord]] = asyncio.Queue(
+            max(2, _READ_AHEAD_RECORDS // settings.get_records_limit)
+        )
         self._readers: dict[str, ShardReader] = {}
         self._reader_tasks: dict[str, asyncio.Task[None]] = {}
         self._shard_ends: dict[str, str | None] = {}  # shard -> last sequence read, once it ended
