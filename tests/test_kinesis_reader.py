@@ -550,3 +550,32 @@ async def test_deaggregates_kpl_records(kinesis: Any, make_stream: Any, settings
                    (SHARD_0, plain, b'{"plain": 1}')]
     assert reader.records == 2 and reader.last_sequence == plain
 
+
+
+async def test_fast_get_records_parsing_matches_botocores(kinesis: Any, make_stream: Any, kinesalite: Emulator) -> None:
+    # Our client parses successful GetRecords with orjson; a stock aiobotocore client uses
+    # botocore's shape walk. Both read the same iterator (kinesalite allows reuse).
+    from aiobotocore.session import get_session
+
+    stream = await make_stream(1)
+    data = [b"{}", b"\x00\xffbinary", "ünïcode".encode(), b"x" * 5000]
+    for index, payload in enumerate(data):
+        await kinesis.put_record(StreamName=stream, Data=payload, PartitionKey=f"k{index}")
+    iterator = (await kinesis.get_shard_iterator(StreamName=stream, ShardId=SHARD_0,
+                                                 ShardIteratorType="TRIM_HORIZON"))["ShardIterator"]
+    fast = await kinesis.get_records(ShardIterator=iterator, Limit=10)
+    async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as stock_client:
+        stock = await stock_client.get_records(ShardIterator=iterator, Limit=10)
+    assert [r["Data"] for r in fast["Records"]] == data == [r["Data"] for r in stock["Records"]]
+    for ours, theirs in zip(fast["Records"], stock["Records"], strict=True):
+        assert ours["SequenceNumber"] == theirs["SequenceNumber"]
+        assert ours["PartitionKey"] == theirs["PartitionKey"]
+        assert float(ours["ApproximateArrivalTimestamp"]) == pytest.approx(
+            theirs["ApproximateArrivalTimestamp"].timestamp(), abs=0.001)
+    assert fast["NextShardIterator"] and stock["NextShardIterator"]
+    assert fast["MillisBehindLatest"] == stock["MillisBehindLatest"]
+    assert fast["ResponseMetadata"]["HTTPStatusCode"] == 200
+    # Errors still go through botocore: a bad iterator is a ClientError with its code.
+    with pytest.raises(ClientError) as info:
+        await kinesis.get_records(ShardIterator="not-an-iterator", Limit=10)
+    assert info.value.response["Error"]["Code"] == "InvalidArgumentException"

@@ -61,8 +61,10 @@ def relay_config(stream: str, tmp_path: Path, kinesalite: Emulator, dynalite: Em
     )
 
 
+@pytest.mark.parametrize("state", ["memory", "dynamodb"])
 async def test_every_change_of_a_four_shard_stream_reaches_the_handlers_once(
-    kinesalite: Emulator, dynalite: Emulator, stream_name: str, tmp_path: Path
+    kinesalite: Emulator, dynalite: Emulator, stream_name: str, tmp_path: Path, state: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     records = list(generate(StreamSpec(seed=41, profiles=150, records=2000, invalid_rate=0.005)))
     truth = expected_changes(records)
@@ -72,6 +74,9 @@ async def test_every_change_of_a_four_shard_stream_reaches_the_handlers_once(
 
     collector = Collector()
     config = relay_config(stream_name, tmp_path, kinesalite, dynalite)
+    if state == "dynamodb":  # membership shared through DynamoDB, as replicas on many hosts do
+        monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", dynalite.endpoint)
+        config = config.model_copy(update={"state": f"dynamodb:state-{uuid.uuid4().hex[:8]}"})
     relay = Relay(config, extra_handlers=[collector.handler()])
     run = asyncio.create_task(relay.run())
     try:

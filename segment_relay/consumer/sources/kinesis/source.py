@@ -62,7 +62,7 @@ class KinesisSource:
         self._readers: dict[str, ShardReader] = {}
         self._reader_tasks: dict[str, asyncio.Task[None]] = {}
         self._shard_ends: dict[str, str | None] = {}  # shard -> last sequence read, once it ended
-        self._committed: dict[str, str] = {}  # shard -> last sequence checkpointed by us
+        self._committed: dict[str, str] = {}  # shard -> the lease's checkpoint as we know it
         self._stopping = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
         self.running = False
@@ -141,6 +141,10 @@ class KinesisSource:
         if checkpoint == SHARD_END:
             return
         start_after = checkpoint if checkpoint else None
+        if start_after is not None:
+            self._committed[shard_id] = start_after
+        else:
+            self._committed.pop(shard_id, None)
         # A child shard starts at its beginning, whatever the configured position: its parents
         # were read to their ends, so everything after them is in the children.
         start_at = InitialPosition.TRIM_HORIZON if lease.parent_shard_ids else self.settings.initial_position
@@ -213,6 +217,11 @@ class KinesisSource:
         if coordinator is None or partition not in coordinator.held:
             return  # the lease moved on: its new owner checkpoints from now on
         sequence = str(position)
+        known = self._committed.get(partition)
+        if known is not None and int(sequence) <= int(known):
+            # Records still in flight from before the lease was lost and taken back: the lease
+            # (maybe moved on by another replica meanwhile) must not go back in time.
+            return
         if await coordinator.checkpoint(partition, sequence):
             self._committed[partition] = sequence
             await self._maybe_finish_shard(partition)
