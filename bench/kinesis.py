@@ -425,6 +425,12 @@ def report(best: dict[str, dict[str, Any] | None], runs: list[dict[str, Any]], a
     print(f"{'segment-relay / async-kinesis':<34} {_fmt(vs_ak, '.2f', 'n/a') + ('' if vs_ak is None else 'x'):>10} "
           f"{'>= ' + format(TARGET_VS_ASYNC_KINESIS, 'g') + 'x':>8} "
           f"{verdict(None if vs_ak is None else vs_ak >= TARGET_VS_ASYNC_KINESIS):>7}")
+    if relay is not None:  # for reference: async-kinesis at the relay's Limit (not a target)
+        same = [run for run in runs if run["variant"] == "async-kinesis" and run["limit"] == relay["limit"]]
+        if same:
+            same_rate = max(run["records"] / run["seconds"] for run in same)
+            print(f"{'  (vs async-kinesis at Limit ' + str(relay['limit']) + ')':<34} "
+                  f"{format(relay_rate / same_rate, '.2f') + 'x':>10} {'':>8} {'info':>7}")
     print(f"{'segment-relay / bare aiobotocore':<34} {_fmt(vs_bare, '.2f', 'n/a') + ('' if vs_bare is None else 'x'):>10} "
           f"{'>= ' + format(TARGET_VS_BARE, 'g') + 'x':>8} "
           f"{verdict(None if vs_bare is None else vs_bare >= TARGET_VS_BARE):>7}")
