@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -35,3 +38,20 @@ class Source(Protocol):
     def stop(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+async def get_unless_stopped(queue: asyncio.Queue[T], stopping: asyncio.Event) -> T | None:
+    """The next item of ``queue``, or None as soon as ``stopping`` is set: a source whose
+    readers feed a queue uses this so that a stop request ends its ``batches()`` at once."""
+    if stopping.is_set():
+        return None
+    getting = asyncio.ensure_future(queue.get())
+    waiting = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((getting, waiting), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    if getting.done():
+        return getting.result()
+    getting.cancel()
+    return None

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import orjson
 
-from .base import SourceRecord
+from .base import SourceRecord, get_unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +97,9 @@ class FileSource:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(_STDIN_QUEUED_CHUNKS)
         threading.Thread(target=self._read_stdin, args=(loop, queue), name="stdin-reader", daemon=True).start()
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        try:
-            while True:
-                getting = asyncio.ensure_future(queue.get())
-                await asyncio.wait((getting, stopping), return_when=asyncio.FIRST_COMPLETED)
-                if not getting.done():
-                    getting.cancel()
-                    return
-                lines = getting.result()
-                if lines is None:
-                    return
-                yield lines
-        finally:
-            stopping.cancel()
+        # None from the queue is the reader's end of input; None from the helper is a stop.
+        while (lines := await get_unless_stopped(queue, self._stopping)) is not None:
+            yield lines
 
     @staticmethod
     def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[list[bytes] | None]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ....ops.stats import RelayStats
-from ..base import SourceRecord
+from ..base import SourceRecord, get_unless_stopped
 from .aws import AwsError, check_stream, dynamodb_client, error_code, explain, kinesis_client
 from .coordinator import LeaseCoordinator
 from .leases import Lease, LeaseTable
@@ -121,17 +121,8 @@ class KinesisSource:
 
     # --- reading ----------------------------------------------------------------------
     async def batches(self) -> AsyncIterator[Sequence[SourceRecord]]:
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        try:
-            while not self._stopping.is_set():
-                getting = asyncio.ensure_future(self._queue.get())
-                await asyncio.wait((getting, stopping), return_when=asyncio.FIRST_COMPLETED)
-                if not getting.done():
-                    getting.cancel()
-                    return
-                yield getting.result()
-        finally:
-            stopping.cancel()
+        while (batch := await get_unless_stopped(self._queue, self._stopping)) is not None:
+            yield batch
 
     async def _on_acquired(self, lease: Lease) -> None:
         shard_id = lease.shard_id
