@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from segment_relay.consumer.export import SegmentStatus
 from segment_relay.consumer.membership import StoredMembership
-from segment_relay.consumer.state import DynamoDBStore, MembershipStore, open_store
+from segment_relay.consumer.state import DynamoDBStore, open_store
 from segment_relay.consumer.state.dynamodb import decode_segment, encode_segment
 from segment_relay.testing.aws import Emulator
 
@@ -50,66 +50,8 @@ async def store(dynalite: Emulator, table: str) -> AsyncIterator[DynamoDBStore]:
     await opened.close()
 
 
-# --- the cases of tests/test_state.py, mirrored (dynalite needs its own fixtures) ---------------
-
-
-async def test_protocol(store: DynamoDBStore) -> None:
-    assert isinstance(store, MembershipStore)
-
-
-async def test_unknown_profile_loads_empty(store: DynamoDBStore) -> None:
-    assert await store.load("nobody") == {}
-
-
-@pytest.mark.parametrize("flush_between", [False, True])
-async def test_older_never_overwrites_newer(store: DynamoDBStore, flush_between: bool) -> None:
-    await store.save("p", {K: m(REALIZED, 20)})
-    if flush_between:
-        await store.flush()
-    await store.save("p", {K: m(EXITED, 10)})
-    await store.flush()
-    assert await store.load("p") == {K: m(REALIZED, 20)}
-    await store.save("p", {K: m(EXITED, 30)})
-    if flush_between:
-        await store.flush()
-    assert await store.load("p") == {K: m(EXITED, 30)}
-
-
-@pytest.mark.parametrize("flush_between", [False, True])
-async def test_same_time_different_status_replaces(store: DynamoDBStore, flush_between: bool) -> None:
-    await store.save("p", {K: m(REALIZED, 20)})
-    if flush_between:
-        await store.flush()
-    await store.save("p", {K: m(EXITED, 20)})
-    if flush_between:
-        await store.flush()
-    assert await store.load("p") == {K: m(EXITED, 20)}
-    await store.save("p", {K: m(EXISTING, 20)})
-    await store.flush()
-    assert await store.load("p") == {K: m(EXISTING, 20)}
-
-
-async def test_same_value_again_is_not_an_error(store: DynamoDBStore) -> None:
-    await store.save("p", {K: m(REALIZED, 20)})
-    await store.save("p", {K: m(REALIZED, 20)})  # ConditionalCheckFailed underneath, swallowed
-    assert await store.load("p") == {K: m(REALIZED, 20)}
-
-
-async def test_keys_and_profiles_are_independent(store: DynamoDBStore) -> None:
-    other = ("aep", "seg-1")
-    await store.save("p", {K: m(REALIZED, 5), other: m(EXITED, 7)})
-    await store.save("q", {K: m(EXITED, 1)})
-    await store.save("p", {K: m(EXITED, 4), other: m(REALIZED, 8)})
-    await store.flush()
-    assert await store.load("p") == {K: m(REALIZED, 5), other: m(REALIZED, 8)}
-    assert await store.load("q") == {K: m(EXITED, 1)}
-
-
-async def test_saves_visible_to_load_without_flush(store: DynamoDBStore) -> None:
-    await store.save("p", {K: m(REALIZED, 1)})
-    assert await store.load("p") == {K: m(REALIZED, 1)}
-    await store.save("p", {K: m(EXITED, 2)})
-    assert await store.load("p") == {K: m(EXITED, 2)}
+# The cases every store shares (conditional saves, independence, visibility) run against
+# dynalite in tests/test_state.py; these are DynamoDB's own.
 
 
 async def test_a_second_store_sees_saves_at_once(dynalite: Emulator, store: DynamoDBStore, table: str) -> None:
