@@ -198,8 +198,8 @@ class Pipeline:
         changes = []
         for transition in transitions:
             entry = transition.entry
-            change_id = change_id_for(
-                work.profile_key, entry.namespace, entry.segment_id, entry.status.value, entry.qualified_at_us
+            change_id = change_id_for(  # status is a StrEnum; .value would cost an attribute descriptor
+                work.profile_key, entry.namespace, entry.segment_id, entry.status, entry.qualified_at_us
             )
             changes.append(SegmentChange(
                 change=transition.change,
@@ -233,7 +233,7 @@ class Pipeline:
             stats.profiles_seen.add(work.profile_key)
         if diff.transitions:
             for change in self._changes(work, diff.transitions):
-                stats.changes[(change.segment_id, change.change.value)] += 1
+                stats.changes[(change.segment_id, change.change)] += 1  # a StrEnum: keys compare as str
                 await self.router.dispatch(change)
         if diff.updates:
             # State after handlers: a crash before this line repeats the changes, never loses them.

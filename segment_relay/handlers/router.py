@@ -76,32 +76,41 @@ class Router:
     async def dispatch(self, change: SegmentChange) -> None:
         """Returns when every matching handler has succeeded or the change is dead-lettered for it."""
         for handler in self.handlers_for(change.change, change.segment_id):
-            await self._deliver(handler, change)
+            # The first attempt inline (the hot path: one coroutine less per change), retries apart.
+            started = time.perf_counter()
+            try:
+                await self._deadlines.run(handler.handle(change))
+            except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
+                await self._after_failure(handler, change, exc, time.perf_counter() - started)
+            else:
+                self.stats.handler_succeeded(handler.name, time.perf_counter() - started)
 
-    async def _deliver(self, handler: Handler, change: SegmentChange) -> None:
+    async def _after_failure(self, handler: Handler, change: SegmentChange, exc: Exception, took_s: float) -> None:
+        """Attempt 1 failed with ``exc``: retry with backoff until success, a permanent error or
+        ``max_attempts``; then the dead letter."""
         policy = self.retry
-        attempt = 0
+        attempt = 1
         while True:
+            self.stats.handler_failed(handler.name, took_s)
+            if isinstance(exc, PermanentHandlerError):
+                await self._give_up(handler, change, attempt, "handler_rejected", exc)
+                return
+            if attempt >= policy.max_attempts:
+                await self._give_up(handler, change, attempt, "handler_failed", exc)
+                return
+            delay = policy.delay(attempt, exc.after if isinstance(exc, HandlerRetry) else None)
+            log.warning(
+                "handler failed, will retry",
+                extra={"handler": handler.name, "change_id": change.change_id, "attempt": attempt,
+                       "retry_in_s": round(delay, 3), "error": _describe(exc)},
+            )
+            await asyncio.sleep(delay)
             attempt += 1
             started = time.perf_counter()
             try:
                 await self._deadlines.run(handler.handle(change))
-            except PermanentHandlerError as exc:
-                self.stats.handler_failed(handler.name, time.perf_counter() - started)
-                await self._give_up(handler, change, attempt, "handler_rejected", exc)
-                return
-            except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
-                self.stats.handler_failed(handler.name, time.perf_counter() - started)
-                if attempt >= policy.max_attempts:
-                    await self._give_up(handler, change, attempt, "handler_failed", exc)
-                    return
-                delay = policy.delay(attempt, exc.after if isinstance(exc, HandlerRetry) else None)
-                log.warning(
-                    "handler failed, will retry",
-                    extra={"handler": handler.name, "change_id": change.change_id, "attempt": attempt,
-                           "retry_in_s": round(delay, 3), "error": _describe(exc)},
-                )
-                await asyncio.sleep(delay)
+            except Exception as failure:  # noqa: BLE001
+                exc, took_s = failure, time.perf_counter() - started
             else:
                 self.stats.handler_succeeded(handler.name, time.perf_counter() - started)
                 return
