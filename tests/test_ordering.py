@@ -318,3 +318,19 @@ def test_records_sharing_a_position_move_the_watermark_only_together() -> None:
     assert mark.watermark == "200"
     mark.finish(last)
     assert mark.watermark == "300"
+
+
+async def test_a_full_limit_resumes_only_after_a_tenth_has_drained() -> None:
+    # Waking the reader for every finished record would cost a loop round trip per record
+    # exactly when the relay is busiest.
+    limit = InFlightLimit(max_records=20, max_bytes=10**9)
+    for _ in range(20):
+        await limit.acquire(1)
+    waiter = asyncio.create_task(limit.acquire(1))
+    for _ in range(1):
+        limit.release(1)
+    await asyncio.sleep(0)
+    assert not waiter.done()  # 19 in flight: above the resume mark of 18
+    limit.release(1)
+    await asyncio.wait_for(waiter, 1)
+    assert limit.records == 19
