@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
+from prometheus_client import generate_latest
 
 from segment_relay import SegmentChange
 from segment_relay.app import Relay
@@ -83,6 +84,10 @@ async def test_every_change_of_a_four_shard_stream_reaches_the_handlers_once(
         await poll(lambda: relay.stats.records_finished == len(records) or run.done(), "every record")
         assert not run.done(), run
         assert relay.stats.owned_partitions is not None and len(relay.stats.owned_partitions()) == 4
+        assert len(relay.stats.partition_lag_ms) == 4  # MillisBehindLatest per shard, for the lag gauge
+        metrics = generate_latest(relay.stats.registry).decode()
+        assert "segment_relay_partitions_owned 4.0" in metrics
+        assert metrics.count("segment_relay_partition_lag_milliseconds{") == 4
     finally:
         relay.stop()
         await asyncio.wait_for(run, 30)
