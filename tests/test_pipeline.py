@@ -437,3 +437,39 @@ async def test_checkpoint_writes_never_interleave_or_go_back(tmp_path: Path) -> 
         assert checkpoint_line(checkpoint) == 200
     finally:
         await source.close()
+
+
+class FlakyCheckpointSource(FileSource):
+    """A file source whose first commits fail, as a lease table under throttling would."""
+
+    def __init__(self, *args: Any, failures: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failures = failures
+
+    async def commit(self, partition: str, position: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("checkpoint store unavailable")
+        await super().commit(partition, position)
+
+
+async def test_a_failing_final_checkpoint_is_retried_and_never_crashes_the_shutdown(tmp_path: Path) -> None:
+    lines = [record(f"p{i}", ("a", "realized", i)) for i in range(1, 6)]
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    checkpoint = tmp_path / "cp.json"
+    dead = MemoryDeadLetter()
+
+    async def handler(change: SegmentChange) -> None:
+        pass
+
+    source = FlakyCheckpointSource(str(path), checkpoint_path=str(checkpoint), failures=1)
+    router = Router([FunctionHandler(handler, name="noop")], dead, retry=FAST)
+    pipeline = Pipeline(source, MemoryStore(), router, dead, settings=PipelineSettings(checkpoint_interval_s=3600))
+    await asyncio.wait_for(pipeline.run(), RUN_TIMEOUT_S)
+    assert checkpoint_line(checkpoint) == len(lines)  # the second attempt landed
+
+    source = FlakyCheckpointSource(str(path), checkpoint_path=str(tmp_path / "cp2.json"), failures=99)
+    router = Router([FunctionHandler(handler, name="noop")], dead, retry=FAST)
+    pipeline = Pipeline(source, MemoryStore(), router, dead, settings=PipelineSettings(checkpoint_interval_s=3600))
+    await asyncio.wait_for(pipeline.run(), RUN_TIMEOUT_S)  # reported, not raised
+    assert checkpoint_line(tmp_path / "cp2.json") is None

@@ -103,10 +103,24 @@ class Pipeline:
                     checkpointer.cancel()
                 await asyncio.gather(checkpointer, return_exceptions=True)
                 await self._lanes.stop()
-            await self.checkpoint()
+            await self._final_checkpoint()
         finally:
             await self._close()
         return self.stats
+
+    async def _final_checkpoint(self, attempts: int = 3) -> None:
+        # A failure here loses nothing (what is unacknowledged is read again), so it is retried
+        # briefly, then reported, and the shutdown goes on: leases must still be handed over.
+        for attempt in range(1, attempts + 1):
+            try:
+                await self.checkpoint()
+                return
+            except Exception:  # noqa: BLE001
+                if attempt == attempts:
+                    log.exception("final checkpoint failed; records after the last one will be read again")
+                    return
+                log.warning("final checkpoint failed; retrying", exc_info=True, extra={"attempt": attempt})
+                await asyncio.sleep(0.5 * attempt)
 
     async def _read(self) -> None:
         stopping = self._stopping
