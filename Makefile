@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 EMULATORS := emulators/node_modules/.package-lock.json
 
-.PHONY: test demo bench lint clean emulators
+.PHONY: test demo bench lint clean emulators redis-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ $(EMULATORS): emulators/package.json emulators/package-lock.json
 
 emulators: $(EMULATORS)
 
-test: $(STAMP) $(EMULATORS) lint
+# The redis store's tests start a throwaway redis-server (a Debian package; installing needs root).
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq redis-server; }
+
+test: $(STAMP) $(EMULATORS) redis-server lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -104,7 +104,7 @@ class RelayConfig(BaseSettings):
     )
 
     source: str = Field("file:-", description="file:PATH | file:- (stdin) | kinesis:STREAM")
-    state: str = Field("sqlite:segment-relay.sqlite", description="memory | sqlite:PATH | dynamodb:TABLE")
+    state: str = Field("sqlite:segment-relay.sqlite", description="memory | sqlite:PATH | dynamodb:TABLE | redis://HOST:PORT/DB")
     handlers: list[str] = Field(default_factory=lambda: ["log"])
     dead_letter: str = Field("dead-letter.jsonl", description="JSONL file for invalid records and failed changes")
     segments: list[str] = Field(default_factory=list, description="Only these segment ids; empty = all")
@@ -136,9 +136,18 @@ class RelayConfig(BaseSettings):
     @field_validator("state")
     @classmethod
     def _check_state(cls, value: str) -> str:
+        if value.startswith(("redis://", "rediss://")):
+            from urllib.parse import urlsplit
+
+            try:
+                urlsplit(value).port  # noqa: B018 - raises ValueError for a bad port
+            except ValueError:
+                # The message never repeats the URL: it may hold a password.
+                raise ValueError("invalid redis URL: use redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://...") from None
+            return value
         kind, _, arg = value.partition(":")
         if not ((kind == "memory" and not arg) or (kind in ("sqlite", "dynamodb") and arg)):
-            raise ValueError("use memory, sqlite:PATH or dynamodb:TABLE")
+            raise ValueError("use memory, sqlite:PATH or dynamodb:TABLE, or a redis://HOST:PORT/DB URL (rediss:// for TLS)")
         return value
 
     @field_validator("handlers")
@@ -165,10 +174,18 @@ class RelayConfig(BaseSettings):
 
 
 def secrets_in(config: RelayConfig) -> list[str]:
-    """Strings that must never reach a log line: credentials carried inside handler URLs."""
-    from urllib.parse import parse_qsl, urlsplit
+    """Strings that must never reach a log line: credentials carried inside handler and state URLs."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    from .consumer.state.redis import url_password
 
     found: list[str] = []
+    if config.state.startswith(("redis://", "rediss://")):
+        state_password = url_password(config.state)
+        if state_password:
+            found.append(state_password)
+            if unquote(state_password) != state_password:  # redis-py uses it percent-decoded
+                found.append(unquote(state_password))
     for spec in config.handlers:
         _, _, arg = spec.partition(":")
         if "://" not in arg:

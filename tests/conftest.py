@@ -1,4 +1,4 @@
-"""Shared fixtures: the AWS emulators, started once per test session and stopped by PID."""
+"""Shared fixtures: the AWS emulators, Redis and Azurite, started once per test session and stopped by PID."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from segment_relay.testing.aws import Emulator, fake_aws_env, running, start_dynalite, start_kinesalite
+from segment_relay.testing.azure import Azurite, running_azurite, start_azurite
+from segment_relay.testing.redis import RedisServer, running_redis, start_redis
 
 
 @pytest.fixture(scope="session")
@@ -24,4 +26,18 @@ def kinesalite(aws_env: None) -> Iterator[Emulator]:
 @pytest.fixture(scope="session")
 def dynalite(aws_env: None) -> Iterator[Emulator]:
     with running(start_dynalite()) as emulator:
+        yield emulator
+
+
+# --- Redis (the Debian redis-server) and Azurite (npm) -----------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with running_redis(start_redis()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    with running_azurite(start_azurite()) as emulator:
         yield emulator

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 from aiobotocore.session import get_session
 
 from segment_relay.testing.aws import Emulator, running, start_dynalite
+from segment_relay.testing.kinesis import create_stream
 
 
 async def test_kinesalite_creates_a_stream_and_takes_records(kinesalite: Emulator) -> None:
+    name = f"probe-{uuid.uuid4().hex[:8]}"
     async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
-        await client.create_stream(StreamName="probe", ShardCount=2)
-        await client.put_record(StreamName="probe", Data=b"{}", PartitionKey="p")
-        shards = (await client.list_shards(StreamName="probe"))["Shards"]
+        await create_stream(client, name, 2)  # waits for ACTIVE: CREATING can last a moment
+        await client.put_record(StreamName=name, Data=b"{}", PartitionKey="p")
+        shards = (await client.list_shards(StreamName=name))["Shards"]
         assert len(shards) == 2
-        await client.delete_stream(StreamName="probe")
+        await client.delete_stream(StreamName=name)
 
 
 async def test_dynalite_conditional_write(dynalite: Emulator) -> None:

@@ -16,7 +16,14 @@ import pytest
 
 from segment_relay.consumer.export import SegmentStatus
 from segment_relay.consumer.membership import StoredMembership
-from segment_relay.consumer.state import DynamoDBStore, MembershipStore, MemoryStore, SqliteStore, open_store
+from segment_relay.consumer.state import (
+    DynamoDBStore,
+    MembershipStore,
+    MemoryStore,
+    RedisStore,
+    SqliteStore,
+    open_store,
+)
 
 REALIZED, EXISTING, EXITED = SegmentStatus.REALIZED, SegmentStatus.EXISTING, SegmentStatus.EXITED
 K = ("ups", "seg-1")
@@ -26,17 +33,20 @@ def m(status: SegmentStatus, at: int) -> StoredMembership:
     return StoredMembership(status, at)
 
 
-@pytest.fixture(params=["memory", "sqlite", "dynamodb"])
+@pytest.fixture(params=["memory", "sqlite", "dynamodb", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MembershipStore]:
-    """Every backend must pass the same cases (dynamodb against dynalite)."""
+    """Every backend must pass the same cases (dynamodb against dynalite, redis against redis-server)."""
     opened: MembershipStore
     if request.param == "memory":
         opened = MemoryStore()
     elif request.param == "sqlite":
         opened = SqliteStore(tmp_path / "state.db")
-    else:
+    elif request.param == "dynamodb":
         dynalite = request.getfixturevalue("dynalite")
         opened = DynamoDBStore(f"state-{uuid.uuid4().hex[:12]}", endpoint_url=dynalite.endpoint)
+    else:  # one server for the session: a key prefix per test keeps the tests apart
+        redis_server = request.getfixturevalue("redis_server")
+        opened = RedisStore(redis_server.url, key_prefix=f"test-{uuid.uuid4().hex[:12]}:")
     await opened.open()
     yield opened
     await opened.close()
@@ -247,7 +257,7 @@ def test_open_store_sqlite(tmp_path: Path) -> None:
     assert store.path == str(tmp_path / "x.db")
 
 
-@pytest.mark.parametrize("spec", ["", "sqlite", "sqlite:", "memory:x", "redis://localhost", "dynamodb:", "file:x"])
+@pytest.mark.parametrize("spec", ["", "sqlite", "sqlite:", "memory:x", "redis:localhost", "redis:/x", "dynamodb:", "file:x"])
 def test_open_store_errors(spec: str) -> None:
     with pytest.raises(ValueError, match="unknown state store") as caught:
         open_store(spec)

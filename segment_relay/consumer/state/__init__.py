@@ -5,18 +5,23 @@ from __future__ import annotations
 from .base import MembershipStore, ProfileState
 from .dynamodb import DynamoDBStore
 from .memory import MemoryStore
+from .redis import RedisStore
 from .sqlite import SqliteStore
 
-STORE_SPECS = "'memory' or 'sqlite:PATH' or 'dynamodb:TABLE'"
+STORE_SPECS = "'memory' or 'sqlite:PATH' or 'dynamodb:TABLE' or 'redis://HOST:PORT/DB' (or rediss://)"
 
 
 def open_store(spec: str) -> MembershipStore:
-    """Build a store from its spec: ``memory``, ``sqlite:PATH`` or ``dynamodb:TABLE``.
+    """Build a store from its spec: ``memory``, ``sqlite:PATH``, ``dynamodb:TABLE`` or a redis URL.
 
     ``dynamodb:TABLE`` takes its region and endpoint from the standard AWS environment
     (``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_DYNAMODB``) and credentials
     from botocore's usual chain. The table is created on ``open`` if it is missing.
+
+    ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` (``rediss://`` for TLS) is the spec and the URL at once.
     """
+    if spec.startswith(("redis://", "rediss://")):
+        return RedisStore(spec)  # raises ValueError for a URL redis-py could not use
     kind, _, arg = spec.partition(":")
     if kind == "memory" and not arg:
         return MemoryStore()
@@ -27,4 +32,4 @@ def open_store(spec: str) -> MembershipStore:
     raise ValueError(f"unknown state store {spec!r}: use {STORE_SPECS}")
 
 
-__all__ = ["MembershipStore", "ProfileState", "MemoryStore", "SqliteStore", "DynamoDBStore", "open_store"]
+__all__ = ["MembershipStore", "ProfileState", "MemoryStore", "SqliteStore", "DynamoDBStore", "RedisStore", "open_store"]

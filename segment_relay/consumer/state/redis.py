@@ -1,0 +1,188 @@
+"""Redis membership state: one hash per profile, conditional writes by a Lua script, shared by replicas.
+
+Layout::
+
+    key    {key_prefix}profile:{profile_key}       one hash per profile (the profile key verbatim)
+    field  ESCAPE(namespace) + "/" + segment_id    as DynamoDB's range key: in the namespace ``%`` becomes
+                                                   ``%25`` and ``/`` becomes ``%2F``, so the first ``/``
+                                                   ends it and the segment id follows verbatim
+    value  STATUS + "|" + QUALIFIED_AT_US          e.g. ``realized|1700000000123456``
+
+``save`` runs one Lua script per profile (EVALSHA of the script loaded by ``open``; EVAL when the server
+answers NOSCRIPT, after a restart or a SCRIPT FLUSH). The script applies ``supersedes`` to every field
+server-side, atomically: a field is replaced only by a newer qualification time, or the same time with
+another status, so no writer can move a membership back in time. Times are compared as decimal integer
+strings, never as Lua numbers (doubles), so any int is exact. A script touches one key only, so this
+also works on Redis Cluster.
+
+Writes are synchronous, so ``flush`` has nothing to do and ``load`` (HGETALL) sees every completed save.
+Durability is the server's (AOF/RDB, replication): configure it there.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ...errors import StartupError
+from ..export import SegmentStatus
+from ..membership import SegmentKey, StoredMembership
+from .base import ProfileState
+from .dynamodb import decode_segment, encode_segment
+
+SCHEMES = ("redis", "rediss")
+
+_STATUS = {status.value: status for status in SegmentStatus}
+_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+
+# KEYS[1]: the profile's hash. ARGV: field, qualified_at_us, status, repeated. Returns how many fields it wrote.
+SAVE_SCRIPT = """
+local function cmp(a, b)  -- canonical decimal integers as strings: exact at any size
+  local na, nb = string.sub(a, 1, 1) == '-', string.sub(b, 1, 1) == '-'
+  if na ~= nb then
+    if na then return -1 else return 1 end
+  end
+  if na then a, b = string.sub(b, 2), string.sub(a, 2) end
+  if #a ~= #b then
+    if #a < #b then return -1 else return 1 end
+  end
+  if a == b then return 0 end
+  if a < b then return -1 else return 1 end
+end
+local written = 0
+for i = 1, #ARGV, 3 do
+  local field, at, status = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local old = redis.call('HGET', KEYS[1], field)
+  local replace = true
+  if old then
+    local sep = string.find(old, '|', 1, true)
+    if sep then
+      local c = cmp(at, string.sub(old, sep + 1))
+      replace = c > 0 or (c == 0 and status ~= string.sub(old, 1, sep - 1))
+    end
+  end
+  if replace then
+    redis.call('HSET', KEYS[1], field, status .. '|' .. at)
+    written = written + 1
+  end
+end
+return written
+"""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (userinfo or ``password=`` query parameter) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable redis URL>"
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(name == "password" for name, _ in pairs):
+            query = urlencode([(name, "***" if name == "password" else value) for name, value in pairs], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def url_password(url: str) -> str | None:
+    """The password a redis URL carries (userinfo or ``password=`` query parameter), if any."""
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            return parts.password
+    except ValueError:
+        return None
+    for name, value in parse_qsl(parts.query):
+        if name == "password" and value:
+            return value
+    return None
+
+
+def encode_value(value: StoredMembership) -> str:
+    return f"{value.status.value}|{value.qualified_at_us}"
+
+
+def decode_value(raw: str) -> StoredMembership:
+    status, sep, at = raw.partition("|")
+    if not sep or status not in _STATUS or not _INT.fullmatch(at):
+        raise ValueError(f"not a membership value: {raw!r}")
+    return StoredMembership(_STATUS[status], int(at))
+
+
+class RedisStore:
+    """Membership state in Redis (see the module docstring for the layout), for replicas on many hosts.
+
+    ``url`` is a redis-py URL: ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, or ``rediss://`` for TLS.
+    """
+
+    def __init__(self, url: str, *, key_prefix: str = "segment-relay:") -> None:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as exc:
+            raise ValueError(f"invalid redis URL {redact_url(url)!r}: {exc}") from None
+        if parts.scheme not in SCHEMES:
+            raise ValueError(f"invalid redis URL {redact_url(url)!r}: use redis://HOST:PORT/DB or rediss://...")
+        self.url = url
+        self.key_prefix = key_prefix
+        self._client: Any = None
+        self._sha: str | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisStore({redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+
+    def key(self, profile_key: str) -> str:
+        return f"{self.key_prefix}profile:{profile_key}"
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def open(self) -> None:
+        from redis.asyncio import Redis
+        from redis.exceptions import RedisError
+
+        self._client = Redis.from_url(self.url, decode_responses=True)
+        try:
+            self._sha = await self._client.script_load(SAVE_SCRIPT)
+        except (RedisError, OSError) as exc:
+            await self.close()
+            raise StartupError(f"membership store {self!r} cannot be opened: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            await self.close()
+            raise
+
+    async def flush(self) -> None:
+        pass  # every save is written before it returns
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()  # closes the connection pool it created from the URL (redis-py >= 5.0.1)
+
+    # --- reads and writes ----------------------------------------------------------------
+    async def load(self, profile_key: str) -> ProfileState:
+        assert self._client is not None, "store not opened"
+        raw: dict[str, str] = await self._client.hgetall(self.key(profile_key))
+        return {decode_segment(field): decode_value(value) for field, value in raw.items()}
+
+    async def save(self, profile_key: str, updates: Mapping[SegmentKey, StoredMembership]) -> None:
+        assert self._client is not None, "store not opened"
+        if not updates:
+            return
+        from redis.exceptions import NoScriptError
+
+        args: list[str] = []
+        for key, value in updates.items():
+            args += (encode_segment(*key), str(value.qualified_at_us), value.status.value)
+        name = self.key(profile_key)
+        try:
+            await self._client.evalsha(self._sha, 1, name, *args)
+        except NoScriptError:
+            # The server lost its script cache (restart, failover, SCRIPT FLUSH): EVAL caches it again.
+            await self._client.eval(SAVE_SCRIPT, 1, name, *args)

@@ -1,0 +1,306 @@
+"""RedisStore against a real redis-server: the layout, awkward keys, exact time comparison in Lua,
+replicas racing, NOSCRIPT recovery, credentials kept out of repr and errors, config and open_store.
+
+The cases every store shares run against redis-server in tests/test_state.py."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from segment_relay.config import ConfigError, load_config, secrets_in
+from segment_relay.consumer.export import SegmentStatus
+from segment_relay.consumer.membership import StoredMembership
+from segment_relay.consumer.state import RedisStore, open_store
+from segment_relay.consumer.state.redis import decode_value, redact_url
+from segment_relay.errors import StartupError
+from segment_relay.testing.aws import free_port
+from segment_relay.testing.redis import RedisServer
+
+REALIZED, EXISTING, EXITED = SegmentStatus.REALIZED, SegmentStatus.EXISTING, SegmentStatus.EXITED
+STATUSES = (REALIZED, EXISTING, EXITED)
+K = ("ups", "seg-1")
+
+
+def m(status: SegmentStatus, at: int) -> StoredMembership:
+    return StoredMembership(status, at)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}:"  # one server for the session: a prefix per test
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Any]:
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer, prefix: str) -> AsyncIterator[RedisStore]:
+    opened = RedisStore(redis_server.url, key_prefix=prefix)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+# --- layout and encoding -----------------------------------------------------------------------
+
+AWKWARD_KEYS = [
+    ("ups", "seg-1"),
+    ("a/b", "c"),  # must not collide with the next one
+    ("a", "b/c"),
+    ("a/b/", "/c/"),
+    ("%2F", "x"),  # a namespace spelling the escape itself
+    ("/", "x"),
+    ("%", "%2F"),
+    ("a|b", "c|d"),  # the value separator inside a key changes nothing
+    ("ns:x", "profile:y"),
+    ("", ""),
+    ("ns with spaces", "Ünïcødé ✓"),
+]
+
+
+async def test_layout(store: RedisStore, raw: Any, prefix: str) -> None:
+    await store.save("ups:abc", {("a/b", "seg-1"): m(EXISTING, 1_700_000_000_123_456), K: m(EXITED, 5)})
+    assert await raw.hgetall(f"{prefix}profile:ups:abc") == {
+        "a%2Fb/seg-1": "existing|1700000000123456",
+        "ups/seg-1": "exited|5",
+    }
+    assert await raw.keys(f"{prefix}*") == [f"{prefix}profile:ups:abc"]
+
+
+async def test_awkward_keys_round_trip(store: RedisStore) -> None:
+    mine = {key: m(STATUSES[i % 3], 100 + i) for i, key in enumerate(AWKWARD_KEYS)}
+    await store.save("p", mine)
+    await store.save("p|x", {("a|b", "c|d"): m(EXITED, 1)})  # separator characters in the profile key too
+    await store.save("", {("", ""): m(REALIZED, 2)})
+    assert await store.load("p") == mine
+    assert await store.load("p|x") == {("a|b", "c|d"): m(EXITED, 1)}
+    assert await store.load("") == {("", ""): m(REALIZED, 2)}
+    # and each key still obeys supersedes on its own
+    await store.save("p", {key: m(EXITED, 99) for key in AWKWARD_KEYS})
+    assert await store.load("p") == mine
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (2**53, 2**53 + 1),  # equal as doubles: the script compares decimal strings
+        (9, 10),  # longer is larger, although "10" < "9" as strings
+        (-10, -9),
+        (-1, 0),
+        (-(2**70), 2**70),
+        (1_700_000_000_123_456, 1_700_000_000_123_457),
+    ],
+)
+async def test_times_compare_exactly(store: RedisStore, old: int, new: int) -> None:
+    await store.save("p", {K: m(REALIZED, old)})
+    await store.save("p", {K: m(EXITED, new)})
+    assert await store.load("p") == {K: m(EXITED, new)}
+    await store.save("p", {K: m(EXISTING, old)})  # older: refused
+    assert await store.load("p") == {K: m(EXITED, new)}
+
+
+def test_decode_value_refuses_foreign_values() -> None:
+    assert decode_value("realized|-3") == m(REALIZED, -3)
+    for bad in ("realized", "member|1", "realized|", "realized|1.5", "realized|01"):
+        with pytest.raises(ValueError, match="not a membership value"):
+            decode_value(bad)
+
+
+# --- replicas racing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_two_stores_racing_end_with_the_max_per_key(redis_server: RedisServer, prefix: str, seed: int) -> None:
+    rng = random.Random(seed)
+    stores = [RedisStore(redis_server.url, key_prefix=prefix) for _ in range(2)]  # two clients, two pools
+    for s in stores:
+        await s.open()
+    profiles, segments = [f"p{i}" for i in range(6)], [("ups", f"s{i}") for i in range(5)] + [("a/b", "s/0")]
+    plans: list[list[tuple[str, dict[tuple[str, str], StoredMembership]]]] = []
+    for _ in stores:
+        saves = []
+        for _ in range(300):
+            keys = rng.sample(segments, rng.randint(1, 4))
+            saves.append((rng.choice(profiles), {key: m(rng.choice(STATUSES), rng.randrange(8)) for key in keys}))
+        plans.append(saves)
+
+    async def writer(store: RedisStore, saves: list[tuple[str, dict[tuple[str, str], StoredMembership]]]) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+        for profile, updates in saves:  # several saves of one store at once, too: the script decides
+            in_flight.add(asyncio.create_task(store.save(profile, updates)))
+            if len(in_flight) >= 8:
+                _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.gather(*in_flight)
+
+    try:
+        await asyncio.gather(*(writer(s, saves) for s, saves in zip(stores, plans, strict=True)))
+        best: dict[tuple[str, tuple[str, str]], tuple[int, set[SegmentStatus]]] = {}
+        for saves in plans:
+            for profile, updates in saves:
+                for key, value in updates.items():
+                    top, statuses = best.get((profile, key), (-1, set()))
+                    if value.qualified_at_us > top:
+                        best[(profile, key)] = (value.qualified_at_us, {value.status})
+                    elif value.qualified_at_us == top:
+                        statuses.add(value.status)
+        for profile in profiles:
+            loaded = await stores[seed % 2].load(profile)
+            assert set(loaded) == {key for p, key in best if p == profile}
+            for key, value in loaded.items():
+                top, statuses = best[(profile, key)]
+                assert value.qualified_at_us == top, (profile, key, value, top)
+                assert value.status in statuses, (profile, key, value, statuses)
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_a_second_store_sees_saves_at_once(redis_server: RedisServer, store: RedisStore, prefix: str) -> None:
+    other = RedisStore(redis_server.url, key_prefix=prefix)
+    await other.open()
+    try:
+        await store.save("p", {K: m(REALIZED, 1)})
+        assert await other.load("p") == {K: m(REALIZED, 1)}
+        await other.save("p", {K: m(EXITED, 0)})  # older: refused by the script, not by a cache
+        assert await store.load("p") == {K: m(REALIZED, 1)}
+    finally:
+        await other.close()
+
+
+# --- NOSCRIPT ----------------------------------------------------------------------------------
+
+
+async def test_save_recovers_from_a_flushed_script_cache(store: RedisStore, raw: Any) -> None:
+    await store.save("p", {K: m(REALIZED, 1)})
+    await raw.script_flush()  # as after a restart or a failover
+    await store.save("p", {K: m(EXITED, 2)})  # EVALSHA -> NOSCRIPT -> EVAL
+    assert await store.load("p") == {K: m(EXITED, 2)}
+    await raw.script_flush()
+    await store.save("p", {K: m(REALIZED, 1)})  # still conditional on the EVAL path
+    assert await store.load("p") == {K: m(EXITED, 2)}
+    await store.save("p", {K: m(EXISTING, 3)})  # EVAL cached it again: EVALSHA works
+    assert await store.load("p") == {K: m(EXISTING, 3)}
+
+
+async def test_empty_save_is_a_no_op(store: RedisStore, raw: Any, prefix: str) -> None:
+    await store.save("p", {})
+    assert await raw.keys(f"{prefix}*") == []
+
+
+# --- credentials, open, open_store -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:s3cret@127.0.0.1:6379/0", "redis://user:***@127.0.0.1:6379/0"),
+        ("rediss://:s3cret@cache.example:6380/2", "rediss://:***@cache.example:6380/2"),
+        ("redis://127.0.0.1:6379/0?password=s3cret&socket_timeout=5", "redis://127.0.0.1:6379/0?password=***&socket_timeout=5"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ],
+)
+def test_repr_hides_the_password(url: str, shown: str) -> None:
+    store = RedisStore(url, key_prefix="x:")
+    assert repr(store) == f"RedisStore({shown!r}, key_prefix='x:')"
+    assert "s3cret" not in repr(store)
+    assert redact_url(url) == shown
+
+
+async def test_a_password_protected_user_works_and_errors_hide_the_password(
+    redis_server: RedisServer, raw: Any, prefix: str
+) -> None:
+    user = f"relay-{uuid.uuid4().hex[:8]}"
+    await raw.acl_setuser(user, enabled=True, passwords=["+s3cret"], keys=["*"], commands=["+@all"])
+    try:
+        store = RedisStore(f"redis://{user}:s3cret@127.0.0.1:{redis_server.port}/0", key_prefix=prefix)
+        await store.open()
+        try:
+            await store.save("p", {K: m(REALIZED, 1)})
+            assert await store.load("p") == {K: m(REALIZED, 1)}
+        finally:
+            await store.close()
+        wrong = RedisStore(f"redis://{user}:wr0ng-pass@127.0.0.1:{redis_server.port}/0", key_prefix=prefix)
+        with pytest.raises(StartupError, match="cannot be opened") as caught:
+            await wrong.open()
+        assert "wr0ng-pass" not in str(caught.value)
+    finally:
+        await raw.acl_deluser(user)
+
+
+async def test_open_fails_clearly_when_nothing_listens() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(StartupError, match=r"RedisStore\('redis://127.0.0.1:\d+/0'.*cannot be opened"):
+        await store.open()
+    await store.close()  # harmless after a failed open
+
+
+async def test_open_store_redis(redis_server: RedisServer) -> None:
+    store = open_store(f"redis://127.0.0.1:{redis_server.port}/0")
+    assert isinstance(store, RedisStore)
+    assert store.key_prefix == "segment-relay:"
+    await store.open()
+    profile = f"open-store-{uuid.uuid4().hex}"
+    try:
+        await store.save(profile, {K: m(REALIZED, 1)})
+        await store.flush()
+        assert await store.load(profile) == {K: m(REALIZED, 1)}
+    finally:
+        await store.close()
+
+
+def test_open_store_rediss_and_bad_urls() -> None:
+    assert isinstance(open_store("rediss://:pw@cache.example:6380/1"), RedisStore)
+    with pytest.raises(ValueError, match="invalid redis URL") as caught:
+        open_store("redis://:s3cret@host:notaport/0")
+    assert "s3cret" not in str(caught.value)
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["redis://127.0.0.1:6379/0", "rediss://user:pw@cache.example:6380/2", "redis://cache"])
+def test_config_accepts_redis_urls(spec: str) -> None:
+    assert load_config(state=spec).state == spec
+
+
+def test_config_refuses_a_bad_redis_url_without_echoing_it() -> None:
+    with pytest.raises(ConfigError, match="invalid redis URL") as caught:
+        load_config(state="redis://:s3cret@host:notaport/0")
+    assert "s3cret" not in str(caught.value)
+
+
+def test_config_error_lists_redis() -> None:
+    with pytest.raises(ConfigError, match=r"redis://HOST:PORT/DB"):
+        load_config(state="postgres:x")
+
+
+@pytest.mark.parametrize(
+    ("spec", "secret"),
+    [
+        ("redis://user:s3cret@cache:6379/0", "s3cret"),
+        ("rediss://:s3cret@cache:6380/0", "s3cret"),
+        ("redis://cache:6379/0?password=s3cret", "s3cret"),
+    ],
+)
+def test_secrets_in_lists_the_redis_password(spec: str, secret: str) -> None:
+    assert secret in secrets_in(load_config(state=spec))
+
+
+def test_secrets_in_lists_the_percent_decoded_password_too() -> None:
+    found = secrets_in(load_config(state="redis://:p%40ss@cache:6379/0"))
+    assert "p%40ss" in found and "p@ss" in found
+
+
+def test_no_redis_secret_without_a_password() -> None:
+    assert secrets_in(load_config(state="redis://cache:6379/0", handlers=["log"])) == []
