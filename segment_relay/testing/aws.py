@@ -9,15 +9,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+from .processes import LocalServer, free_port, running, stderr_of
+
+__all__ = ["Emulator", "EmulatorUnavailable", "FAKE_AWS_ENV", "fake_aws_env", "free_port", "running",
+           "start_dynalite", "start_kinesalite"]
 
 EMULATORS = Path(__file__).resolve().parents[2] / "emulators"
 
@@ -34,32 +35,12 @@ class EmulatorUnavailable(RuntimeError):
     """Node or the npm packages are missing: run `make emulators` (needs Node 20 and npm)."""
 
 
-@dataclass
-class Emulator:
-    name: str
-    endpoint: str
-    process: subprocess.Popen[bytes]
+class Emulator(LocalServer):
+    """kinesalite or dynalite, answering at ``endpoint``."""
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    def __init__(self, name: str, endpoint: str, process: subprocess.Popen[bytes]) -> None:
+        super().__init__(name, process)
+        self.endpoint = endpoint
 
 
 def _node() -> str:
@@ -96,15 +77,8 @@ def _start(name: str, command: list[str], target: str, content_type: str, port: 
         command, cwd=EMULATORS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     emulator = Emulator(name, endpoint, process)
-    deadline = time.monotonic() + 30
-    while not _ready(endpoint, target, content_type):
-        if process.poll() is not None:
-            stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-            raise EmulatorUnavailable(f"{name} exited at start (code {process.returncode}): {stderr[-2000:]}")
-        if time.monotonic() > deadline:
-            emulator.stop()
-            raise EmulatorUnavailable(f"{name} did not answer on {endpoint} within 30 s")
-        time.sleep(0.05)
+    emulator.wait_until_ready(lambda: _ready(endpoint, target, content_type), timeout_s=30,
+                              error=EmulatorUnavailable, output=stderr_of(process))
     return emulator
 
 
@@ -119,14 +93,6 @@ def start_dynalite(port: int | None = None) -> Emulator:
     command = [_node(), "node_modules/dynalite/cli.js", "--host", "127.0.0.1", "--port", str(port),
                "--createTableMs", "0", "--deleteTableMs", "0", "--updateTableMs", "0"]
     return _start("dynalite", command, "DynamoDB_20120810.ListTables", "application/x-amz-json-1.0", port)
-
-
-@contextlib.contextmanager
-def running(emulator: Emulator) -> Iterator[Emulator]:
-    try:
-        yield emulator
-    finally:
-        emulator.stop()
 
 
 @contextlib.contextmanager

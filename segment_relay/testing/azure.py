@@ -9,17 +9,13 @@ directory, waited for until it answers HTTP, and stopped by its PID. Flags (see
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
-from .aws import EMULATORS, EmulatorUnavailable, _node, free_port
+from .aws import EMULATORS, EmulatorUnavailable, _node
+from .processes import LocalServer, free_port, running, stderr_of
 
 ACCOUNT_NAME = "devstoreaccount1"
 # The well-known development account key: public, documented by Microsoft, accepted only by Azurite.
@@ -35,15 +31,10 @@ def connection_string(port: int) -> str:
     return CONNECTION_STRING_TEMPLATE.format(port=port)
 
 
-@dataclass
-class Azurite:
-    port: int
-    process: subprocess.Popen[bytes]
-    directory: tempfile.TemporaryDirectory[str] = field(repr=False)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+class Azurite(LocalServer):
+    def __init__(self, port: int, process: subprocess.Popen[bytes], directory: tempfile.TemporaryDirectory[str]) -> None:
+        super().__init__("azurite-blob", process, directory)
+        self.port = port
 
     @property
     def blob_endpoint(self) -> str:
@@ -52,18 +43,6 @@ class Azurite:
     @property
     def connection_string(self) -> str:
         return connection_string(self.port)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        self.directory.cleanup()
 
 
 def _answers(port: int) -> bool:
@@ -90,22 +69,9 @@ def start_azurite(port: int | None = None, *, timeout_s: float = 30.0) -> Azurit
     process = subprocess.Popen(command, cwd=directory.name, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, start_new_session=True)
     azurite = Azurite(port, process, directory)
-    deadline = time.monotonic() + timeout_s
-    while not _answers(port):
-        if process.poll() is not None:
-            stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-            azurite.stop()
-            raise EmulatorUnavailable(f"azurite-blob exited at start (code {process.returncode}): {stderr[-2000:]}")
-        if time.monotonic() > deadline:
-            azurite.stop()
-            raise EmulatorUnavailable(f"azurite-blob did not answer on 127.0.0.1:{port} within {timeout_s:g} s")
-        time.sleep(0.05)
+    azurite.wait_until_ready(lambda: _answers(port), timeout_s=timeout_s, error=EmulatorUnavailable,
+                             output=stderr_of(process))
     return azurite
 
 
-@contextlib.contextmanager
-def running_azurite(azurite: Azurite) -> Iterator[Azurite]:
-    try:
-        yield azurite
-    finally:
-        azurite.stop()
+running_azurite = running  # stops the server when the block ends

@@ -6,47 +6,27 @@ temporary directory, waited for until it answers PING, and stopped by its PID.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .aws import free_port
+from .processes import LocalServer, free_port, running
 
 
 class RedisUnavailable(RuntimeError):
     """redis-server is missing: ``apt-get install redis-server`` (CI installs it in .ci/run)."""
 
 
-@dataclass
-class RedisServer:
-    port: int
-    process: subprocess.Popen[bytes]
-    directory: tempfile.TemporaryDirectory[str] = field(repr=False)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+class RedisServer(LocalServer):
+    def __init__(self, port: int, process: subprocess.Popen[bytes], directory: tempfile.TemporaryDirectory[str]) -> None:
+        super().__init__("redis-server", process, directory)
+        self.port = port
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        self.directory.cleanup()
 
 
 def _pong(port: int) -> bool:
@@ -77,22 +57,9 @@ def start_redis(port: int | None = None, *, timeout_s: float = 30.0) -> RedisSer
     process = subprocess.Popen(command, cwd=directory.name, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, start_new_session=True)
     server = RedisServer(port, process, directory)
-    deadline = time.monotonic() + timeout_s
-    while not _pong(port):
-        if process.poll() is not None:
-            output = _read_log(Path(directory.name) / "redis.log")
-            server.stop()
-            raise RedisUnavailable(f"redis-server exited at start (code {process.returncode}): {output[-2000:]}")
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RedisUnavailable(f"redis-server did not answer PING on 127.0.0.1:{port} within {timeout_s:g} s")
-        time.sleep(0.02)
+    server.wait_until_ready(lambda: _pong(port), timeout_s=timeout_s, error=RedisUnavailable,
+                            output=lambda: _read_log(Path(directory.name) / "redis.log"))
     return server
 
 
-@contextlib.contextmanager
-def running_redis(server: RedisServer) -> Iterator[RedisServer]:
-    try:
-        yield server
-    finally:
-        server.stop()
+running_redis = running  # stops the server when the block ends
