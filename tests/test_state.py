@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import subprocess
 import sys
 import textwrap
@@ -370,3 +371,64 @@ async def test_two_processes_share_one_sqlite_store(tmp_path: Path) -> None:
             assert value.status.value in statuses, (profile, segment, value, statuses)
     finally:
         await reader.close()
+
+
+# --- replicas racing on a shared store --------------------------------------------------------
+
+
+@pytest.fixture(params=["dynamodb", "redis"])
+async def two_stores(request: pytest.FixtureRequest) -> AsyncIterator[list[MembershipStore]]:
+    """Two clients of one shared store, as two replicas on two hosts have."""
+    stores: list[MembershipStore]
+    if request.param == "dynamodb":
+        dynalite = request.getfixturevalue("dynalite")
+        table = f"race-{uuid.uuid4().hex[:12]}"
+        stores = [DynamoDBStore(table, endpoint_url=dynalite.endpoint) for _ in range(2)]
+    else:
+        redis_server = request.getfixturevalue("redis_server")
+        prefix = f"race-{uuid.uuid4().hex[:12]}:"
+        stores = [RedisStore(redis_server.url, key_prefix=prefix) for _ in range(2)]
+    for store in stores:
+        await store.open()
+    yield stores
+    for store in stores:
+        await store.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_two_stores_racing_end_with_the_max_per_key(two_stores: list[MembershipStore], seed: int) -> None:
+    rng = random.Random(seed)
+    statuses_all = (REALIZED, EXISTING, EXITED)
+    profiles, segments = [f"p{i}" for i in range(6)], [("ups", f"s{i}") for i in range(5)] + [("a/b", "s/0")]
+    plans = [
+        [(rng.choice(profiles), {key: m(rng.choice(statuses_all), rng.randrange(8))
+                                 for key in rng.sample(segments, rng.randint(1, 4))})
+         for _ in range(150)]
+        for _ in two_stores
+    ]
+
+    async def writer(store: MembershipStore, saves: list[tuple[str, dict[tuple[str, str], StoredMembership]]]) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+        for profile, updates in saves:  # several saves of one store at once, too: the store decides
+            in_flight.add(asyncio.create_task(store.save(profile, updates)))
+            if len(in_flight) >= 8:
+                _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.gather(*in_flight)
+
+    await asyncio.gather(*(writer(s, saves) for s, saves in zip(two_stores, plans, strict=True)))
+    best: dict[tuple[str, tuple[str, str]], tuple[int, set[SegmentStatus]]] = {}
+    for saves in plans:
+        for profile, updates in saves:
+            for key, value in updates.items():
+                top, statuses = best.get((profile, key), (-1, set()))
+                if value.qualified_at_us > top:
+                    best[(profile, key)] = (value.qualified_at_us, {value.status})
+                elif value.qualified_at_us == top:
+                    statuses.add(value.status)
+    for profile in profiles:
+        loaded = await two_stores[seed % 2].load(profile)
+        assert set(loaded) == {key for p, key in best if p == profile}
+        for key, value in loaded.items():
+            top, statuses = best[(profile, key)]
+            assert value.qualified_at_us == top, (profile, key, value, top)
+            assert value.status in statuses, (profile, key, value, statuses)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -222,56 +221,6 @@ def test_open_store_dynamodb_errors(spec: str) -> None:
     with pytest.raises(ValueError, match="unknown state store") as caught:
         open_store(spec)
     assert "'memory' or 'sqlite:PATH' or 'dynamodb:TABLE'" in str(caught.value)
-
-
-# --- replicas racing ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_two_stores_racing_end_with_the_max_per_key(dynalite: Emulator, table: str, seed: int) -> None:
-    rng = random.Random(seed)
-    stores = [DynamoDBStore(table, endpoint_url=dynalite.endpoint) for _ in range(2)]  # two clients
-    for s in stores:
-        await s.open()
-    profiles, segments = [f"p{i}" for i in range(6)], [("ups", f"s{i}") for i in range(5)] + [("a/b", "s/0")]
-    plans: list[list[tuple[str, dict[tuple[str, str], StoredMembership]]]] = []
-    for _ in stores:
-        saves = []
-        for _ in range(120):
-            keys = rng.sample(segments, rng.randint(1, 4))
-            saves.append((rng.choice(profiles), {key: m(rng.choice(STATUSES), rng.randrange(8)) for key in keys}))
-        plans.append(saves)
-
-    async def writer(store: DynamoDBStore, saves: list[tuple[str, dict[tuple[str, str], StoredMembership]]]) -> None:
-        in_flight: set[asyncio.Task[None]] = set()
-        for profile, updates in saves:  # several saves of one store at once, too: the table decides
-            in_flight.add(asyncio.create_task(store.save(profile, updates)))
-            if len(in_flight) >= 8:
-                _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-        await asyncio.gather(*in_flight)
-
-    try:
-        await asyncio.gather(*(writer(s, saves) for s, saves in zip(stores, plans, strict=True)))
-        best: dict[tuple[str, tuple[str, str]], tuple[int, set[SegmentStatus]]] = {}
-        for saves in plans:
-            for profile, updates in saves:
-                for key, value in updates.items():
-                    top, statuses = best.get((profile, key), (-1, set()))
-                    if value.qualified_at_us > top:
-                        best[(profile, key)] = (value.qualified_at_us, {value.status})
-                    elif value.qualified_at_us == top:
-                        statuses.add(value.status)
-        for profile in profiles:
-            loaded = await stores[seed % 2].load(profile)
-            expected = {key for p, key in best if p == profile}
-            assert set(loaded) == expected
-            for key, value in loaded.items():
-                top, statuses = best[(profile, key)]
-                assert value.qualified_at_us == top, (profile, key, value, top)
-                assert value.status in statuses, (profile, key, value, statuses)
-    finally:
-        for s in stores:
-            await s.close()
 
 
 # --- throttling --------------------------------------------------------------------------------
