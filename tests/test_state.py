@@ -395,6 +395,14 @@ async def two_stores(request: pytest.FixtureRequest) -> AsyncIterator[list[Membe
         await store.close()
 
 
+async def test_a_second_store_sees_saves_at_once(two_stores: list[MembershipStore]) -> None:
+    store, other = two_stores
+    await store.save("p", {K: m(REALIZED, 1)})
+    assert await other.load("p") == {K: m(REALIZED, 1)}  # synchronous writes, consistent reads
+    await other.save("p", {K: m(EXITED, 0)})  # older: refused by the shared store, not by a cache
+    assert await store.load("p") == {K: m(REALIZED, 1)}
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_two_stores_racing_end_with_the_max_per_key(two_stores: list[MembershipStore], seed: int) -> None:
     rng = random.Random(seed)

@@ -14,6 +14,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 from hypothesis import given
 from hypothesis import strategies as st
+from state_cases import AWKWARD_KEYS
 
 from segment_relay.consumer.export import SegmentStatus
 from segment_relay.consumer.membership import StoredMembership
@@ -53,31 +54,8 @@ async def store(dynalite: Emulator, table: str) -> AsyncIterator[DynamoDBStore]:
 # dynalite in tests/test_state.py; these are DynamoDB's own.
 
 
-async def test_a_second_store_sees_saves_at_once(dynalite: Emulator, store: DynamoDBStore, table: str) -> None:
-    other = DynamoDBStore(table, endpoint_url=dynalite.endpoint)
-    await other.open()
-    try:
-        await store.save("p", {K: m(REALIZED, 1)})
-        assert await other.load("p") == {K: m(REALIZED, 1)}  # synchronous writes, consistent reads
-        await other.save("p", {K: m(EXITED, 0)})  # older: refused by the table, not by a cache
-        assert await store.load("p") == {K: m(REALIZED, 1)}
-    finally:
-        await other.close()
-
-
 # --- key encoding and item layout -------------------------------------------------------------
 
-AWKWARD_KEYS = [
-    ("ups", "seg-1"),
-    ("a/b", "c"),  # must not collide with the next one
-    ("a", "b/c"),
-    ("a/b/", "/c/"),
-    ("%2F", "x"),  # a namespace spelling the escape itself
-    ("/", "x"),
-    ("%", "%2F"),
-    ("", ""),
-    ("ns with spaces", "Ünïcødé ✓"),
-]
 
 
 @pytest.mark.parametrize(("namespace", "segment_id"), AWKWARD_KEYS)

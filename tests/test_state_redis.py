@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from state_cases import AWKWARD_KEYS
 
 from segment_relay.config import ConfigError, load_config, secrets_in
 from segment_relay.consumer.export import SegmentStatus
@@ -52,19 +53,6 @@ async def store(redis_server: RedisServer, prefix: str) -> AsyncIterator[RedisSt
 
 # --- layout and encoding -----------------------------------------------------------------------
 
-AWKWARD_KEYS = [
-    ("ups", "seg-1"),
-    ("a/b", "c"),  # must not collide with the next one
-    ("a", "b/c"),
-    ("a/b/", "/c/"),
-    ("%2F", "x"),  # a namespace spelling the escape itself
-    ("/", "x"),
-    ("%", "%2F"),
-    ("a|b", "c|d"),  # the value separator inside a key changes nothing
-    ("ns:x", "profile:y"),
-    ("", ""),
-    ("ns with spaces", "Ünïcødé ✓"),
-]
 
 
 async def test_layout(store: RedisStore, raw: Any, prefix: str) -> None:
@@ -113,18 +101,6 @@ def test_decode_value_refuses_foreign_values() -> None:
     for bad in ("realized", "member|1", "realized|", "realized|1.5", "realized|01"):
         with pytest.raises(ValueError, match="not a membership value"):
             decode_value(bad)
-
-
-async def test_a_second_store_sees_saves_at_once(redis_server: RedisServer, store: RedisStore, prefix: str) -> None:
-    other = RedisStore(redis_server.url, key_prefix=prefix)
-    await other.open()
-    try:
-        await store.save("p", {K: m(REALIZED, 1)})
-        assert await other.load("p") == {K: m(REALIZED, 1)}
-        await other.save("p", {K: m(EXITED, 0)})  # older: refused by the script, not by a cache
-        assert await store.load("p") == {K: m(REALIZED, 1)}
-    finally:
-        await other.close()
 
 
 # --- NOSCRIPT ----------------------------------------------------------------------------------
