@@ -237,20 +237,7 @@ class LeaseTable:
 
     async def renew(self, lease: Lease) -> Lease | None:
         """Bump the counter of a lease we own. None means it is lost (taken by someone else)."""
-        if lease.owner is None:
-            return None
-        return await self._update(
-            lease.shard_id,
-            update=f"SET {COUNTER} = :next, {RENEWED_AT} = :now",
-            condition=f"#owner = :me AND {COUNTER} = :expected",
-            names={"#owner": OWNER},
-            values={
-                ":me": {"S": lease.owner},
-                ":expected": {"N": str(lease.counter)},
-                ":next": {"N": str(lease.counter + 1)},
-                ":now": {"S": _now_iso()},
-            },
-        )
+        return await self._bump_owned(lease, release=False)
 
     async def checkpoint(self, lease_or_shard_id: Lease | str, owner: str, sequence: str) -> bool:
         """Record ``sequence`` (or SHARD_END) as the checkpoint if ``owner`` still owns the lease.
@@ -268,11 +255,15 @@ class LeaseTable:
     async def release(self, lease: Lease) -> bool:
         """Make a lease we own free (owner removed) and bump its counter, so others see it free
         at once and a stale holder of the old counter can no longer renew it."""
+        return await self._bump_owned(lease, release=True) is not None
+
+    async def _bump_owned(self, lease: Lease, *, release: bool) -> Lease | None:
+        """Renew or release: bump the counter of a lease we still own at the counter we saw."""
         if lease.owner is None:
-            return False
-        result = await self._update(
+            return None
+        return await self._update(
             lease.shard_id,
-            update=f"REMOVE #owner SET {COUNTER} = :next, {RENEWED_AT} = :now",
+            update=("REMOVE #owner " if release else "") + f"SET {COUNTER} = :next, {RENEWED_AT} = :now",
             condition=f"#owner = :me AND {COUNTER} = :expected",
             names={"#owner": OWNER},
             values={
@@ -282,7 +273,6 @@ class LeaseTable:
                 ":now": {"S": _now_iso()},
             },
         )
-        return result is not None
 
     async def delete(self, shard_id: str) -> None:
         """Remove a lease (tests, clean-up of long-gone shards)."""
