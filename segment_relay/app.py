@@ -41,7 +41,60 @@ def build_source(config: RelayConfig, stats: RelayStats, on_client: Callable[[st
         source = KinesisSource(KinesisSettings(stream=arg, **section), stats=stats, on_client=on_client)
         stats.owned_partitions = lambda: source.owned_shards
         return source
-    raise ConfigError(f"config field 'source': unknown source {config.source!r}; use file:PATH, file:- or kinesis:STREAM")
+    if kind == "eventhubs":
+        return _eventhubs_source(config, arg, stats)
+    raise ConfigError(
+        f"config field 'source': unknown source {config.source!r}; use file:PATH, file:-, kinesis:STREAM or eventhubs:HUB"
+    )
+
+
+def _eventhubs_source(config: RelayConfig, hub: str, stats: RelayStats) -> Source:
+    from datetime import datetime
+
+    from .consumer.sources.eventhubs import EventHubsSettings, EventHubsSource
+
+    section = config.eventhubs
+    secret = section.connection_string.get_secret_value() if section.connection_string is not None else None
+    if secret is not None:
+        entity = _connection_string_field(secret, "EntityPath")
+        if entity is not None and entity != hub:
+            raise ConfigError(
+                f"config field 'source': the hub {hub!r} differs from EntityPath={entity!r} in eventhubs.connection_string"
+            )
+    if hub != hub.lower() or (section.fully_qualified_namespace or "") != (section.fully_qualified_namespace or "").lower():
+        # The SDK lower-cases checkpoint blob names; KEDA's blobMetadata reader does not.
+        log.warning("hub or namespace name has upper-case letters: KEDA's blobMetadata checkpoint reader will not find "
+                    "the checkpoints (see the README, Event Hubs)")
+    starting: str | datetime = section.starting_position
+    if starting not in ("earliest", "latest"):
+        starting = datetime.fromisoformat(section.starting_position)
+    checkpoint_secret = section.checkpoint_connection_string
+    settings = EventHubsSettings(
+        hub=hub,
+        connection_string=secret,
+        fully_qualified_namespace=section.fully_qualified_namespace,
+        consumer_group=section.consumer_group,
+        checkpoint_connection_string=checkpoint_secret.get_secret_value() if checkpoint_secret is not None else None,
+        checkpoint_account_url=section.checkpoint_account_url,
+        checkpoint_container=section.checkpoint_container,
+        starting_position=starting,
+        max_batch_size=section.max_batch_size,
+        prefetch=section.prefetch,
+        load_balancing_interval_s=section.load_balancing_interval_s,
+        ownership_expiration_s=section.ownership_expiration_s,
+        load_balancing_strategy=section.load_balancing_strategy,
+    )
+    source = EventHubsSource(settings, stats=stats)
+    stats.owned_partitions = lambda: source.owned_partitions
+    return source
+
+
+def _connection_string_field(text: str, name: str) -> str | None:
+    for part in text.split(";"):
+        key, _, value = part.partition("=")
+        if key.strip().lower() == name.lower():
+            return value.strip()
+    return None
 
 
 def build_handlers(config: RelayConfig, extra: list[Handler] | None = None) -> list[Handler]:

@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -56,6 +56,9 @@ class PipelineConfig(_Section):
     max_in_flight_records: int = Field(10_000, ge=1, description="Records read but not finished, at most")
     max_in_flight_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Bytes of such records, at most")
     checkpoint_interval_s: float = Field(5.0, gt=0, description="Seconds between checkpoints")
+    checkpoint_every_records: int | None = Field(
+        None, ge=1, description="Also checkpoint once this many records finished since the last one"
+    )
     shutdown_timeout_s: float = Field(30.0, gt=0, description="Seconds to drain in-flight work on SIGTERM")
 
 
@@ -95,6 +98,67 @@ class KinesisConfig(_Section):
         return self
 
 
+class EventHubsConfig(_Section):
+    """Used when source = "eventhubs:HUB". Either SAS connection strings, or a namespace and an
+    account URL with an Azure credential (needs the azure-identity extra)."""
+
+    connection_string: SecretStr | None = Field(
+        None, description="Endpoint=sb://NS.servicebus.windows.net/;SharedAccessKeyName=...;SharedAccessKey=..."
+    )
+    fully_qualified_namespace: str | None = Field(None, description="NS.servicebus.windows.net, with an Azure credential")
+    consumer_group: str = Field("$Default", min_length=1)
+    checkpoint_connection_string: SecretStr | None = Field(None, description="Storage account connection string")
+    checkpoint_account_url: str | None = Field(None, description="https://ACCOUNT.blob.core.windows.net, with an Azure credential")
+    checkpoint_container: str = Field("segment-relay-checkpoints", min_length=3, max_length=63)
+    starting_position: str = Field("earliest", description="No checkpoint yet: earliest | latest | an ISO-8601 time")
+    max_batch_size: int = Field(300, ge=1, description="Events per batch from the SDK")
+    prefetch: int = Field(300, ge=1, description="Events the SDK fetches ahead, per partition")
+    load_balancing_interval_s: float = Field(10.0, gt=0, description="How often a replica checks partition ownership")
+    ownership_expiration_s: float | None = Field(None, gt=0, description="Default: 6 x load_balancing_interval_s")
+    load_balancing_strategy: Literal["greedy", "balanced"] = "greedy"
+
+    @field_validator("starting_position")
+    @classmethod
+    def _position(cls, value: str) -> str:
+        if value in ("earliest", "latest"):
+            return value
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("use earliest, latest or an ISO-8601 time such as 2026-11-25T00:00:00Z") from None
+        if moment.tzinfo is None:
+            raise ValueError("give the time zone, e.g. 2026-11-25T00:00:00Z")
+        return value
+
+    @field_validator("checkpoint_container")
+    @classmethod
+    def _container(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9]))*", value):
+            raise ValueError("a blob container name is 3-63 lower-case letters, digits and single hyphens")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EventHubsConfig:
+        if self.ownership_expiration_s is not None and self.ownership_expiration_s <= self.load_balancing_interval_s:
+            raise ValueError("ownership_expiration_s must be longer than load_balancing_interval_s")
+        return self
+
+    def check_for_source(self) -> None:
+        """Completeness, checked only when the Event Hubs source is chosen."""
+        if (self.connection_string is None) == (self.fully_qualified_namespace is None):
+            raise ValueError(
+                "set exactly one of eventhubs.connection_string (SAS; env SEGMENT_RELAY_EVENTHUBS__CONNECTION_STRING) "
+                "or eventhubs.fully_qualified_namespace (with an Azure credential)"
+            )
+        if (self.checkpoint_connection_string is None) == (self.checkpoint_account_url is None):
+            raise ValueError(
+                "set exactly one of eventhubs.checkpoint_connection_string or eventhubs.checkpoint_account_url: "
+                "the Blob storage that keeps checkpoints and partition ownership"
+            )
+
+
 class RelayConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -103,7 +167,7 @@ class RelayConfig(BaseSettings):
         enable_decoding=False,
     )
 
-    source: str = Field("file:-", description="file:PATH | file:- (stdin) | kinesis:STREAM")
+    source: str = Field("file:-", description="file:PATH | file:- (stdin) | kinesis:STREAM | eventhubs:HUB")
     state: str = Field("sqlite:segment-relay.sqlite", description="memory | sqlite:PATH | dynamodb:TABLE | redis://HOST:PORT/DB")
     handlers: list[str] = Field(default_factory=lambda: ["log"])
     dead_letter: str = Field("dead-letter.jsonl", description="JSONL file for invalid records and failed changes")
@@ -117,6 +181,7 @@ class RelayConfig(BaseSettings):
     pipeline: PipelineConfig = Field(default_factory=lambda: PipelineConfig())
     retry: RetryConfig = Field(default_factory=lambda: RetryConfig())
     kinesis: KinesisConfig = Field(default_factory=lambda: KinesisConfig())
+    eventhubs: EventHubsConfig = Field(default_factory=lambda: EventHubsConfig())
 
     _split = field_validator("handlers", "segments", mode="before")(classmethod(lambda cls, v: _split_list(v)))
 
@@ -129,9 +194,15 @@ class RelayConfig(BaseSettings):
     @classmethod
     def _check_source(cls, value: str) -> str:
         kind, _, arg = value.partition(":")
-        if kind not in ("file", "kinesis") or not arg:
-            raise ValueError("use file:PATH, file:- (stdin) or kinesis:STREAM (a name or an ARN)")
+        if kind not in ("file", "kinesis", "eventhubs") or not arg:
+            raise ValueError("use file:PATH, file:- (stdin), kinesis:STREAM (a name or an ARN) or eventhubs:HUB")
         return value
+
+    @model_validator(mode="after")
+    def _source_settings(self) -> RelayConfig:
+        if self.source.startswith("eventhubs:"):
+            self.eventhubs.check_for_source()
+        return self
 
     @field_validator("state")
     @classmethod
@@ -180,6 +251,10 @@ def secrets_in(config: RelayConfig) -> list[str]:
     from .consumer.state.redis import url_password
 
     found: list[str] = []
+    for secret in (config.eventhubs.connection_string, config.eventhubs.checkpoint_connection_string):
+        if secret is not None:
+            found.append(secret.get_secret_value())
+            found.extend(_connection_string_keys(secret.get_secret_value()))
     if config.state.startswith(("redis://", "rediss://")):
         state_password = url_password(config.state)
         if state_password:
@@ -203,6 +278,16 @@ def secrets_in(config: RelayConfig) -> list[str]:
             found.extend(value for _, value in parse_qsl(parts.query) if value)
         found.extend(segment for segment in parts.path.split("/") if len(segment) >= 12)  # path tokens
     return found
+
+
+def _connection_string_keys(text: str) -> list[str]:
+    """The key parts of an Azure connection string (SharedAccessKey=..., AccountKey=..., SharedAccessSignature=...)."""
+    keys = []
+    for part in text.split(";"):
+        name, _, value = part.partition("=")
+        if value and name.strip().lower() in ("sharedaccesskey", "accountkey", "sharedaccesssignature"):
+            keys.append(value.strip())
+    return keys
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RelayConfig:
@@ -237,6 +322,9 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
         field = ".".join(str(part) for part in error["loc"])
         env_name = ENV_PREFIX + "__".join(str(part) for part in error["loc"]).upper()
         message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:  # a rule across fields: its message names them
+            lines.append(message)
+            continue
         if error["type"] == "extra_forbidden":
             lines.append(f"config field '{field}': unknown field; check its spelling against the README's config reference")
             continue

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -33,6 +34,7 @@ class PipelineSettings:
     max_in_flight_records: int = 10_000
     max_in_flight_bytes: int = 64 * 1024 * 1024
     checkpoint_interval_s: float = 5.0
+    checkpoint_every_records: int | None = None  # also checkpoint once this many records finished
     shutdown_timeout_s: float = 30.0
     record_retry_backoff_s: float = 0.1  # first wait before a record whose processing raised is retried
     segment_filter: frozenset[str] | None = None
@@ -75,6 +77,8 @@ class Pipeline:
             self._process, self.settings.concurrency, retry_backoff_s=self.settings.record_retry_backoff_s
         )
         self._checkpoint_lock = asyncio.Lock()
+        self._checkpoint_due = asyncio.Event()  # set when checkpoint_every_records finished since the last one
+        self._finished_since_checkpoint = 0
         self._stopping = asyncio.Event()
         self.running = False
 
@@ -201,6 +205,10 @@ class Pipeline:
         self._watermarks[record.partition].finish(ticket)
         self._limit.release(len(record.data))
         self.stats.records_finished += 1
+        self._finished_since_checkpoint += 1
+        every = self.settings.checkpoint_every_records
+        if every is not None and self._finished_since_checkpoint >= every:
+            self._checkpoint_due.set()
 
     @staticmethod
     def _changes(work: _Work, transitions: list[Transition]) -> list[SegmentChange]:
@@ -257,7 +265,10 @@ class Pipeline:
     # --- checkpoints ------------------------------------------------------------------
     async def _checkpoint_periodically(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.checkpoint_interval_s)
+            # The interval, or earlier once checkpoint_every_records have finished.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._checkpoint_due.wait(), self.settings.checkpoint_interval_s)
+            self._checkpoint_due.clear()
             try:
                 await self.checkpoint()
             except Exception:  # noqa: BLE001 - the next interval tries again
@@ -266,6 +277,7 @@ class Pipeline:
     async def checkpoint(self) -> None:
         """Commit every partition's low watermark, after making what lies below it durable."""
         async with self._checkpoint_lock:
+            self._finished_since_checkpoint = 0
             due = {
                 partition: mark.watermark
                 for partition, mark in self._watermarks.items()

@@ -33,6 +33,7 @@ class RelayStats:
         self.partitions: dict[str, dict[str, Any]] = {}
         self.in_flight: Any = None  # the pipeline's InFlightLimit (records, bytes), read at scrape time
         self.partition_lag_ms: dict[str, float] = {}  # e.g. Kinesis MillisBehindLatest, by shard
+        self.partition_lag_events: dict[str, int] = {}  # Event Hubs: newest sequence number - last read
         self.owned_partitions: Callable[[], Collection[str]] | None = None  # set by a source that shares work
         self.registry.register(_StatsCollector(self))
 
@@ -165,12 +166,20 @@ class _StatsCollector(Collector):
         yield checkpoint
         lag = GaugeMetricFamily(
             "segment_relay_partition_lag_milliseconds",
-            "How far reading is behind the newest record, by partition (Kinesis: MillisBehindLatest)",
+            "How far reading is behind the newest record, by partition (Kinesis: MillisBehindLatest; Event Hubs: enqueued-time gap)",
             labels=["partition"],
         )
         for partition, millis in s.partition_lag_ms.items():
             lag.add_metric([partition], millis)
         yield lag
+        lag_events = GaugeMetricFamily(
+            "segment_relay_partition_lag_events",
+            "Events enqueued after the last one read, by partition (Event Hubs)",
+            labels=["partition"],
+        )
+        for partition, events in s.partition_lag_events.items():
+            lag_events.add_metric([partition], events)
+        yield lag_events
         if s.owned_partitions is not None:
             yield GaugeMetricFamily(
                 "segment_relay_partitions_owned", "Shards or partitions this replica owns now",

@@ -1,0 +1,106 @@
+"""Builds the SDK's consumer client and Blob checkpoint store from settings, and turns the
+errors that stop a relay from starting into one clear line."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from ....errors import StartupError
+from .settings import EventHubsSettings
+
+_DEFAULT_CREDENTIAL_HINT = (
+    "the Azure credential needs azure-identity: pip install 'segment-relay[azure-identity]' "
+    "(or set eventhubs.connection_string and eventhubs.checkpoint_connection_string instead)"
+)
+
+
+def default_credential() -> Any:
+    """azure-identity's DefaultAzureCredential (workload identity, managed identity, env, CLI).
+    It is imported only here: connection strings need no extra package."""
+    try:
+        from azure.identity.aio import DefaultAzureCredential
+    except ImportError:
+        raise StartupError(_DEFAULT_CREDENTIAL_HINT) from None
+    return DefaultAzureCredential()
+
+
+class Clients(contextlib.AsyncExitStack):
+    """The consumer client and checkpoint store of one source; closing it closes both (and an
+    owned credential)."""
+
+    consumer: Any
+    checkpoint_store: Any
+
+
+async def open_clients(settings: EventHubsSettings) -> Clients:
+    from azure.eventhub.aio import EventHubConsumerClient
+    from azure.eventhub.extensions.checkpointstoreblobaio import BlobCheckpointStore
+
+    clients = Clients()
+    credential = settings.credential
+    needs_credential = settings.connection_string is None or settings.checkpoint_connection_string is None
+    if credential is None and needs_credential:
+        credential = default_credential()
+        clients.push_async_callback(credential.close)
+    if settings.checkpoint_connection_string is not None:
+        store = BlobCheckpointStore.from_connection_string(
+            settings.checkpoint_connection_string, settings.checkpoint_container
+        )
+    else:
+        assert settings.checkpoint_account_url is not None  # EventHubsSettings checks one of the two is set
+        store = BlobCheckpointStore(settings.checkpoint_account_url, settings.checkpoint_container, credential=credential)
+    clients.push_async_callback(store.close)
+    options: dict[str, Any] = {
+        "checkpoint_store": store,
+        "load_balancing_interval": settings.load_balancing_interval_s,
+        "partition_ownership_expiration_interval": settings.ownership_expiration,
+        "load_balancing_strategy": settings.load_balancing_strategy,
+        **settings.client_options,
+    }
+    try:
+        if settings.connection_string is not None:
+            consumer = EventHubConsumerClient.from_connection_string(
+                settings.connection_string, consumer_group=settings.consumer_group,
+                eventhub_name=settings.hub, **options,
+            )
+        else:
+            assert settings.fully_qualified_namespace is not None
+            consumer = EventHubConsumerClient(
+                settings.fully_qualified_namespace, settings.hub, settings.consumer_group, credential, **options
+            )
+    except ValueError as exc:  # a malformed connection string; the SDK's message never includes the key
+        await clients.aclose()
+        raise StartupError(f"eventhubs.connection_string is not a valid Event Hubs connection string: {exc}") from None
+    clients.push_async_callback(consumer.close)
+    clients.consumer = consumer
+    clients.checkpoint_store = store
+    return clients
+
+
+def explain(exc: BaseException, settings: EventHubsSettings, *, part: str) -> str:
+    """One line naming what is wrong and what to do. ``part`` is "event hub" or "checkpoint store"."""
+    name = type(exc).__name__
+    text = str(exc)
+    if part == "checkpoint store":
+        where = f"checkpoint container {settings.checkpoint_container!r}"
+        if name == "ResourceNotFoundError" or "ContainerNotFound" in text:
+            return f"{where} does not exist: create it (az storage container create -n {settings.checkpoint_container})"
+        if name in ("ClientAuthenticationError", "HttpResponseError") and ("403" in text or "Authorization" in text):
+            return f"{where}: access denied; the identity needs 'Storage Blob Data Contributor' on it"
+        if name == "ServiceRequestError":
+            return f"{where}: cannot reach the blob endpoint ({_first_line(text)}); check the account URL and network"
+        return f"{where}: {name}: {_first_line(text)}"
+    hub = f"event hub {settings.hub!r}"
+    lowered = text.lower()
+    if "not-found" in lowered or "notfound" in lowered or "404" in text or "could not be found" in lowered:
+        return f"{hub} was not found in the namespace: check the source name and eventhubs.connection_string"
+    if name == "AuthenticationError" or "unauthorized" in lowered or "auth-failed" in lowered:
+        return f"{hub}: authentication failed; check the key or that the identity has 'Azure Event Hubs Data Receiver'"
+    if name == "ConnectError" or "connection" in lowered:
+        return f"{hub}: cannot connect to the namespace ({_first_line(text)}); check the endpoint and network"
+    return f"{hub}: {name}: {_first_line(text)}"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:300] if text.strip() else "no detail"

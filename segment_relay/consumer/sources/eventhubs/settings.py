@@ -1,0 +1,78 @@
+"""Settings of the Event Hubs source (filled from the [eventhubs] config section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+
+class EventPosition(NamedTuple):
+    """Where an event sits in its partition, as the pipeline tracks it.
+
+    A checkpoint needs both the sequence number and the offset. ``generation`` counts how
+    often this replica has taken the partition: a position read under an earlier ownership
+    must never be checkpointed under a later one (another replica may have moved on since).
+    Printed (dead letters, handler changes) and graphed, it is the sequence number.
+    """
+
+    sequence_number: int
+    offset: str
+    generation: int
+
+    def __str__(self) -> str:
+        return str(self.sequence_number)
+
+    def __float__(self) -> float:
+        return float(self.sequence_number)
+
+
+class StartingPosition:
+    """Where a partition with no checkpoint starts: ``earliest``, ``latest`` or a time.
+    A checkpoint always wins over it."""
+
+    EARLIEST = "earliest"
+    LATEST = "latest"
+
+    @staticmethod
+    def for_sdk(value: str | datetime) -> str | datetime:
+        """The SDK's spelling: "-1" is the start of the retained events, "@latest" the end."""
+        if isinstance(value, datetime):
+            return value
+        if value == StartingPosition.EARLIEST:
+            return "-1"
+        if value == StartingPosition.LATEST:
+            return "@latest"
+        raise ValueError(f"unknown starting position {value!r}: use earliest, latest or an ISO-8601 time")
+
+
+@dataclass(frozen=True)
+class EventHubsSettings:
+    hub: str
+    # Either a connection string (SAS) or a namespace plus an Azure credential. Secrets stay out of repr.
+    connection_string: str | None = field(default=None, repr=False)
+    fully_qualified_namespace: str | None = None
+    consumer_group: str = "$Default"
+    checkpoint_connection_string: str | None = field(default=None, repr=False)
+    checkpoint_account_url: str | None = None
+    checkpoint_container: str = "segment-relay-checkpoints"
+    starting_position: str | datetime = StartingPosition.EARLIEST
+    max_batch_size: int = 300  # events per callback from the SDK
+    prefetch: int = 300  # events the SDK asks the service for ahead of the callback, per partition
+    load_balancing_interval_s: float = 10.0
+    ownership_expiration_s: float | None = None  # None: 6 x load_balancing_interval_s (the SDK's rule)
+    load_balancing_strategy: str = "greedy"  # greedy | balanced
+    # For embedding and tests: an azure.core AsyncTokenCredential used instead of azure-identity's
+    # DefaultAzureCredential, and extra keyword arguments for the SDK clients.
+    credential: Any = field(default=None, repr=False, compare=False)
+    client_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.connection_string is None) == (self.fully_qualified_namespace is None):
+            raise ValueError("give exactly one of connection_string or fully_qualified_namespace")
+        if (self.checkpoint_connection_string is None) == (self.checkpoint_account_url is None):
+            raise ValueError("give exactly one of checkpoint_connection_string or checkpoint_account_url")
+
+    @property
+    def ownership_expiration(self) -> float:
+        return self.ownership_expiration_s if self.ownership_expiration_s is not None else 6 * self.load_balancing_interval_s

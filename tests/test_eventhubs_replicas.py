@@ -1,0 +1,214 @@
+"""Several replicas sharing one event hub, as separate `segment-relay run` processes.
+
+The emulator runs in its own process (python -m segment_relay.testing.eventhubs), Azurite keeps
+the checkpoints and ownership blobs, and the replicas share one sqlite state file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from azure.storage.blob.aio import BlobServiceClient
+
+from segment_relay.testing.azure import Azurite
+from segment_relay.testing.eventhubs.process import EmulatorProcess, start_emulator_process
+from segment_relay.testing.eventhubs.produce import send_exports
+from segment_relay.testing.exports import StreamSpec, expected_changes, generate
+
+CLI = [sys.executable, "-m", "segment_relay.cli"]
+HUB = "exports"
+LOAD_BALANCING_S = 0.5
+Change = tuple[str, str, str, str]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def changes_in(paths: list[Path]) -> Counter[Change]:
+    found: Counter[Change] = Counter()
+    for path in paths:
+        if path.exists():
+            for line in path.read_bytes().splitlines():
+                if line.strip():
+                    c = json.loads(line)
+                    found[(c["profile_key"], c["segment_id"], c["change"], c["qualified_at"])] += 1
+    return found
+
+
+@pytest.fixture
+def emulator() -> Iterator[EmulatorProcess]:
+    server = start_emulator_process({HUB: 4})
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path, emulator: EmulatorProcess, azurite: Azurite, checkpoint_interval_s: float) -> None:
+        self.tmp_path = tmp_path
+        self.emulator = emulator
+        self.azurite = azurite
+        self.container = f"checkpoints-{uuid.uuid4().hex[:12]}"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.checkpoint_interval_s = checkpoint_interval_s
+        asyncio.run(self._blobs(create=True))
+
+    def output(self, name: str) -> Path:
+        return self.tmp_path / f"changes-{name}.jsonl"
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [self.output(name) for name in self.processes]
+
+    def start(self, name: str) -> None:
+        config = self.tmp_path / f"{name}.toml"
+        config.write_text(f"""
+source = "eventhubs:{HUB}"
+state = "sqlite:{self.tmp_path / 'state.sqlite'}"
+handlers = ["jsonl:{self.output(name)}"]
+dead_letter = "{self.tmp_path / f'dl-{name}.jsonl'}"
+
+[pipeline]
+checkpoint_interval_s = {self.checkpoint_interval_s}
+
+[eventhubs]
+connection_string = "{self.emulator.connection_string(HUB)}"
+checkpoint_connection_string = "{self.azurite.connection_string}"
+checkpoint_container = "{self.container}"
+load_balancing_interval_s = {LOAD_BALANCING_S}
+""")
+        self.processes[name] = subprocess.Popen(
+            [*CLI, "run", "--config", str(config)], cwd=self.tmp_path,
+            stdout=subprocess.DEVNULL, stderr=open(self.tmp_path / f"{name}.log", "wb"),
+        )
+
+    async def _blobs(self, create: bool = False) -> dict[str, dict[str, dict[str, str]]]:
+        found: dict[str, dict[str, dict[str, str]]] = {"ownership": {}, "checkpoint": {}}
+        async with BlobServiceClient.from_connection_string(self.azurite.connection_string) as service:
+            if create:
+                await service.create_container(self.container)
+                return found
+            async for blob in service.get_container_client(self.container).list_blobs(include=["metadata"]):
+                kind, pid = blob.name.rsplit("/", 2)[-2:]
+                found[kind][pid] = dict(blob.metadata or {})
+        return found
+
+    def owners(self) -> Counter[str]:
+        """Partitions per owner id (the SDK's own uuid per replica), from the ownership blobs."""
+        ownership = asyncio.run(self._blobs())["ownership"]
+        return Counter(meta["ownerid"] for meta in ownership.values() if meta.get("ownerid"))
+
+    def checkpoints(self) -> dict[str, int]:
+        return {pid: int(meta["sequencenumber"]) for pid, meta in asyncio.run(self._blobs())["checkpoint"].items()}
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+
+    def summary(self, name: str) -> dict[str, int]:
+        """The totals a replica logs when it stops."""
+        for line in reversed(self.log(name).splitlines()):
+            if '"relay stopped"' in line:
+                return json.loads(line)
+        raise AssertionError(f"no 'relay stopped' line in {name}'s log:\n{self.log(name)[-3000:]}")
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, emulator: EmulatorProcess, azurite: Azurite) -> Iterator[Callable[..., Cluster]]:
+    clusters: list[Cluster] = []
+
+    def make(checkpoint_interval_s: float = 0.2) -> Cluster:
+        cluster = Cluster(tmp_path, emulator, azurite, checkpoint_interval_s)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.stop_all()
+
+
+def load(emulator: EmulatorProcess, records: list[bytes]) -> None:
+    asyncio.run(send_exports(emulator.connection_string(HUB), HUB, records))
+
+
+def test_two_replicas_split_four_partitions_and_one_takes_all_when_the_other_stops(
+    emulator: EmulatorProcess, make_cluster: Callable[..., Cluster]
+) -> None:
+    records = list(generate(StreamSpec(seed=61, profiles=150, records=2000)))
+    first, second = records[:1000], records[1000:]
+    load(emulator, first)
+    cluster = make_cluster()
+    cluster.start("a")
+    cluster.start("b")
+    wait_for(lambda: sorted(cluster.owners().values()) == [2, 2], "two replicas to own 2 partitions each")
+    truth_first = Counter(expected_changes(first).changes)
+    wait_for(lambda: not truth_first - changes_in(cluster.outputs), "every change of the first half")
+
+    cluster.processes["b"].send_signal(signal.SIGTERM)
+    assert cluster.processes["b"].wait(timeout=60) == 0, cluster.log("b")
+    # Closing released b's ownerships: a claims them at its next load-balancing cycles.
+    wait_for(lambda: list(cluster.owners().values()) == [4], "the remaining replica to own all 4",
+             timeout_s=30 * LOAD_BALANCING_S + 30)
+    load(emulator, second)
+    truth = Counter(expected_changes(records).changes)
+    wait_for(lambda: not truth - changes_in(cluster.outputs), "every change of the whole hub")
+    emitted = changes_in(cluster.outputs)
+    assert set(emitted) == set(truth), "a change was lost or invented"
+    # The hand-over was graceful: b checkpointed what it finished before releasing its partitions.
+    assert sum(emitted.values()) == sum(truth.values()), emitted - truth
+    cluster.processes["a"].send_signal(signal.SIGTERM)
+    assert cluster.processes["a"].wait(timeout=60) == 0, cluster.log("a")
+
+
+def test_after_a_kill_a_restart_replays_only_what_followed_the_last_checkpoint(
+    emulator: EmulatorProcess, make_cluster: Callable[..., Cluster]
+) -> None:
+    records = list(generate(StreamSpec(seed=62, profiles=200, records=5000)))
+    load(emulator, records)
+    cluster = make_cluster(checkpoint_interval_s=0.5)
+    cluster.start("a")
+    wait_for(lambda: len(cluster.checkpoints()) == 4, "a checkpoint of every partition")
+    cluster.processes["a"].send_signal(signal.SIGKILL)
+    cluster.processes["a"].wait(timeout=10)
+    at_kill = cluster.checkpoints()
+    ends = {pid: n - 1 for pid, n in Counter(partition_of_each(records)).items()}
+    not_checkpointed = sum(ends[pid] - seq for pid, seq in at_kill.items())
+    assert not_checkpointed > 0  # killed mid-way, with work finished but not yet checkpointed
+
+    cluster.start("b")  # the killed replica's ownerships expire after 6 load-balancing intervals
+    truth = Counter(expected_changes(records).changes)
+    wait_for(lambda: not truth - changes_in(cluster.outputs), "every change after the restart")
+    wait_for(lambda: cluster.checkpoints() == ends, "the final checkpoints")
+    cluster.processes["b"].send_signal(signal.SIGTERM)
+    assert cluster.processes["b"].wait(timeout=60) == 0, cluster.log("b")
+    assert cluster.summary("b")["records"] == not_checkpointed  # not one event before the checkpoints
+    assert set(changes_in(cluster.outputs)) == set(truth)
+
+
+def partition_of_each(records: list[bytes]) -> list[str]:
+    from segment_relay.testing.eventhubs.server import partition_for_key
+    from segment_relay.testing.kinesis import partition_key_of
+
+    return [partition_for_key(partition_key_of(record), ["0", "1", "2", "3"]) for record in records]
