@@ -311,3 +311,15 @@ def test_handler_latency_histogram_is_cumulative_with_le_semantics() -> None:
     assert 'segment_relay_handler_latency_seconds_count{handler="noop",outcome="ok"} 4.0' in text
     assert 'segment_relay_handler_latency_seconds_count{handler="noop",outcome="error"} 1.0' in text
     assert 'segment_relay_handler_failures_total{handler="noop"} 1.0' in text
+
+
+def test_cloud_sdks_say_only_warnings_unless_debugging(log_stream: io.StringIO) -> None:
+    configure_logging("INFO", stream=log_stream)
+    logging.getLogger("azure.eventhub._pyamqp.aio._link_async").info("Link state changed")
+    logging.getLogger("azure.eventhub").warning("kept")
+    logging.getLogger("segment_relay.test").info("ours")
+    assert [line["msg"] for line in lines(log_stream)] == ["kept", "ours"]
+    configure_logging("DEBUG", stream=log_stream)
+    logging.getLogger("azure.eventhub._pyamqp.aio._link_async").debug("frame")
+    assert [line["msg"] for line in lines(log_stream)][-1] == "frame"
+    configure_logging("INFO", stream=io.StringIO())

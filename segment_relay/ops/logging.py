@@ -170,6 +170,9 @@ class TextFormatter(logging.Formatter):
         return f"{first} {fields}{sep}{rest}"
 
 
+_CHATTY_LIBRARIES = ("azure", "botocore", "aiobotocore", "urllib3")
+
+
 def configure_logging(
     level: str | int = "INFO",
     *,
@@ -193,3 +196,8 @@ def configure_logging(
     handler.addFilter(SecretRedactingFilter(secrets))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    # The cloud SDKs log every connection, link and HTTP request at INFO: the relay's own
+    # lines say what matters. Their detail comes back with DEBUG.
+    library_level = logging.NOTSET if root.level <= logging.DEBUG else max(root.level, logging.WARNING)
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(library_level)
