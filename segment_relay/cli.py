@@ -12,6 +12,7 @@ import typer
 
 from .config import ConfigError, load_config, secrets_in
 from .errors import StartupError
+from .provisioning.cli import app as provision_app
 
 app = typer.Typer(
     help="Consume Adobe Real-Time CDP segment exports and call handlers on real enter/exit changes.",
@@ -29,8 +30,8 @@ def _fail(message: str, code: int = 2) -> None:
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (or $SEGMENT_RELAY_CONFIG)")] = None,
-    source: Annotated[str | None, typer.Option(help="file:PATH, file:- for stdin, or kinesis:STREAM")] = None,
-    state: Annotated[str | None, typer.Option(help="memory, sqlite:PATH or dynamodb:TABLE")] = None,
+    source: Annotated[str | None, typer.Option(help="file:PATH, file:- for stdin, kinesis:STREAM or eventhubs:HUB")] = None,
+    state: Annotated[str | None, typer.Option(help="memory, sqlite:PATH, dynamodb:TABLE or redis://HOST:PORT/DB")] = None,
     handler: Annotated[list[str] | None, typer.Option("--handler", "-H", help="log | jsonl:PATH | webhook:URL | NAME[:ARG] | module:attr; repeatable")] = None,
     dead_letter: Annotated[str | None, typer.Option("--dead-letter", help="JSONL file for invalid records and failed changes")] = None,
     segments: Annotated[str | None, typer.Option(help="Comma-separated segment ids to keep; others are ignored")] = None,
@@ -120,6 +121,9 @@ def demo(
 
     code = run_demo(records=records, profiles=profiles, seed=seed, quiet=quiet, metrics_port=metrics_port)
     raise typer.Exit(code)
+
+
+app.add_typer(provision_app, name="provision")
 
 
 def main() -> None:

@@ -1,0 +1,17 @@
+"""Errors of the provisioning commands: each one line that says what failed and what to do."""
+
+from __future__ import annotations
+
+
+class ProvisioningError(Exception):
+    """Provisioning cannot go on; the message is meant for a person."""
+
+
+class AdobeApiError(ProvisioningError):
+    """An Adobe API answered with an error (after retries, where retrying made sense)."""
+
+    def __init__(self, message: str, *, status: int, request_id: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.request_id = request_id
+        self.code = code

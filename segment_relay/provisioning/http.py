@@ -1,0 +1,195 @@
+"""Calls to Adobe Experience Platform APIs: the headers every call needs, retries with backoff on
+throttling and server errors, and Adobe's error bodies turned into one line with the request id."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin
+
+import aiohttp
+
+from .errors import AdobeApiError, ProvisioningError
+from .ims import ImsClient
+
+DEFAULT_PLATFORM_URL = "https://platform.adobe.io"
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+# What a 403 means in Adobe's words and what to do about it.
+_PERMISSION_HINT = (
+    "add the API credential to a role with the permissions this needs (View/Manage/Activate Destinations, "
+    "View Profiles, View Segments) in Adobe Experience Platform → Permissions → Roles → API credentials"
+)
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    attempts: int = 5
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    max_retry_after_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: Any  # parsed JSON, or None for an empty body
+    headers: dict[str, str]
+
+
+class PlatformHttp:
+    """One sandbox of one organization, as one API credential sees it."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        ims: ImsClient,
+        *,
+        org_id: str,
+        sandbox: str,
+        platform_url: str = DEFAULT_PLATFORM_URL,
+        retry: RetrySettings | None = None,
+    ) -> None:
+        self._session = session
+        self._ims = ims
+        self.org_id = org_id
+        self.sandbox = sandbox
+        self.platform_url = platform_url.rstrip("/")
+        self.retry = retry or RetrySettings()
+        self.retries = 0  # how many calls were repeated (throttling, server errors, an expired token)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Any = None,
+        params: list[tuple[str, str]] | dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        retry_server_errors: bool = True,
+    ) -> Response:
+        """``url`` is absolute or a path under the platform URL. A 2xx comes back; anything
+        else raises AdobeApiError. 429 is always retried (honouring Retry-After); 5xx only when
+        ``retry_server_errors`` (a create is retried by its caller, who first looks for what a
+        failed call may have created)."""
+        full_url = url if url.startswith(("http://", "https://")) else self.platform_url + url
+        attempt = 0
+        refreshed_token = False
+        while True:
+            attempt += 1
+            call_headers = {
+                "Authorization": f"Bearer {await self._ims.token()}",
+                "x-api-key": self._ims.client_id,
+                "x-gw-ims-org-id": self.org_id,
+                "x-sandbox-name": self.sandbox,
+                "Accept": "application/json",
+                **(headers or {}),
+            }
+            if json is not None:
+                call_headers["Content-Type"] = "application/json"
+            try:
+                async with self._session.request(method, full_url, json=json, params=params, headers=call_headers) as raw:
+                    status = raw.status
+                    text = await raw.text()
+                    response_headers = {k.lower(): v for k, v in raw.headers.items()}
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if attempt >= self.retry.attempts:
+                    raise ProvisioningError(f"{method} {_path(full_url)}: cannot reach Adobe: {type(exc).__name__} {exc}") from None
+                await self.backoff(attempt, None)
+                continue
+            body = _parse(text)
+            if 200 <= status < 300:
+                return Response(status, body, response_headers)
+            if status == 401 and not refreshed_token:
+                self._ims.invalidate()  # expired or revoked early: one new token, then give up
+                refreshed_token = True
+                self.retries += 1
+                continue
+            retriable = status == 429 or (status in RETRIED_STATUSES and retry_server_errors)
+            if retriable and attempt < self.retry.attempts:
+                await self.backoff(attempt, response_headers.get("retry-after"))
+                continue
+            raise error_from(method, full_url, status, body, response_headers)
+
+    async def backoff(self, attempt: int, retry_after: str | None) -> None:
+        self.retries += 1
+        delay = min(self.retry.max_backoff_s, self.retry.initial_backoff_s * 2 ** (attempt - 1))
+        delay = random.uniform(delay / 2, delay)  # jitter: replicas of a script do not retry in step
+        if retry_after is not None:
+            try:
+                delay = max(delay, min(float(retry_after), self.retry.max_retry_after_s))
+            except ValueError:
+                pass  # an HTTP date: rare here, the backoff is fine
+        await asyncio.sleep(delay)
+
+    async def pages(self, path: str, *, params: list[tuple[str, str]] | None = None, items_key: str = "items") -> list[Any]:
+        """Every item of a list, following ``_links.next.href`` until there is none."""
+        found: list[Any] = []
+        url: str | None = self.platform_url + path
+        query: list[tuple[str, str]] | None = params
+        seen: set[str] = set()
+        while url is not None:
+            response = await self.request("GET", url, params=query)
+            body = response.body or {}
+            found.extend(body.get(items_key) or [])
+            href = ((body.get("_links") or {}).get("next") or {}).get("href")
+            if not href or href in seen:  # a server repeating a page must not loop us forever
+                break
+            seen.add(href)
+            url = self._resolve(path, href)
+            query = None  # the next link carries the whole query
+        return found
+
+    def _resolve(self, path: str, href: str) -> str:
+        """Next links are absolute, absolute paths, or relative to the service's base path."""
+        if href.startswith(("http://", "https://")):
+            return href
+        service = path.rsplit("/", 1)[0]  # e.g. /data/foundation/flowservice
+        if href.startswith(service) or not href.startswith("/"):
+            return urljoin(self.platform_url + path, href)
+        return self.platform_url + service + href
+
+
+def _parse(text: str) -> Any:
+    if not text:
+        return None
+    import orjson
+
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {"message": text[:300]}
+
+
+def _path(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).path
+
+
+def error_from(method: str, url: str, status: int, body: Any, headers: dict[str, str]) -> AdobeApiError:
+    """One line out of Adobe's several error shapes: the gateway's {error_code, message}, Flow
+    Service's RFC-7807-like {title, status, report{detailed-message, request-id}, errorMessage,
+    errorDetails} and older {errorMessage, errorDetails}."""
+    body = body if isinstance(body, dict) else {}
+    report = body.get("report") if isinstance(body.get("report"), dict) else {}
+    code = body.get("error_code") or body.get("code") or body.get("type")
+    summary = body.get("title") or body.get("message") or body.get("errorMessage") or body.get("error")
+    detail = report.get("detailed-message") or body.get("errorDetails") or body.get("detail")
+    if isinstance(detail, dict | list):
+        detail = str(detail)
+    request_id = report.get("request-id") or headers.get("x-request-id") or body.get("request-id")
+    parts = [f"{method} {_path(url)}: {status}"]
+    if summary:
+        parts.append(f" {summary}")
+    if detail and detail != summary:
+        parts.append(f": {detail}")
+    if status == 403:
+        parts.append(f"; {_PERMISSION_HINT}")
+    if status == 412:
+        parts.append("; the entity changed since it was read (etag)")
+    if request_id:
+        parts.append(f" (request id {request_id})")
+    return AdobeApiError("".join(parts), status=status, request_id=request_id, code=str(code) if code else None)

@@ -1,0 +1,95 @@
+"""Adobe IMS OAuth server-to-server tokens (client credentials), cached and renewed before they expire.
+
+There is no refresh token in this grant: a new token is requested with the same credentials
+once the cached one is within ``refresh_margin_s`` of its ``expires_in`` (seconds, about 24 h).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+from pydantic import SecretStr
+
+from .errors import ProvisioningError
+
+DEFAULT_IMS_URL = "https://ims-na1.adobelogin.com"
+DEFAULT_SCOPES = ("openid", "AdobeID", "read_organizations", "additional_info.projectedProductContext", "session")
+
+
+class ImsClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        client_id: str,
+        client_secret: SecretStr,
+        scopes: tuple[str, ...] | list[str] = DEFAULT_SCOPES,
+        ims_url: str = DEFAULT_IMS_URL,
+        secret_source: str = "the client secret",
+        refresh_margin_s: float = 300.0,
+    ) -> None:
+        """``secret_source`` names where the secret came from (e.g. "$ADOBE_CLIENT_SECRET") so
+        that a refusal can say what to fix without showing the secret."""
+        self._session = session
+        self.client_id = client_id
+        self._client_secret = client_secret
+        self.scopes = tuple(scopes)
+        self.token_url = ims_url.rstrip("/") + "/ims/token/v3"
+        self._secret_source = secret_source
+        self._refresh_margin_s = refresh_margin_s
+        self._token: SecretStr | None = None
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+        self.tokens_issued = 0
+
+    def __repr__(self) -> str:
+        return f"ImsClient(client_id={self.client_id!r}, token_url={self.token_url!r})"
+
+    async def token(self) -> str:
+        """A valid access token, from the cache while it has more than the margin left."""
+        async with self._lock:
+            if self._token is None or time.monotonic() >= self._expires_at - self._refresh_margin_s:
+                await self._fetch()
+            assert self._token is not None
+            return self._token.get_secret_value()
+
+    def invalidate(self) -> None:
+        """Forget the cached token (the platform refused it): the next call fetches a new one."""
+        self._token = None
+
+    async def _fetch(self) -> None:
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self.client_id,
+            "client_secret": self._client_secret.get_secret_value(),
+            "scope": ",".join(self.scopes),
+        }
+        try:
+            async with self._session.post(self.token_url, data=form) as response:
+                body: Any = await response.json(content_type=None)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProvisioningError(f"cannot reach Adobe IMS at {self.token_url}: {type(exc).__name__} {exc}") from None
+        except ValueError:
+            raise ProvisioningError(f"Adobe IMS at {self.token_url} answered {status} with a body that is not JSON") from None
+        if status != 200 or not isinstance(body, dict) or "access_token" not in body:
+            error = body.get("error") if isinstance(body, dict) else None
+            description = body.get("error_description") if isinstance(body, dict) else None
+            if error in ("invalid_client", "unauthorized_client") or status == 401:
+                raise ProvisioningError(
+                    f"Adobe IMS refused the client credentials ({error or status}: {description or 'no detail'}): "
+                    f"check the client id {self.client_id!r} and {self._secret_source} "
+                    "(Developer Console → project → OAuth Server-to-Server)"
+                )
+            if error == "invalid_scope":
+                raise ProvisioningError(
+                    f"Adobe IMS refused the scopes {','.join(self.scopes)} ({description or 'invalid_scope'}): "
+                    "use the scopes the Developer Console lists for the credential"
+                )
+            raise ProvisioningError(f"Adobe IMS token request failed: {status} {error or ''} {description or ''}".strip())
+        self._token = SecretStr(str(body["access_token"]))
+        self._expires_at = time.monotonic() + float(body.get("expires_in", 86399))
+        self.tokens_issued += 1

@@ -1,0 +1,60 @@
+"""Segmentation Service: audiences (segment definitions) looked up by id or by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import AdobeApiError, ProvisioningError
+from .http import PlatformHttp
+
+BASE_PATH = "/data/core/ups"
+_PAGE = 100
+
+
+class Segmentation:
+    def __init__(self, http: PlatformHttp) -> None:
+        self.http = http
+        self._all: list[dict[str, Any]] | None = None
+
+    async def by_id(self, audience_id: str) -> dict[str, Any]:
+        try:
+            response = await self.http.request("GET", f"{BASE_PATH}/segment/definitions/{audience_id}")
+        except AdobeApiError as exc:
+            if exc.status == 404:
+                raise ProvisioningError(
+                    f"audience {audience_id!r} does not exist in sandbox {self.http.sandbox!r}: "
+                    "check the id (Audiences → the audience → its details) and the sandbox"
+                ) from None
+            raise
+        return dict(response.body or {})
+
+    async def by_name(self, name: str) -> dict[str, Any]:
+        """The one audience with exactly this name. The API has no name filter for segment
+        definitions, so all of them are listed (once per run) and matched here."""
+        matches = [segment for segment in await self.all() if segment.get("name") == name]
+        if not matches:
+            raise ProvisioningError(
+                f"no audience is named {name!r} in sandbox {self.http.sandbox!r}: check the spelling or use its id"
+            )
+        if len(matches) > 1:
+            ids = ", ".join(str(m.get("id")) for m in matches)
+            raise ProvisioningError(f"{len(matches)} audiences are named {name!r} ({ids}): give the id instead")
+        return matches[0]
+
+    async def all(self) -> list[dict[str, Any]]:
+        if self._all is None:
+            found: list[dict[str, Any]] = []
+            start = 0
+            while True:
+                response = await self.http.request(
+                    "GET", f"{BASE_PATH}/segment/definitions", params={"limit": str(_PAGE), "start": str(start)}
+                )
+                body = response.body or {}
+                page = list(body.get("segments") or [])
+                found.extend(page)
+                total = (body.get("page") or {}).get("totalCount")
+                start += len(page)
+                if not page or len(page) < _PAGE or (total is not None and start >= int(total)):
+                    break
+            self._all = found
+        return self._all
