@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.eventhub.amqp import AmqpMessageBodyType
 from azure.storage.blob.aio import BlobServiceClient
 from prometheus_client import generate_latest
 
@@ -312,6 +313,7 @@ class _Event:
         self.sequence_number = seq
         self.offset = str(seq * 100)
         self.body = iter([b'{"a":', b"1}"])  # data sections, as the SDK gives them
+        self.body_type = AmqpMessageBodyType.DATA
 
 
 class _Store:

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from azure.eventhub.amqp import AmqpMessageBodyType
 
 from ....errors import StartupError
 from ....ops.stats import RelayStats
@@ -28,6 +29,7 @@ from .settings import EventHubsSettings, EventPosition, StartingPosition
 
 log = logging.getLogger(__name__)
 
+_DATA = AmqpMessageBodyType.DATA
 _READ_AHEAD_EVENTS = 10_000  # per replica, across partitions, on top of the SDK's prefetch
 
 
@@ -44,6 +46,8 @@ def event_body(event: Any) -> bytes:
     """The raw bytes of an event: Adobe sends JSON as a data body; a string or other AMQP value
     body is turned into bytes so that the parser (not this source) judges it."""
     body = event.body
+    if type(body) is not bytes and event.body_type is _DATA:
+        return b"".join(body)  # the usual case: data sections
     if isinstance(body, bytes):
         return body
     if isinstance(body, str):
@@ -74,14 +78,20 @@ class EventHubsSource:
     # --- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         clients = self._clients = await open_clients(self.settings)
+        starting = StartingPosition.for_sdk(self.settings.starting_position)
+        # Receiving starts at once, beside the check: the check's management call opens a
+        # connection of its own (about 0.4 s), and the SDK's load balancer needs the same time.
+        self._receiving = asyncio.create_task(self._receive(clients, starting), name="eventhubs-receive")
         try:
             await self._check(clients)
         except BaseException:
+            self._stopping.set()
+            self._receiving.cancel()
+            await asyncio.gather(self._receiving, return_exceptions=True)
+            self._receiving = None
             await clients.aclose()
             self._clients = None
             raise
-        starting = StartingPosition.for_sdk(self.settings.starting_position)
-        self._receiving = asyncio.create_task(self._receive(clients, starting), name="eventhubs-receive")
         self.running = True
         log.info("event hubs source started", extra={
             "hub": self.settings.hub, "consumer_group": self.settings.consumer_group,
