@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -17,7 +18,29 @@ import pytest
 from azure.eventhub import EventData
 from azure.eventhub.aio import EventHubConsumerClient, EventHubProducerClient
 
-from segment_relay.testing.eventhubs.server import EventHubsEmulator, partition_for_key
+from segment_relay.testing.eventhubs.amqp import (
+    AMQP_HEADER,
+    Described,
+    Frame,
+    FrameReader,
+    Message,
+    Symbol,
+    Timestamp,
+    UInt,
+    composite,
+    decode_message,
+    encode_frame,
+    encode_message,
+    encode_value,
+)
+from segment_relay.testing.eventhubs.server import (
+    SELECTOR,
+    EventHubsEmulator,
+    _header_end,
+    partition_for_key,
+    runtime_metric_annotations,
+    transfer_performative,
+)
 
 HUB = "hub1"
 DEADLINE = 20.0
@@ -338,3 +361,246 @@ async def test_retention_evicts_oldest_events() -> None:
         assert props["last_enqueued_sequence_number"] == 4
         events = await receive(emu, 3, hub="r", starting_position="-1")
         assert [(e.sequence_number, e.body_as_str()) for e in events] == [(2, "e2"), (3, "e3"), (4, "e4")]
+
+
+# --------------------------------------------------------------------------------------
+# Runtime metrics (track_last_enqueued_event_properties)
+# --------------------------------------------------------------------------------------
+
+
+def test_hand_encoded_transfer_matches_the_codec() -> None:
+    for handle, small_id, settled, more in [(0, 0, True, False), (1, 255, False, True), (300, 256, True, True)]:
+        for delivery_id in (small_id, 0xFFFFFFFF):
+            tag = struct.pack(">I", delivery_id)
+            fast = transfer_performative(handle, delivery_id, tag, settled, more)
+            generic = encode_value(
+                composite(
+                    "transfer",
+                    handle=UInt(handle),
+                    delivery_id=UInt(delivery_id),
+                    delivery_tag=tag,
+                    message_format=UInt(0),
+                    settled=settled,
+                    more=more,
+                )
+            )
+            assert fast == generic
+
+
+def test_runtime_metric_section_decodes_and_goes_after_the_header() -> None:
+    section = runtime_metric_annotations(12345678901, 987654321098, 1_700_000_000_123, 1_700_000_000_456)
+    for header in (None, {"durable": True, "ttl": UInt(60000)}):
+        stored = encode_message(
+            Message(header=header, message_annotations={"x-opt-offset": "7"}, data=[b"body"])
+        )
+        at = _header_end(stored)
+        msg = decode_message(stored[:at] + section + stored[at:])
+        if header is None:
+            assert msg.header is None
+        else:
+            assert msg.header is not None and msg.header["durable"] is True and msg.header["ttl"] == 60000
+        assert msg.message_annotations == {"x-opt-offset": "7"} and msg.data == [b"body"]
+        da = msg.delivery_annotations
+        assert da == {
+            "last_enqueued_sequence_number": 12345678901,
+            "last_enqueued_offset": "987654321098",
+            "last_enqueued_time_utc": 1_700_000_000_123,
+            "runtime_info_retrieval_time_utc": 1_700_000_000_456,
+        }
+        assert da is not None
+        assert type(da["last_enqueued_sequence_number"]) is int  # the codec reads an AMQP long as int
+        assert isinstance(da["last_enqueued_time_utc"], Timestamp)
+        assert type(da["last_enqueued_offset"]) is str
+        assert all(isinstance(k, Symbol) for k in da)
+
+
+async def test_last_enqueued_event_properties(emulator: EventHubsEmulator) -> None:
+    async with producer(emulator, "small") as prod:
+        await prod.send_batch([EventData(f"e{i}") for i in range(10)])
+    stored = emulator.events("small", "0")
+    last_offset = stored[-1].message_annotations["x-opt-offset"]  # type: ignore[index]
+    last_time = int(stored[-1].message_annotations["x-opt-enqueued-time"])  # type: ignore[index]
+
+    seen: list[tuple[int, dict[str, Any] | None]] = []
+    client = consumer(emulator, "small")
+
+    async def on_event(ctx: Any, event: Any) -> None:
+        seen.append((event.sequence_number, ctx.last_enqueued_event_properties))
+
+    task = asyncio.create_task(
+        client.receive(on_event, starting_position="-1", track_last_enqueued_event_properties=True)
+    )
+    try:
+        await wait_for(lambda: len(seen) >= 10, "10 events")
+    finally:
+        await client.close()
+        await task
+    assert [seq for seq, _ in seen] == list(range(10))
+    for _, props in seen:
+        # the partition's state when the event was sent, not the event's own position
+        assert props is not None
+        assert props["sequence_number"] == 9
+        assert props["offset"] == last_offset
+        assert props["enqueued_time"] == dt.datetime.fromtimestamp(last_time / 1000, dt.UTC)
+        assert props["retrieval_time"] >= props["enqueued_time"]
+
+    # a link that did not ask gets no delivery-annotations
+    plain: list[Any] = []
+    client = consumer(emulator, "small")
+
+    async def on_plain(ctx: Any, event: Any) -> None:
+        plain.append(ctx.last_enqueued_event_properties)
+
+    task = asyncio.create_task(client.receive(on_plain, starting_position="-1"))
+    try:
+        await wait_for(lambda: len(plain) >= 10, "10 events")
+    finally:
+        await client.close()
+        await task
+    assert plain[:10] == [None] * 10
+
+
+async def test_last_enqueued_event_properties_follow_new_events(emulator: EventHubsEmulator) -> None:
+    seen: list[dict[str, Any] | None] = []
+    client = consumer(emulator, "small")
+
+    async def on_event(ctx: Any, event: Any) -> None:
+        seen.append(ctx.last_enqueued_event_properties)
+
+    task = asyncio.create_task(client.receive(on_event, track_last_enqueued_event_properties=True))  # @latest
+    try:
+        await wait_for(lambda: emulator.active_consumers("small") == 1, "consumer attached")
+        async with producer(emulator, "small") as prod:
+            await prod.send_event(EventData("a"))
+            await wait_for(lambda: len(seen) >= 1, "first event")
+            await prod.send_event(EventData("b"))
+            await wait_for(lambda: len(seen) >= 2, "second event")
+    finally:
+        await client.close()
+        await task
+    offsets = [m.message_annotations["x-opt-offset"] for m in emulator.events("small", "0")]  # type: ignore[index]
+    assert [(p or {}).get("sequence_number") for p in seen] == [0, 1]
+    assert [(p or {}).get("offset") for p in seen] == offsets
+
+
+# --------------------------------------------------------------------------------------
+# The peer's session incoming-window, seen from a raw AMQP client (our own codec)
+# --------------------------------------------------------------------------------------
+
+
+class RawClient:
+    """A bare AMQP connection (no SASL) to drive session flow control by hand."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.frames = FrameReader()
+        self.queue: list[Frame] = []
+
+    @classmethod
+    async def connect(cls, emu: EventHubsEmulator, max_frame_size: int = 65536) -> RawClient:
+        reader, writer = await asyncio.open_connection(emu.host, emu.port)
+        client = cls(reader, writer)
+        writer.write(AMQP_HEADER)
+        client.send(composite("open", container_id="raw", max_frame_size=UInt(max_frame_size)))
+        assert (await client.next()).name == "open"
+        return client
+
+    def send(self, perf: Described, channel: int = 0) -> None:
+        self.writer.write(encode_frame(channel, perf))
+
+    async def next(self) -> Frame:
+        while not self.queue:
+            data = await asyncio.wait_for(self.reader.read(65536), DEADLINE)
+            assert data, "connection closed"
+            self.queue.extend(f for f in self.frames.feed(data) if isinstance(f, Frame))
+        return self.queue.pop(0)
+
+    async def transfers(self, n: int) -> list[Frame]:
+        out: list[Frame] = []
+        while len(out) < n:
+            frame = await self.next()
+            assert frame.name == "transfer", frame.name
+            out.append(frame)
+        return out
+
+    async def barrier(self, handle: int) -> None:
+        """Attach and detach a spare link: the emulator answers inline, so any transfer it was
+        free to send (one synchronous burst) comes before the reply."""
+        cbs = composite("source", address="$cbs")
+        self.send(composite("attach", name=f"b{handle}", handle=UInt(handle), role=True, source=cbs, target=cbs))
+        frame = await self.next()
+        assert frame.name == "attach", f"expected no transfer before the barrier, got {frame.name}"
+        self.send(composite("detach", handle=UInt(handle), closed=True))
+        assert (await self.next()).name == "detach"
+
+    def window(self, next_incoming_id: int, incoming_window: int, **link: Any) -> None:
+        self.send(
+            composite(
+                "flow",
+                next_incoming_id=UInt(next_incoming_id),
+                incoming_window=UInt(incoming_window),
+                next_outgoing_id=UInt(0),
+                outgoing_window=UInt(1000),
+                **link,
+            )
+        )
+
+    async def consume(self, emu: EventHubsEmulator, hub: str, window: int, credit: int) -> None:
+        self.send(
+            composite("begin", next_outgoing_id=UInt(0), incoming_window=UInt(window), outgoing_window=UInt(1000))
+        )
+        assert (await self.next()).name == "begin"
+        source = composite(
+            "source",
+            address=f"amqps://{emu.host}:{emu.port}/{hub}/ConsumerGroups/$default/Partitions/0",
+            filter={SELECTOR: Described(SELECTOR, "amqp.annotation.x-opt-offset > '-1'")},
+        )
+        self.send(
+            composite(
+                "attach", name="r", handle=UInt(0), role=True, source=source, target=composite("target", address="r")
+            )
+        )
+        assert (await self.next()).name == "attach"
+        self.window(0, window, handle=UInt(0), delivery_count=UInt(0), link_credit=UInt(credit))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_session_window_limits_transfers(emulator: EventHubsEmulator) -> None:
+    async with producer(emulator, "small") as prod:
+        await prod.send_batch([EventData(f"e{i}") for i in range(10)])
+    raw = await RawClient.connect(emulator)
+    try:
+        await raw.consume(emulator, "small", window=3, credit=10)  # credit for all, window for 3
+        got = await raw.transfers(3)
+        await raw.barrier(1)
+        raw.window(3, 2)  # a session flow (no handle) opens the window by 2
+        got += await raw.transfers(2)
+        await raw.barrier(2)
+        raw.window(5, 100)
+        got += await raw.transfers(5)
+    finally:
+        raw.close()
+    assert [f.fields["delivery_id"] for f in got] == list(range(10))
+    assert [decode_message(f.payload).data for f in got] == [[f"e{i}".encode()] for i in range(10)]
+
+
+async def test_session_window_pauses_inside_a_multi_frame_delivery(emulator: EventHubsEmulator) -> None:
+    body = os.urandom(3000)
+    async with producer(emulator, "small") as prod:
+        await prod.send_event(EventData(body))
+    raw = await RawClient.connect(emulator, max_frame_size=512)  # ~7 frames for one event
+    try:
+        await raw.consume(emulator, "small", window=1, credit=1)
+        frames = await raw.transfers(1)
+        while frames[-1].fields["more"]:
+            await raw.barrier(1)  # one frame per window slot, even mid-delivery
+            raw.window(len(frames), 1)
+            frames += await raw.transfers(1)
+    finally:
+        raw.close()
+    assert len(frames) > 5
+    assert all(len(encode_frame(0, f.performative, f.payload)) <= 512 for f in frames)
+    assert decode_message(b"".join(f.payload for f in frames)).data == [body]
