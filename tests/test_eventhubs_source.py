@@ -206,8 +206,11 @@ async def test_emulator_faults_are_recovered_without_loss(
         emulator.drop_connections()  # every TCP connection gone
         await send_exports(emulator.connection_string(HUB), HUB, records[800:1200])
         await running.until_finished(1200)
+        emulator.receivers_busy(3)  # the service refuses the next re-attaches as "server busy"
+        emulator.detach_links()
         await send_exports(emulator.connection_string(HUB), HUB, records[1200:])
         await running.until_finished(len(records))
+        assert emulator.pending_receivers_busy == 0
     finally:
         await running.stop()
     # Redelivered events (read again after a reconnect) are suppressed as duplicates.

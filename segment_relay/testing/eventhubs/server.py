@@ -699,6 +699,10 @@ class _Connection:
 
     def _admit_consumer(self, link: _Link) -> None:
         assert link.hub is not None and link.partition is not None
+        if self.server._busy_receivers > 0:
+            self.server._busy_receivers -= 1
+            self.detach(link, "com.microsoft:server-busy", "The server is busy. Please retry later.")
+            return
         readers = link.hub.readers.setdefault((link.consumer_group, link.partition.pid), [])
         epochs = [r.epoch for r in readers if r.epoch is not None]
         top = max(epochs) if epochs else None
@@ -881,6 +885,7 @@ class EventHubsEmulator:
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._busy = 0
+        self._busy_receivers = 0
 
     @property
     def port(self) -> int:
@@ -961,6 +966,15 @@ class EventHubsEmulator:
     def server_busy(self, n: int) -> None:
         """Reject the next ``n`` producer deliveries with ``com.microsoft:server-busy``."""
         self._busy = n
+
+    def receivers_busy(self, n: int) -> None:
+        """Refuse the next ``n`` consumer link attaches with ``com.microsoft:server-busy`` (the
+        service does this under load; the SDK backs off and attaches again)."""
+        self._busy_receivers = n
+
+    @property
+    def pending_receivers_busy(self) -> int:
+        return self._busy_receivers
 
     @property
     def pending_server_busy(self) -> int:

@@ -3,12 +3,16 @@ errors that stop a relay from starting into one clear line."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from typing import Any
 
 from ....errors import StartupError
 from .settings import EventHubsSettings
 
+log = logging.getLogger(__name__)
+_CLOSE_TIMEOUT_S = 15.0
 _DEFAULT_CREDENTIAL_HINT = (
     "the Azure credential needs azure-identity: pip install 'segment-relay[azure-identity]' "
     "(or set eventhubs.connection_string and eventhubs.checkpoint_connection_string instead)"
@@ -72,10 +76,20 @@ async def open_clients(settings: EventHubsSettings) -> Clients:
     except ValueError as exc:  # a malformed connection string; the SDK's message never includes the key
         await clients.aclose()
         raise StartupError(f"eventhubs.connection_string is not a valid Event Hubs connection string: {exc}") from None
-    clients.push_async_callback(consumer.close)
+    clients.push_async_callback(_close_consumer, consumer)
     clients.consumer = consumer
     clients.checkpoint_store = store
     return clients
+
+
+async def _close_consumer(consumer: Any) -> None:
+    # The SDK's close() can wait forever when called before its receive loop got going; a
+    # shutdown must end. Ownership not released then simply expires (ownership_expiration_s).
+    try:
+        await asyncio.wait_for(consumer.close(), _CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("the Event Hubs client did not close in time; its partitions are freed when ownership expires",
+                    extra={"timeout_s": _CLOSE_TIMEOUT_S})
 
 
 def explain(exc: BaseException, settings: EventHubsSettings, *, part: str) -> str:
