@@ -102,7 +102,7 @@ class EventHubsSource:
     async def _check(self, clients: Clients) -> None:
         """Fail at start, with a reason, on what would otherwise only be retried and logged forever."""
         try:
-            partitions = await clients.consumer.get_partition_ids()
+            partitions = await clients.probe.get_partition_ids()
         except Exception as exc:  # noqa: BLE001 - every SDK error becomes one line
             raise StartupError(explain(exc, self.settings, part="event hub")) from None
         try:
