@@ -121,7 +121,10 @@ def load_destination(path: str | Path, environ: Mapping[str, str] | None = None,
         lines = []
         for error in exc.errors(include_url=False):
             field = ".".join(str(part) for part in error["loc"]) or "(file)"
-            lines.append(f"field '{field}': {error['msg'].removeprefix('Value error, ')}")
+            line = f"field '{field}': {error['msg'].removeprefix('Value error, ')}"
+            if error["type"] == "extra_forbidden" and len(error["loc"]) > 1 and error["loc"][-1] in DestinationFile.model_fields:
+                line += " (in TOML, top-level keys go before the first [section])"  # the usual cause
+            lines.append(line)
         raise ProvisioningError(f"destination file {where!r} is invalid:\n  " + "\n  ".join(lines)) from None
 
     needed = {spec.adobe.client_secret_env: "adobe.client_secret_env"}
