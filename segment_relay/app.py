@@ -76,6 +76,7 @@ def _eventhubs_source(config: RelayConfig, hub: str, stats: RelayStats) -> Sourc
         consumer_group=section.consumer_group,
         checkpoint_connection_string=checkpoint_secret.get_secret_value() if checkpoint_secret is not None else None,
         checkpoint_account_url=section.checkpoint_account_url,
+        checkpoint_path=section.checkpoint_path,
         checkpoint_container=section.checkpoint_container,
         starting_position=starting,
         max_batch_size=section.max_batch_size,

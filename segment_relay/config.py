@@ -109,6 +109,9 @@ class EventHubsConfig(_Section):
     consumer_group: str = Field("$Default", min_length=1)
     checkpoint_connection_string: SecretStr | None = Field(None, description="Storage account connection string")
     checkpoint_account_url: str | None = Field(None, description="https://ACCOUNT.blob.core.windows.net, with an Azure credential")
+    checkpoint_path: str | None = Field(
+        None, description="A sqlite file instead of Blob storage: replicas on one host only; KEDA cannot read it"
+    )
     checkpoint_container: str = Field("segment-relay-checkpoints", min_length=3, max_length=63)
     starting_position: str = Field("earliest", description="No checkpoint yet: earliest | latest | an ISO-8601 time")
     max_batch_size: int = Field(300, ge=1, description="Events per batch from the SDK")
@@ -152,10 +155,12 @@ class EventHubsConfig(_Section):
                 "set exactly one of eventhubs.connection_string (SAS; env SEGMENT_RELAY_EVENTHUBS__CONNECTION_STRING) "
                 "or eventhubs.fully_qualified_namespace (with an Azure credential)"
             )
-        if (self.checkpoint_connection_string is None) == (self.checkpoint_account_url is None):
+        stores = (self.checkpoint_connection_string, self.checkpoint_account_url, self.checkpoint_path)
+        if sum(store is not None for store in stores) != 1:
             raise ValueError(
-                "set exactly one of eventhubs.checkpoint_connection_string or eventhubs.checkpoint_account_url: "
-                "the Blob storage that keeps checkpoints and partition ownership"
+                "set exactly one of eventhubs.checkpoint_connection_string or eventhubs.checkpoint_account_url "
+                "(the Blob storage that keeps checkpoints and partition ownership), or eventhubs.checkpoint_path "
+                "(a sqlite file, for one host)"
             )
 
 

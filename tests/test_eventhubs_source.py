@@ -362,3 +362,28 @@ async def test_the_credential_path_names_the_extra_when_azure_identity_is_missin
     monkeypatch.setitem(sys.modules, "azure.identity.aio", None)  # as if not installed
     with pytest.raises(StartupError, match=r"pip install 'segment-relay\[azure-identity\]'"):
         default_credential()
+
+
+async def test_a_sqlite_checkpoint_store_shares_partitions_between_replicas_on_one_host(
+    emulator: EventHubsEmulator, tmp_path: Path
+) -> None:
+    records = list(generate(StreamSpec(seed=56, profiles=100, records=1200)))
+    truth = expected_changes(records)
+    await send_exports(emulator.connection_string(HUB), HUB, records[:600])
+    config = load_config(
+        None, source=f"eventhubs:{HUB}", state=f"sqlite:{tmp_path / 'state.sqlite'}",
+        dead_letter=str(tmp_path / "dead-letter.jsonl"), handlers=[f"jsonl:{tmp_path / 'changes.jsonl'}"],
+        pipeline={"checkpoint_interval_s": 0.2}, log_level="WARNING",
+        eventhubs={"connection_string": emulator.connection_string(HUB), "checkpoint_path": str(tmp_path / "cp.sqlite"),
+                   "load_balancing_interval_s": 0.3},
+    )
+    first, second = Running(config), Running(config)
+    owned = [lambda r=r: r.relay.source.owned_partitions for r in (first, second)]  # type: ignore[attr-defined]
+    await poll(lambda: sorted(len(o()) for o in owned) == [2, 2], "two replicas to own 2 partitions each")
+    await first.stop()
+    await poll(lambda: len(owned[1]()) == 4, "the other replica to take all four")
+    await send_exports(emulator.connection_string(HUB), HUB, records[600:])
+    await poll(lambda: Counter(first.collector.changes + second.collector.changes) >= Counter(truth.changes),
+               "every change")
+    await second.stop()
+    assert set(first.collector.changes + second.collector.changes) == set(truth.changes)

@@ -43,16 +43,27 @@ async def open_clients(settings: EventHubsSettings) -> Clients:
 
     clients = Clients()
     credential = settings.credential
-    needs_credential = settings.connection_string is None or settings.checkpoint_connection_string is None
+    needs_credential = settings.connection_string is None or settings.checkpoint_account_url is not None
     if credential is None and needs_credential:
         credential = default_credential()
         clients.push_async_callback(credential.close)
-    if settings.checkpoint_connection_string is not None:
+    store: Any
+    if settings.checkpoint_path is not None:
+        import sqlite3
+
+        from .sqlite_checkpoints import SqliteCheckpointStore
+
+        try:
+            store = SqliteCheckpointStore(settings.checkpoint_path)
+        except sqlite3.Error as exc:
+            await clients.aclose()
+            raise StartupError(f"eventhubs.checkpoint_path {settings.checkpoint_path!r}: cannot use it: {exc}") from None
+    elif settings.checkpoint_connection_string is not None:
         store = BlobCheckpointStore.from_connection_string(
             settings.checkpoint_connection_string, settings.checkpoint_container
         )
     else:
-        assert settings.checkpoint_account_url is not None  # EventHubsSettings checks one of the two is set
+        assert settings.checkpoint_account_url is not None  # EventHubsSettings checks one of the three is set
         store = BlobCheckpointStore(settings.checkpoint_account_url, settings.checkpoint_container, credential=credential)
     clients.push_async_callback(store.close)
     options: dict[str, Any] = {

@@ -55,6 +55,7 @@ class EventHubsSettings:
     consumer_group: str = "$Default"
     checkpoint_connection_string: str | None = field(default=None, repr=False)
     checkpoint_account_url: str | None = None
+    checkpoint_path: str | None = None  # a sqlite file instead of Blob storage (one host)
     checkpoint_container: str = "segment-relay-checkpoints"
     starting_position: str | datetime = StartingPosition.EARLIEST
     max_batch_size: int = 300  # events per callback from the SDK
@@ -70,8 +71,9 @@ class EventHubsSettings:
     def __post_init__(self) -> None:
         if (self.connection_string is None) == (self.fully_qualified_namespace is None):
             raise ValueError("give exactly one of connection_string or fully_qualified_namespace")
-        if (self.checkpoint_connection_string is None) == (self.checkpoint_account_url is None):
-            raise ValueError("give exactly one of checkpoint_connection_string or checkpoint_account_url")
+        stores = (self.checkpoint_connection_string, self.checkpoint_account_url, self.checkpoint_path)
+        if sum(store is not None for store in stores) != 1:
+            raise ValueError("give exactly one of checkpoint_connection_string, checkpoint_account_url or checkpoint_path")
 
     @property
     def ownership_expiration(self) -> float:
