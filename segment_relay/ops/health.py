@@ -3,6 +3,15 @@
 ``Health`` is the daemon's own view of itself; there is no module-level state, so every
 daemon (and every test) owns its own instance.
 
+Readiness
+---------
+Ready means started, not stopping, live (below), and ``extra_ready`` passing, which the relay
+wires to "the pipeline runs on a started source": the replica owns shards or partitions, or
+waits for some. A replica that owns nothing because there are more replicas than partitions
+is ready too: it is in the group and takes work over as soon as another replica leaves.
+Calling it unready would stall rolling updates (a surge pod could never become ready) and
+make a PodDisruptionBudget refuse evictions. Draining after a signal is not ready.
+
 Liveness and a blocked event loop
 ---------------------------------
 ``Health.watchdog()`` is a coroutine that beats every ``interval_s`` seconds. A slow handler
@@ -12,12 +21,14 @@ Beats stop only when the loop itself is stuck (a CPU-bound handler, a blocking c
 meant to catch.
 
 The HTTP server runs on the same event loop, so while the loop is blocked it cannot answer at
-all. That case is covered by the Kubernetes probe's ``timeoutSeconds``: an unanswered probe
-counts as a failure. ``live`` covers the other case: a loop that *was* starved for longer
-than ``stall_after_s`` and has just come back. A probe that was queued during the block is
-answered before the watchdog gets to beat again, so it sees the stale heartbeat and gets 503.
-The watchdog also logs a warning (and counts ``Health.stalls``) whenever it wakes up more than
-``stall_after_s`` late, so stalls that no probe happened to observe still leave a trace.
+all: the probe's ``timeoutSeconds`` runs out, and Kubernetes counts an unanswered probe as a
+failure. That is the signal for a stuck loop, so the liveness probe needs a timeout of a few
+seconds and ``periodSeconds x failureThreshold`` of about ``stall_after_s``. When the loop
+comes back, the watchdog beats before a probe that queued up meanwhile is answered, so a loop
+that recovered is live again at once. ``live`` turns False by itself only if beats stop while
+the loop still answers (the watchdog task died or was never started). The watchdog also logs a
+warning (and counts ``Health.stalls``) whenever it wakes up more than ``stall_after_s`` late,
+so every long stall leaves a trace even when no probe saw it.
 
 Before the first beat ``live`` is True: nothing has been measured yet, and slow start-up is
 the job of a startupProbe / initialDelaySeconds. Keep the watchdog running until the ops
@@ -49,7 +60,7 @@ class Health:
 
     ``extra_ready`` is an optional callback that must also return True for the daemon to be
     ready, e.g. "the source owns work or is waiting for it". If it raises, the daemon is
-    reported not ready (and the exception is logged).
+    reported not ready (and the exception is logged). A stalled event loop is never ready.
     """
 
     def __init__(
@@ -80,6 +91,9 @@ class Health:
             return False, "not started"
         if self.stopping:
             return False, "stopping"
+        live, reason = self.liveness()
+        if not live:  # a stalled loop does no work, whatever the source says
+            return False, reason
         if self.extra_ready is not None:
             try:
                 ok = bool(self.extra_ready())
@@ -115,8 +129,13 @@ class Health:
     def live(self) -> bool:
         return self.liveness()[0]
 
-    async def watchdog(self, interval_s: float = 1.0) -> None:
-        """Beat every ``interval_s`` forever; run it as a task and cancel it on shutdown."""
+    async def watchdog(self, interval_s: float | None = None) -> None:
+        """Beat every ``interval_s`` forever; run it as a task and cancel it on shutdown.
+
+        The default is one second, or a quarter of ``stall_after_s`` when that is shorter, so a
+        short stall limit (as in tests) needs no matching interval."""
+        if interval_s is None:
+            interval_s = min(1.0, self.stall_after_s / 4)
         if not 0 < interval_s < self.stall_after_s:
             raise ValueError(f"interval_s must be > 0 and < stall_after_s ({self.stall_after_s:g}s)")
         while True:
