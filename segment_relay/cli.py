@@ -110,16 +110,27 @@ def list_handlers() -> None:
 
 @app.command()
 def demo(
-    records: Annotated[int, typer.Option(help="Records in the generated stream")] = 5000,
-    profiles: Annotated[int, typer.Option(help="Profiles in the generated stream")] = 500,
-    seed: Annotated[int, typer.Option(help="Seed of the generated stream")] = 7,
+    source: Annotated[str, typer.Option(help="eventhubs (emulator), kinesis (kinesalite, needs Node) or file")] = "eventhubs",
+    records: Annotated[int, typer.Option(help="Profile exports Adobe sends")] = 5000,
+    profiles: Annotated[int, typer.Option(help="Profiles in the simulated population")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated population")] = 7,
+    rate: Annotated[float | None, typer.Option(help="Exports per second (default: as fast as the target takes them)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the change lines")] = False,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Serve metrics while it runs")] = None,
+    metrics_port: Annotated[int, typer.Option("--metrics-port", help="Serve metrics and probes here while it runs (0: any free port)")] = 0,
+    out: Annotated[Path, typer.Option(help="Directory for the destination file, state, changes and dead letter")] = Path("demo-out"),
 ) -> None:
-    """Run the relay on a generated stream of realistic exports (no cloud account) and print a summary."""
-    from .demo import run_demo
+    """The whole system on this machine, no cloud account: a local Adobe fake provisions and exports, the relay consumes, and its totals are checked against the truth."""
+    from .demo import DemoOptions, run_demo
 
-    code = run_demo(records=records, profiles=profiles, seed=seed, quiet=quiet, metrics_port=metrics_port)
+    if source not in ("eventhubs", "kinesis", "file"):
+        _fail("--source: use eventhubs, kinesis or file")
+    options = DemoOptions(source=source, records=records, profiles=profiles, seed=seed, rate=rate, quiet=quiet,
+                          metrics_port=metrics_port, out_dir=out)
+    try:
+        code = run_demo(options)
+    except StartupError as exc:  # e.g. --source kinesis without Node
+        _fail(str(exc), 1)
+        return
     raise typer.Exit(code)
 
 
