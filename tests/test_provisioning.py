@@ -220,3 +220,23 @@ async def test_no_secret_reaches_any_log_line(fake: FakePlatform, tmp_path: Path
     assert caplog.records  # the check below looked at something
     for secret in (fake.credentials.client_secret, SAS_KEY):
         assert secret not in captured
+
+
+async def test_the_ims_token_is_cached_and_renewed_before_it_expires(fake: FakePlatform) -> None:
+    import aiohttp
+    from pydantic import SecretStr
+
+    from segment_relay.provisioning.ims import ImsClient
+
+    async with aiohttp.ClientSession() as session:
+        creds = fake.credentials
+        ims = ImsClient(session, client_id=creds.client_id, client_secret=SecretStr(creds.client_secret),
+                        ims_url=fake.url, refresh_margin_s=60)
+        first = await ims.token()
+        assert await ims.token() == first and ims.tokens_issued == 1  # cached
+        fake.token_ttl_s = 30  # shorter than the margin: every token is already due for renewal
+        ims.invalidate()
+        await ims.token()
+        await ims.token()
+        assert ims.tokens_issued == 3
+        assert "secret" not in repr(ims).lower()
