@@ -11,7 +11,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from azure.storage.blob.aio import BlobServiceClient
+from support import changes_in, wait_for
 
 from segment_relay.testing.azure import Azurite
 from segment_relay.testing.eventhubs.process import EmulatorProcess, start_emulator_process
@@ -28,27 +28,6 @@ from segment_relay.testing.exports import StreamSpec, expected_changes, generate
 CLI = [sys.executable, "-m", "segment_relay.cli"]
 HUB = "exports"
 LOAD_BALANCING_S = 0.5
-Change = tuple[str, str, str, str]
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
-def changes_in(paths: list[Path]) -> Counter[Change]:
-    found: Counter[Change] = Counter()
-    for path in paths:
-        if path.exists():
-            for line in path.read_bytes().splitlines():
-                if line.strip():
-                    c = json.loads(line)
-                    found[(c["profile_key"], c["segment_id"], c["change"], c["qualified_at"])] += 1
-    return found
 
 
 @pytest.fixture
@@ -185,7 +164,7 @@ def test_two_replicas_split_four_partitions_and_one_takes_all_when_the_other_sto
 def test_after_a_kill_a_restart_replays_only_what_followed_the_last_checkpoint(
     emulator: EmulatorProcess, make_cluster: Callable[..., Cluster]
 ) -> None:
-    records = list(generate(StreamSpec(seed=62, profiles=200, records=5000)))
+    records = list(generate(StreamSpec(seed=62, profiles=1000, records=20000)))
     load(emulator, records)
     cluster = make_cluster(checkpoint_interval_s=0.5)
     cluster.start("a")

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiobotocore.session import get_session
+from support import poll
 from test_platform_fake import A1, A2, A3, FS, SAS_KEY, Api, provision
 
 from segment_relay.testing.aws import Emulator
@@ -26,15 +27,6 @@ from segment_relay.testing.platform import DEFAULT_AUDIENCES, ExportSettings, Fa
 HUB = "exports"
 NAMES = {a.id: a.name for a in DEFAULT_AUDIENCES}
 ATTRIBUTES = ("person.name.lastName", "personalEmail.address", "loyalty.points")
-
-
-async def poll(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -7,12 +7,10 @@ file (the dynamodb store is covered by its own tests). "Killed without warning" 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,33 +18,13 @@ from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
+from support import changes_in, wait_for
 
 from segment_relay.testing.aws import Emulator
 from segment_relay.testing.exports import StreamSpec, expected_changes, generate
 from segment_relay.testing.kinesis import create_stream, put_records
 
 CLI = [sys.executable, "-m", "segment_relay.cli"]
-Change = tuple[str, str, str, str]
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
-def changes_in(paths: list[Path]) -> Counter[Change]:
-    found: Counter[Change] = Counter()
-    for path in paths:
-        if path.exists():
-            for line in path.read_bytes().splitlines():
-                if line.strip():
-                    c = json.loads(line)
-                    found[(c["profile_key"], c["segment_id"], c["change"], c["qualified_at"])] += 1
-    return found
 
 
 class Cluster:

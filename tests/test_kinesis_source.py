@@ -5,43 +5,19 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
 from prometheus_client import generate_latest
+from support import Change, Collector, poll
 
-from segment_relay import SegmentChange
 from segment_relay.app import Relay
 from segment_relay.config import load_config
-from segment_relay.handlers.api import FunctionHandler
 from segment_relay.testing.aws import Emulator
-from segment_relay.testing.exports import StreamSpec, expected_changes, generate, iso_utc
+from segment_relay.testing.exports import StreamSpec, expected_changes, generate
 from segment_relay.testing.kinesis import create_stream, put_records
-
-Change = tuple[str, str, str, str]
-
-
-async def poll(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.changes: list[Change] = []
-
-    def handler(self) -> FunctionHandler:
-        async def collect(change: SegmentChange) -> None:
-            self.changes.append((change.profile_key, change.segment_id, change.change.value,
-                                 iso_utc(change.qualified_at)))
-
-        return FunctionHandler(collect, name="collector")
 
 
 @pytest.fixture

@@ -164,22 +164,17 @@ class _StatsCollector(Collector):
             if value is not None:
                 checkpoint.add_metric([partition], value)
         yield checkpoint
-        lag = GaugeMetricFamily(
-            "segment_relay_partition_lag_milliseconds",
-            "How far reading is behind the newest record, by partition (Kinesis: MillisBehindLatest; Event Hubs: enqueued-time gap)",
-            labels=["partition"],
-        )
-        for partition, millis in s.partition_lag_ms.items():
-            lag.add_metric([partition], millis)
-        yield lag
-        lag_events = GaugeMetricFamily(
-            "segment_relay_partition_lag_events",
-            "Events enqueued after the last one read, by partition (Event Hubs)",
-            labels=["partition"],
-        )
-        for partition, events in s.partition_lag_events.items():
-            lag_events.add_metric([partition], events)
-        yield lag_events
+        for name, documentation, values in (
+            ("segment_relay_partition_lag_milliseconds",
+             "How far reading is behind the newest record, by partition (Kinesis: MillisBehindLatest; "
+             "Event Hubs: enqueued-time gap)", s.partition_lag_ms),
+            ("segment_relay_partition_lag_events",
+             "Events enqueued after the last one read, by partition (Event Hubs)", s.partition_lag_events),
+        ):
+            lag = GaugeMetricFamily(name, documentation, labels=["partition"])
+            for partition, value in values.items():
+                lag.add_metric([partition], value)
+            yield lag
         if s.owned_partitions is not None:
             yield GaugeMetricFamily(
                 "segment_relay_partitions_owned", "Shards or partitions this replica owns now",
