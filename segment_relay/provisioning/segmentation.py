@@ -17,21 +17,26 @@ class Segmentation:
         self._all: list[dict[str, Any]] | None = None
 
     async def by_id(self, audience_id: str) -> dict[str, Any]:
-        try:
-            response = await self.http.request("GET", f"{BASE_PATH}/segment/definitions/{audience_id}")
-        except AdobeApiError as exc:
-            if exc.status == 404:
-                raise ProvisioningError(
-                    f"audience {audience_id!r} does not exist in sandbox {self.http.sandbox!r}: "
-                    "check the id (Audiences → the audience → its details) and the sandbox"
-                ) from None
-            raise
-        return dict(response.body or {})
+        """A segment definition, or else an audience of any origin (e.g. a CSV upload)."""
+        for path in (f"{BASE_PATH}/segment/definitions/{audience_id}", f"{BASE_PATH}/audiences/{audience_id}"):
+            try:
+                response = await self.http.request("GET", path)
+            except AdobeApiError as exc:
+                if exc.status == 404:
+                    continue
+                raise
+            return dict(response.body or {})
+        raise ProvisioningError(
+            f"audience {audience_id!r} does not exist in sandbox {self.http.sandbox!r}: "
+            "check the id (Audiences → the audience → its details) and the sandbox"
+        )
 
     async def by_name(self, name: str) -> dict[str, Any]:
         """The one audience with exactly this name. The API has no name filter for segment
         definitions, so all of them are listed (once per run) and matched here."""
         matches = [segment for segment in await self.all() if segment.get("name") == name]
+        if not matches:  # not a segment definition: perhaps an uploaded (external) audience
+            matches = [a for a in await self._audiences_named(name) if a.get("name") == name]
         if not matches:
             raise ProvisioningError(
                 f"no audience is named {name!r} in sandbox {self.http.sandbox!r}: check the spelling or use its id"
@@ -40,6 +45,11 @@ class Segmentation:
             ids = ", ".join(str(m.get("id")) for m in matches)
             raise ProvisioningError(f"{len(matches)} audiences are named {name!r} ({ids}): give the id instead")
         return matches[0]
+
+    async def _audiences_named(self, name: str) -> list[dict[str, Any]]:
+        """/audiences?name= matches a case-insensitive substring; the caller keeps exact names."""
+        response = await self.http.request("GET", f"{BASE_PATH}/audiences", params={"name": name, "limit": str(_PAGE)})
+        return list((response.body or {}).get("children") or [])
 
     async def all(self) -> list[dict[str, Any]]:
         if self._all is None:
