@@ -70,6 +70,7 @@ class EventHubsSource:
         self._generations: dict[str, int] = {}
         self._stopping = asyncio.Event()
         self._receiving: asyncio.Task[None] | None = None
+        self._failure: Exception | None = None
         self.running = False
 
     def __repr__(self) -> str:
@@ -95,7 +96,7 @@ class EventHubsSource:
         self.running = True
         log.info("event hubs source started", extra={
             "hub": self.settings.hub, "consumer_group": self.settings.consumer_group,
-            "checkpoint_container": self.settings.checkpoint_container,
+            "checkpoints": self.settings.checkpoint_path or self.settings.checkpoint_container,
             "starting_position": starting.isoformat() if isinstance(starting, datetime) else starting,
         })
 
@@ -135,8 +136,9 @@ class EventHubsSource:
             )
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - the SDK retries inside; reaching here means it gave up
+        except Exception as exc:  # noqa: BLE001 - the SDK retries inside; reaching here means it gave up
             log.exception("event hubs receive loop ended")
+            self._failure = exc  # batches() raises it: the relay must not end as if the hub had
             self._stopping.set()
 
     def stop(self) -> None:
@@ -228,6 +230,8 @@ class EventHubsSource:
             if first.position.generation != generations.get(first.partition):
                 continue  # read under an ownership that has ended: its new owner reads it again
             yield batch
+        if self._failure is not None:
+            raise self._failure
 
     # --- checkpoints ------------------------------------------------------------------
     async def commit(self, partition: str, position: Any) -> None:
