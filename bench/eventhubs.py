@@ -58,7 +58,7 @@ if str(ROOT) not in sys.path:
 # Shared /proc helpers and the phase timer (bench/ is a namespace package under ROOT). Importing
 # bench.kinesis drops bench/ itself from sys.path (see there); nothing here needs it.
 from bench.kinesis import Phase as _KinesisPhase  # noqa: E402
-from bench.kinesis import _fmt, _peak_rss_kb, _rss_kb, cpu_seconds, pin_process  # noqa: E402
+from bench.kinesis import _fmt, _peak_rss_kb, _rss_kb, cpu_seconds, drive_relay, pin_process  # noqa: E402
 
 VARIANTS = ("relay", "bare")
 LABELS = {"relay": "segment-relay", "bare": "bare azure-eventhub"}
@@ -95,7 +95,6 @@ class Phase(_KinesisPhase):
 async def run_relay(args: argparse.Namespace, phase: Phase, workdir: Path) -> dict[str, Any]:
     from segment_relay.app import Relay
     from segment_relay.config import load_config
-    from segment_relay.ops.runtime import tune_gc
 
     config = load_config(
         None, source=f"eventhubs:{args.hub}", state="memory", handlers=[f"{__name__}:noop"],
@@ -114,29 +113,11 @@ async def run_relay(args: argparse.Namespace, phase: Phase, workdir: Path) -> di
     import azure.eventhub.aio  # noqa: F401
     import azure.eventhub.extensions.checkpointstoreblobaio  # noqa: F401
 
-    tune_gc()  # what `segment-relay run` does at start
-    stats = relay.stats
-    phase.start()
-    run = asyncio.create_task(relay.run())
-    deadline = time.monotonic() + args.timeout
-    while stats.records_finished < args.events:
-        if run.done():
-            run.result()  # raises what stopped it
-            raise SystemExit(f"relay stopped after {stats.records_finished:,} of {args.events:,} events")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"relay timed out after {stats.records_finished:,} of {args.events:,} events")
-        if stats.records_read:
-            phase.first_record()
+    def note_claims() -> None:
         if phase.claimed_s is None and len(relay.source.owned_partitions) >= args.partitions:
             phase.all_claimed()
-        await asyncio.sleep(0.005)
-    result = phase.end(stats.records_finished, records_read=stats.records_read)
-    stopping = time.perf_counter()
-    relay.stop()
-    await asyncio.wait_for(run, 60)
-    result["stop_s"] = time.perf_counter() - stopping
-    result["summary"] = stats.summary()
-    return result
+
+    return await drive_relay(relay, phase, args.events, args.timeout, "events", note_claims)
 
 
 async def run_bare(args: argparse.Namespace, phase: Phase) -> dict[str, Any]:

@@ -164,10 +164,41 @@ class Phase:
         return result | extra
 
 
+async def drive_relay(relay: Any, phase: Phase, total: int, timeout_s: float, unit: str,
+                      on_tick: Any = None) -> dict[str, Any]:
+    """Run ``relay`` from the phase's start until ``total`` records are finished, then stop it
+    gracefully; the phase's result plus the stop time and the relay's summary. ``on_tick()`` is
+    called at each poll (e.g. to note when every partition is claimed)."""
+    from segment_relay.ops.runtime import tune_gc
+
+    tune_gc()  # what `segment-relay run` does at start
+    stats = relay.stats
+    phase.start()
+    run = asyncio.create_task(relay.run())
+    deadline = time.monotonic() + timeout_s
+    while stats.records_finished < total:
+        if run.done():
+            run.result()  # raises what stopped it
+            raise SystemExit(f"relay stopped after {stats.records_finished:,} of {total:,} {unit}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"relay timed out after {stats.records_finished:,} of {total:,} {unit}")
+        if stats.records_read:
+            phase.first_record()
+        if on_tick is not None:
+            on_tick()
+        await asyncio.sleep(0.005)
+    result = phase.end(stats.records_finished, records_read=stats.records_read)
+    stopping = time.perf_counter()
+    relay.stop()
+    await asyncio.wait_for(run, 60)
+    result["stop_s"] = time.perf_counter() - stopping
+    result["summary"] = stats.summary()
+    return result
+
+
 async def run_relay(args: argparse.Namespace, phase: Phase, workdir: Path) -> dict[str, Any]:
     from segment_relay.app import Relay
     from segment_relay.config import load_config
-    from segment_relay.ops.runtime import tune_gc
 
     application = f"bench-{uuid.uuid4().hex[:8]}"
     config = load_config(
@@ -179,26 +210,7 @@ async def run_relay(args: argparse.Namespace, phase: Phase, workdir: Path) -> di
                  "min_get_records_interval_s": args.relay_pace},
     )
     relay = Relay(config)
-    tune_gc()  # what `segment-relay run` does at start
-    stats = relay.stats
-    phase.start()
-    run = asyncio.create_task(relay.run())
-    deadline = time.monotonic() + args.timeout
-    while stats.records_finished < args.records:
-        if run.done():
-            run.result()  # raises what stopped it
-            raise SystemExit(f"relay stopped after {stats.records_finished:,} of {args.records:,} records")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"relay timed out after {stats.records_finished:,} of {args.records:,} records")
-        if stats.records_read:
-            phase.first_record()
-        await asyncio.sleep(0.005)
-    result = phase.end(stats.records_finished, records_read=stats.records_read)
-    stopping = time.perf_counter()
-    relay.stop()
-    await asyncio.wait_for(run, 60)
-    result["stop_s"] = time.perf_counter() - stopping
-    result["summary"] = stats.summary()
+    result = await drive_relay(relay, phase, args.records, args.timeout, "records")
     result["application"] = application
     return result
 
