@@ -80,3 +80,14 @@ def running(server: S) -> Iterator[S]:
         yield server
     finally:
         server.stop()
+
+
+async def until_signalled() -> None:
+    """Return on SIGINT or SIGTERM: the main loop of a server run as ``python -m ...``."""
+    import asyncio
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 from segment_relay.testing.eventhubs.server import EventHubsEmulator
+from segment_relay.testing.processes import until_signalled
 
 
 def _hub(value: str) -> tuple[str, int]:
@@ -30,12 +30,8 @@ async def serve(args: argparse.Namespace) -> None:
     await emulator.start()
     for name in dict(args.hub):
         print(emulator.connection_string(name), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         await emulator.stop()
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 
 import orjson
 
+from ..processes import until_signalled
 from .catalog import DEFAULT_AUDIENCES, Audience
 from .server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_ORG_ID, FakePlatform
 from .simulator import ExportSettings
@@ -67,12 +67,8 @@ async def serve(args: argparse.Namespace) -> None:
     }
     sys.stdout.write(orjson.dumps(ready).decode() + "\n")
     sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         await fake.stop()
 
