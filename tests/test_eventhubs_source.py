@@ -364,3 +364,14 @@ async def test_a_sqlite_checkpoint_store_shares_partitions_between_replicas_on_o
                "every change")
     await second.stop()
     assert set(first.collector.changes + second.collector.changes) == set(truth.changes)
+
+
+async def test_a_receive_loop_the_sdk_gave_up_on_fails_the_relay() -> None:
+    from segment_relay.consumer.sources.eventhubs import EventHubsSettings, EventHubsSource
+
+    source = EventHubsSource(EventHubsSettings(hub=HUB, connection_string="x", checkpoint_path="y"))
+    source._failure = RuntimeError("the SDK gave up")  # what _receive() records before stopping
+    source.stop()
+    with pytest.raises(RuntimeError, match="gave up"):
+        async for _ in source.batches():
+            pass
