@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RelayConfig
+from .config import ConfigError, RelayConfig, connection_string_fields
 from .consumer.deadletter import JsonlDeadLetter
 from .consumer.pipeline import Pipeline, PipelineSettings
 from .consumer.profile_key import ProfileKeyRule
@@ -55,13 +55,14 @@ def _eventhubs_source(config: RelayConfig, hub: str, stats: RelayStats) -> Sourc
 
     section = config.eventhubs
     secret = section.connection_string.get_secret_value() if section.connection_string is not None else None
-    if secret is not None:
-        entity = _connection_string_field(secret, "EntityPath")
-        if entity is not None and entity != hub:
-            raise ConfigError(
-                f"config field 'source': the hub {hub!r} differs from EntityPath={entity!r} in eventhubs.connection_string"
-            )
-    if hub != hub.lower() or (section.fully_qualified_namespace or "") != (section.fully_qualified_namespace or "").lower():
+    fields = connection_string_fields(secret or "")
+    entity = fields.get("entitypath")
+    if entity is not None and entity != hub:
+        raise ConfigError(
+            f"config field 'source': the hub {hub!r} differs from EntityPath={entity!r} in eventhubs.connection_string"
+        )
+    namespace = section.fully_qualified_namespace or fields.get("endpoint", "")
+    if hub != hub.lower() or namespace != namespace.lower():
         # The SDK lower-cases checkpoint blob names; KEDA's blobMetadata reader does not.
         log.warning("hub or namespace name has upper-case letters: KEDA's blobMetadata checkpoint reader will not find "
                     "the checkpoints (see the README, Event Hubs)")
@@ -88,14 +89,6 @@ def _eventhubs_source(config: RelayConfig, hub: str, stats: RelayStats) -> Sourc
     source = EventHubsSource(settings, stats=stats)
     stats.owned_partitions = lambda: source.owned_partitions
     return source
-
-
-def _connection_string_field(text: str, name: str) -> str | None:
-    for part in text.split(";"):
-        key, _, value = part.partition("=")
-        if key.strip().lower() == name.lower():
-            return value.strip()
-    return None
 
 
 def build_handlers(config: RelayConfig, extra: list[Handler] | None = None) -> list[Handler]:

@@ -259,7 +259,8 @@ def secrets_in(config: RelayConfig) -> list[str]:
     for secret in (config.eventhubs.connection_string, config.eventhubs.checkpoint_connection_string):
         if secret is not None:
             found.append(secret.get_secret_value())
-            found.extend(_connection_string_keys(secret.get_secret_value()))
+            fields = connection_string_fields(secret.get_secret_value())
+            found.extend(fields[key] for key in _SECRET_FIELDS if key in fields)
     if config.state.startswith(("redis://", "rediss://")):
         state_password = url_password(config.state)
         if state_password:
@@ -285,14 +286,17 @@ def secrets_in(config: RelayConfig) -> list[str]:
     return found
 
 
-def _connection_string_keys(text: str) -> list[str]:
-    """The key parts of an Azure connection string (SharedAccessKey=..., AccountKey=..., SharedAccessSignature=...)."""
-    keys = []
+def connection_string_fields(text: str) -> dict[str, str]:
+    """The ``Key=value`` parts of an Azure connection string, by lower-cased key."""
+    fields = {}
     for part in text.split(";"):
-        name, _, value = part.partition("=")
-        if value and name.strip().lower() in ("sharedaccesskey", "accountkey", "sharedaccesssignature"):
-            keys.append(value.strip())
-    return keys
+        key, sep, value = part.partition("=")
+        if sep and value.strip():
+            fields[key.strip().lower()] = value.strip()
+    return fields
+
+
+_SECRET_FIELDS = ("sharedaccesskey", "accountkey", "sharedaccesssignature")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RelayConfig:
