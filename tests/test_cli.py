@@ -251,3 +251,20 @@ def test_probes_and_metrics_while_running_then_sigterm(tmp_path: Path) -> None:
             process.kill()
     assert process.returncode == 0, stderr.decode()
     assert json.loads(stdout.splitlines()[0])["segment_id"] == "seg-a"
+
+
+def test_stdin_lines_arriving_after_the_loop_closed_leave_no_coroutine_behind() -> None:
+    import asyncio
+    import gc
+    import warnings
+
+    from segment_relay.consumer.sources.file import _hand_over
+
+    loop = asyncio.new_event_loop()
+    queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue()
+    loop.close()  # the relay exited while the reader thread still had input
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _hand_over(loop, queue, [b"late line"]) is False
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]

@@ -105,20 +105,17 @@ class FileSource:
     def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[list[bytes] | None]) -> None:
         fd = sys.stdin.fileno()
         pending = b""
-        try:
-            while True:
-                chunk = os.read(fd, _STDIN_CHUNK)  # returns what is there, blocks only when nothing is
-                if not chunk:
-                    break
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                if lines:
-                    asyncio.run_coroutine_threadsafe(queue.put(lines), loop).result()
-            if pending:
-                asyncio.run_coroutine_threadsafe(queue.put([pending]), loop).result()
-            asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
-        except RuntimeError:  # the loop closed under us: the relay is exiting
-            pass
+        while True:
+            chunk = os.read(fd, _STDIN_CHUNK)  # returns what is there, blocks only when nothing is
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            if lines and not _hand_over(loop, queue, lines):
+                return
+        if pending and not _hand_over(loop, queue, [pending]):
+            return
+        _hand_over(loop, queue, None)
 
     async def commit(self, partition: str, position: Any) -> None:
         if self.checkpoint_path is None:
@@ -147,3 +144,16 @@ class FileSource:
         if self._stream is not None:
             self._stream.close()
         self._stream = None
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[list[bytes] | None],
+               item: list[bytes] | None) -> bool:
+    """Put ``item`` on the loop's queue from the reader thread; False once the loop has closed
+    (the relay is exiting), without leaving a never-awaited coroutine behind."""
+    putting = queue.put(item)
+    try:
+        asyncio.run_coroutine_threadsafe(putting, loop).result()
+    except RuntimeError:
+        putting.close()
+        return False
+    return True
