@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -60,3 +62,43 @@ class Collector:
                                  iso_utc(change.qualified_at)))
 
         return FunctionHandler(collect, name="collector")
+
+
+class ReplicaProcesses:
+    """`segment-relay run` processes of one test, by name: each writes its changes to
+    ``changes-NAME.jsonl`` and its log to ``NAME.log`` in ``tmp_path``. ``stop_all()`` kills
+    whatever is still running (the fixtures call it however the test ends)."""
+
+    CLI = [sys.executable, "-m", "segment_relay.cli"]
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def output(self, name: str) -> Path:
+        return self.tmp_path / f"changes-{name}.jsonl"
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [self.output(name) for name in self.processes]
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        with open(self.tmp_path / f"{name}.log", "wb") as log:  # the child keeps its own copy of the handle
+            self.processes[name] = subprocess.Popen(
+                [*self.CLI, "run", *args], cwd=self.tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log,
+            )
+
+    def signal(self, name: str, signum: int) -> None:
+        self.processes[name].send_signal(signum)
+
+    def wait(self, name: str, timeout_s: float = 60.0) -> int:
+        return self.processes[name].wait(timeout=timeout_s)
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)

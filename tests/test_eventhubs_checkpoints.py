@@ -8,9 +8,9 @@ Checks the checkpoint blobs that KEDA's ``blobMetadata`` checkpoint strategy rea
 from __future__ import annotations
 
 import asyncio
-import time
+import functools
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from azure.eventhub import EventData
 from azure.eventhub.aio import EventHubConsumerClient, EventHubProducerClient
 from azure.eventhub.extensions.checkpointstoreblobaio import BlobCheckpointStore
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
+from support import poll
 
 from segment_relay.testing.azure import Azurite
 from segment_relay.testing.eventhubs.server import EventHubsEmulator
@@ -51,12 +52,7 @@ async def container(azurite: Azurite) -> AsyncIterator[ContainerClient]:
             await client.delete_container()
 
 
-async def wait_for(cond: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+wait_for = functools.partial(poll, timeout_s=DEADLINE)  # the shared helper, with this file's deadline
 
 
 async def consume_and_checkpoint(emu: EventHubsEmulator, azurite: Azurite, container: str, n: int) -> list[Any]:

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import os
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 from azure.eventhub import EventData
 from azure.eventhub.aio import EventHubConsumerClient, EventHubProducerClient
+from support import poll
 
 from segment_relay.testing.eventhubs.amqp import (
     AMQP_HEADER,
@@ -66,12 +67,7 @@ def consumer(emu: EventHubsEmulator, hub: str = HUB, **kw: Any) -> EventHubConsu
     return EventHubConsumerClient.from_connection_string(emu.connection_string(hub), consumer_group="$default", **kw)
 
 
-async def wait_for(cond: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+wait_for = functools.partial(poll, timeout_s=DEADLINE)  # the shared helper, with this file's deadline
 
 
 async def receive(

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
 from azure.eventhub import EventData, EventHubConsumerClient, EventHubProducerClient
+from support import wait_for as wait_until
 
 from segment_relay.testing.eventhubs.amqp import Message
 from segment_relay.testing.eventhubs.server import EventHubsEmulator, partition_for_key
@@ -83,12 +84,7 @@ def consumer(emu: ThreadedEmulator, hub: str = HUB) -> EventHubConsumerClient:
     )
 
 
-def wait_for(cond: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+wait_for = functools.partial(wait_until, timeout_s=DEADLINE)  # the shared helper, with this file's deadline
 
 
 def run_receiver(

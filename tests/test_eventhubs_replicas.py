@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,14 +16,13 @@ from pathlib import Path
 
 import pytest
 from azure.storage.blob.aio import BlobServiceClient
-from support import changes_in, wait_for
+from support import ReplicaProcesses, changes_in, wait_for
 
 from segment_relay.testing.azure import Azurite
 from segment_relay.testing.eventhubs.process import EmulatorProcess, start_emulator_process
 from segment_relay.testing.eventhubs.produce import send_exports
 from segment_relay.testing.exports import StreamSpec, expected_changes, generate
 
-CLI = [sys.executable, "-m", "segment_relay.cli"]
 HUB = "exports"
 LOAD_BALANCING_S = 0.5
 
@@ -39,22 +36,14 @@ def emulator() -> Iterator[EmulatorProcess]:
         server.stop()
 
 
-class Cluster:
+class Cluster(ReplicaProcesses):
     def __init__(self, tmp_path: Path, emulator: EmulatorProcess, azurite: Azurite, checkpoint_interval_s: float) -> None:
-        self.tmp_path = tmp_path
+        super().__init__(tmp_path)
         self.emulator = emulator
         self.azurite = azurite
         self.container = f"checkpoints-{uuid.uuid4().hex[:12]}"
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.checkpoint_interval_s = checkpoint_interval_s
         asyncio.run(self._blobs(create=True))
-
-    def output(self, name: str) -> Path:
-        return self.tmp_path / f"changes-{name}.jsonl"
-
-    @property
-    def outputs(self) -> list[Path]:
-        return [self.output(name) for name in self.processes]
 
     def start(self, name: str) -> None:
         config = self.tmp_path / f"{name}.toml"
@@ -73,10 +62,7 @@ checkpoint_connection_string = "{self.azurite.connection_string}"
 checkpoint_container = "{self.container}"
 load_balancing_interval_s = {LOAD_BALANCING_S}
 """)
-        self.processes[name] = subprocess.Popen(
-            [*CLI, "run", "--config", str(config)], cwd=self.tmp_path,
-            stdout=subprocess.DEVNULL, stderr=open(self.tmp_path / f"{name}.log", "wb"),
-        )
+        self.spawn(name, ["--config", str(config)])
 
     async def _blobs(self, create: bool = False) -> dict[str, dict[str, dict[str, str]]]:
         found: dict[str, dict[str, dict[str, str]]] = {"ownership": {}, "checkpoint": {}}
@@ -97,22 +83,12 @@ load_balancing_interval_s = {LOAD_BALANCING_S}
     def checkpoints(self) -> dict[str, int]:
         return {pid: int(meta["sequencenumber"]) for pid, meta in asyncio.run(self._blobs())["checkpoint"].items()}
 
-    def log(self, name: str) -> str:
-        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
-
     def summary(self, name: str) -> dict[str, int]:
         """The totals a replica logs when it stops."""
         for line in reversed(self.log(name).splitlines()):
             if '"relay stopped"' in line:
                 return json.loads(line)
         raise AssertionError(f"no 'relay stopped' line in {name}'s log:\n{self.log(name)[-3000:]}")
-
-    def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
-
 
 @pytest.fixture
 def make_cluster(tmp_path: Path, emulator: EmulatorProcess, azurite: Azurite) -> Iterator[Callable[..., Cluster]]:

@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,34 +17,24 @@ from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
-from support import changes_in, wait_for
+from support import ReplicaProcesses, changes_in, wait_for
 
 from segment_relay.testing.aws import Emulator
 from segment_relay.testing.exports import StreamSpec, expected_changes, generate
 from segment_relay.testing.kinesis import create_stream, put_records
 
-CLI = [sys.executable, "-m", "segment_relay.cli"]
 
-
-class Cluster:
+class Cluster(ReplicaProcesses):
     """Replicas of one application over one stream."""
 
     def __init__(self, tmp_path: Path, kinesalite: Emulator, dynalite: Emulator, stream: str,
                  lease_duration_s: float) -> None:
-        self.tmp_path = tmp_path
+        super().__init__(tmp_path)
         self.kinesalite = kinesalite
         self.dynalite = dynalite
         self.stream = stream
         self.application = f"app-{uuid.uuid4().hex[:8]}"
         self.lease_duration_s = lease_duration_s
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-
-    def output(self, name: str) -> Path:
-        return self.tmp_path / f"changes-{name}.jsonl"
-
-    @property
-    def outputs(self) -> list[Path]:
-        return [self.output(name) for name in self.processes]
 
     def start(self, name: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENT_RELAY_")}
@@ -59,11 +48,9 @@ class Cluster:
             "SEGMENT_RELAY_KINESIS__SHARD_SYNC_INTERVAL_S": "0.5",
             "SEGMENT_RELAY_PIPELINE__CHECKPOINT_INTERVAL_S": "0.2",
         })
-        self.processes[name] = subprocess.Popen(
-            [*CLI, "run", "--source", f"kinesis:{self.stream}", "--state", f"sqlite:{self.tmp_path / 'state.sqlite'}",
-             "--handler", f"jsonl:{self.output(name)}", "--dead-letter", str(self.tmp_path / f"dl-{name}.jsonl")],
-            cwd=self.tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(self.tmp_path / f"{name}.log", "wb"),
-        )
+        self.spawn(name, ["--source", f"kinesis:{self.stream}", "--state", f"sqlite:{self.tmp_path / 'state.sqlite'}",
+                          "--handler", f"jsonl:{self.output(name)}", "--dead-letter", str(self.tmp_path / f"dl-{name}.jsonl")],
+                   env)
 
     def owners(self) -> Counter[str | None]:
         async def scan() -> list[dict]:
@@ -75,22 +62,6 @@ class Cluster:
 
         items = asyncio.run(scan())
         return Counter(item["leaseOwner"]["S"] if "S" in item.get("leaseOwner", {}) else None for item in items)
-
-    def signal(self, name: str, signum: int) -> None:
-        self.processes[name].send_signal(signum)
-
-    def wait(self, name: str, timeout_s: float = 60.0) -> int:
-        return self.processes[name].wait(timeout=timeout_s)
-
-    def log(self, name: str) -> str:
-        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
-
 
 @pytest.fixture
 def make_cluster(tmp_path: Path, kinesalite: Emulator, dynalite: Emulator) -> Iterator[Callable[..., Cluster]]:
@@ -189,7 +160,7 @@ def test_a_missing_stream_fails_at_start_with_a_message_naming_it(
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENT_RELAY_")}
     env["SEGMENT_RELAY_KINESIS__ENDPOINT_URL"] = kinesalite.endpoint
     env["SEGMENT_RELAY_KINESIS__DYNAMODB_ENDPOINT_URL"] = dynalite.endpoint
-    result = subprocess.run([*CLI, "run", "--source", "kinesis:no-such-stream", "--state", "memory"],
+    result = subprocess.run([*ReplicaProcesses.CLI, "run", "--source", "kinesis:no-such-stream", "--state", "memory"],
                             cwd=tmp_path, env=env, capture_output=True, timeout=60)
     assert result.returncode == 1
     stderr = result.stderr.decode()
@@ -201,7 +172,7 @@ def test_no_region_fails_at_start_saying_how_to_set_it(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SEGMENT_RELAY_", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"))}
     env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_CONFIG_FILE": "/dev/null"})
-    result = subprocess.run([*CLI, "run", "--source", "kinesis:s", "--state", "memory"],
+    result = subprocess.run([*ReplicaProcesses.CLI, "run", "--source", "kinesis:s", "--state", "memory"],
                             cwd=tmp_path, env=env, capture_output=True, timeout=60)
     assert result.returncode == 1
     assert "region" in result.stderr.decode() and "Traceback" not in result.stderr.decode()
