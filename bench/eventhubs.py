@@ -39,11 +39,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import io
 import json
 import os
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,8 +55,9 @@ if str(ROOT) not in sys.path:
 
 # Shared /proc helpers and the phase timer (bench/ is a namespace package under ROOT). Importing
 # bench.kinesis drops bench/ itself from sys.path (see there); nothing here needs it.
+from bench.common import peak_rss_kb, print_pstats, run_variant  # noqa: E402
 from bench.kinesis import Phase as _KinesisPhase  # noqa: E402
-from bench.kinesis import _fmt, _peak_rss_kb, _rss_kb, cpu_seconds, drive_relay, pin_process  # noqa: E402
+from bench.kinesis import _fmt, _rss_kb, cpu_seconds, drive_relay, pin_process  # noqa: E402
 
 VARIANTS = ("relay", "bare")
 LABELS = {"relay": "segment-relay", "bare": "bare azure-eventhub"}
@@ -169,7 +168,7 @@ def child_main(args: argparse.Namespace) -> None:
         os.sched_setaffinity(0, {args.cpu})
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-eventhubs-"))
     phase = Phase(args.emulator_pid, args.azurite_pid)
-    rss_before = _peak_rss_kb()
+    rss_before = peak_rss_kb()
     profiler = cProfile.Profile() if args.profile else None
     coroutine = run_relay(args, phase, workdir) if args.variant == "relay" else run_bare(args, phase)
     if profiler is not None:
@@ -181,7 +180,7 @@ def child_main(args: argparse.Namespace) -> None:
         if args.profile_out:
             profiler.dump_stats(args.profile_out)
             print(f"profile data written to {args.profile_out} (python -m pstats {args.profile_out})")
-    result |= {"variant": args.variant, "rss_before_kb": rss_before, "peak_rss_kb": _peak_rss_kb()}
+    result |= {"variant": args.variant, "rss_before_kb": rss_before, "peak_rss_kb": peak_rss_kb()}
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -247,13 +246,7 @@ def print_profile(profiler: cProfile.Profile, result: dict[str, Any], top: int, 
     for area, seconds in sorted(areas.items(), key=lambda item: -item[1]):
         print(f"  {area:<58} {seconds:>7.2f} s  {100 * seconds / total:>5.1f} %")
     print()
-    for order in ("tottime", "cumulative"):
-        out = io.StringIO()
-        pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(order).print_stats(top)
-        text = out.getvalue()
-        start = text.find("   ncalls")
-        print(f"--- top {top} by {order} ---")
-        print(text[start:].rstrip() + "\n", flush=True)
+    print_pstats(profiler, top)
 
 
 # --- the parent ------------------------------------------------------------------------------
@@ -275,21 +268,7 @@ def run_child(variant: str, args: argparse.Namespace, env: dict[str, Any], conta
         command += ["--profile", "--profile-top", str(args.profile_top)]
         if args.profile_out:
             command += ["--profile-out", str(Path(args.profile_out).resolve())]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    result = None
-    for line in completed.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-        elif profile:
-            print(line)
-    if result is None or completed.returncode != 0:
-        sys.stderr.write(completed.stderr[-6000:])
-        raise SystemExit(f"the {variant} variant failed (exit code {completed.returncode}); its stderr is above")
-    warnings = [line for line in completed.stderr.splitlines() if line.strip()]
-    result["stderr_lines"] = len(warnings)
-    if warnings:
-        result["stderr_tail"] = warnings[-3:]
-    return result
+    return run_variant(command, f"{variant} variant", echo=profile)
 
 
 async def preload(args: argparse.Namespace, connection_string: str, emulator_pid: int) -> dict[str, Any]:

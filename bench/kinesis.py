@@ -42,12 +42,8 @@ import asyncio
 import cProfile
 import importlib.metadata
 import inspect
-import io
 import json
 import os
-import pstats
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,10 +53,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 # This file is bench/kinesis.py: with bench/ first on sys.path (as for any script), it would
-# shadow async-kinesis's top-level package `kinesis`. Drop that entry (nothing else lives there).
+# shadow async-kinesis's top-level package `kinesis`. Drop that entry (shared code is imported as bench.common).
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT / "bench"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.common import peak_rss_kb, print_pstats, run_variant  # noqa: E402
 
 VARIANTS = ("relay", "async-kinesis", "bare")
 LABELS = {"relay": "segment-relay", "async-kinesis": "async-kinesis", "bare": "bare aiobotocore"}
@@ -78,17 +76,6 @@ async def noop(change: Any) -> None:
 
 
 # --- /proc helpers -------------------------------------------------------------------------
-def _peak_rss_kb() -> int:
-    """Peak RSS of this process, KiB (VmHWM: the child's own, unlike ru_maxrss after exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def _rss_kb(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -304,7 +291,7 @@ def child_main(args: argparse.Namespace) -> None:
         os.sched_setaffinity(0, {args.cpu})
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-kinesis-"))
     phase = Phase(args.kinesalite_pid, args.dynalite_pid)
-    rss_before = _peak_rss_kb()
+    rss_before = peak_rss_kb()
     profiler = cProfile.Profile() if args.profile else None
     if args.variant == "relay":
         coroutine = run_relay(args, phase, workdir)
@@ -322,7 +309,7 @@ def child_main(args: argparse.Namespace) -> None:
             profiler.dump_stats(args.profile_out)
             print(f"profile data written to {args.profile_out} (python -m pstats {args.profile_out})")
     result |= {"variant": args.variant, "limit": args.limit, "rss_before_kb": rss_before,
-               "peak_rss_kb": _peak_rss_kb()}
+               "peak_rss_kb": peak_rss_kb()}
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -330,13 +317,7 @@ def print_profile(profiler: cProfile.Profile, result: dict[str, Any], top: int) 
     print(f"\ncProfile of the relay variant: {result['records']:,} records in {result['seconds']:.2f}s "
           f"({result['records'] / result['seconds']:,.0f} records/s with profiling overhead; the profile "
           f"covers start to stop, including the drain and lease release)\n")
-    for order in ("tottime", "cumulative"):
-        out = io.StringIO()
-        pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(order).print_stats(top)
-        text = out.getvalue()
-        start = text.find("   ncalls")
-        print(f"--- top {top} by {order} ---")
-        print(text[start:].rstrip() + "\n", flush=True)
+    print_pstats(profiler, top)
 
 
 # --- the parent ------------------------------------------------------------------------------
@@ -356,22 +337,7 @@ def run_child(variant: str, limit: int, args: argparse.Namespace, env: dict[str,
         command += ["--profile", "--profile-top", str(args.profile_top)]
         if args.profile_out:
             command += ["--profile-out", str(Path(args.profile_out).resolve())]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    result = None
-    for line in completed.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-        elif profile:
-            print(line)
-    if result is None or completed.returncode != 0:
-        sys.stderr.write(completed.stderr[-6000:])
-        raise SystemExit(f"the {variant} variant (Limit {limit}) failed (exit code {completed.returncode}); "
-                         f"its stderr is above")
-    warnings = [line for line in completed.stderr.splitlines() if line.strip()]
-    result["stderr_lines"] = len(warnings)
-    if warnings:
-        result["stderr_tail"] = warnings[-3:]
-    return result
+    return run_variant(command, f"{variant} variant (Limit {limit})", echo=profile)
 
 
 async def preload(args: argparse.Namespace, endpoint: str, stream: str, kinesalite_pid: int) -> dict[str, Any]:

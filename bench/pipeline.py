@@ -19,12 +19,8 @@ import argparse
 import asyncio
 import cProfile
 import gc
-import io
 import json
 import os
-import pstats
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.common import peak_rss_kb, print_pstats, run_variant  # noqa: E402
 
 TARGETS = {"memory": 50_000, "sqlite": 20_000}  # records/s on one core
 
@@ -44,22 +42,6 @@ def _pin(cpu: int | None) -> int | None:
     return cpu
 
 
-def _peak_rss_kb() -> int:
-    """Peak RSS of this process, KiB.
-
-    ``ru_maxrss`` survives exec on Linux: a child forked from this (large) parent starts with
-    the parent's peak. VmHWM belongs to the current address space, so it is the child's own.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-# --- (a) the floor: decoding alone ---------------------------------------------------------
 def bench_orjson(path: Path, repeat: int) -> dict[str, float]:
     import orjson
 
@@ -97,7 +79,7 @@ async def _run_pipeline(path: Path, variant: str, workdir: Path, checkpoint_inte
     from segment_relay.ops.runtime import tune_gc
 
     tune_gc()  # what `segment-relay run` does at start
-    rss_before = _peak_rss_kb()
+    rss_before = peak_rss_kb()
     cpu_started = time.process_time()
     started = time.perf_counter()
     stats = await pipeline.run()
@@ -110,7 +92,7 @@ async def _run_pipeline(path: Path, variant: str, workdir: Path, checkpoint_inte
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "rss_before_kb": rss_before,
-        "peak_rss_kb": _peak_rss_kb(),
+        "peak_rss_kb": peak_rss_kb(),
         "checkpoint_line": checkpoint["line"],
         "summary": stats.summary(),
     }
@@ -139,12 +121,7 @@ def _run_child_once(path: Path, variant: str, workdir: Path, args: argparse.Name
                "--workdir", str(workdir), "--checkpoint-interval", str(args.checkpoint_interval)]
     if cpu is not None:
         command += ["--cpu", str(cpu)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    for line in completed.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    sys.stderr.write(completed.stderr[-4000:])
-    raise SystemExit(f"the {variant} variant failed (exit code {completed.returncode}); its stderr is above")
+    return run_variant(command, f"{variant} variant")
 
 
 # --- --profile --------------------------------------------------------------------------
@@ -155,13 +132,7 @@ def profile_memory(path: Path, workdir: Path, args: argparse.Namespace, top: int
     profiler.disable()
     print(f"\ncProfile of the memory variant: {result['records']:,} records in {result['seconds']:.2f}s "
           f"(profiling overhead included)\n")
-    for order in ("cumulative", "tottime"):
-        out = io.StringIO()
-        pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(order).print_stats(top)
-        text = out.getvalue()
-        start = text.find("   ncalls")
-        print(f"--- top {top} by {order} ---")
-        print(text[start:].rstrip() + "\n")
+    print_pstats(profiler, top, ("cumulative", "tottime"))
 
 
 # --- main -------------------------------------------------------------------------------------
