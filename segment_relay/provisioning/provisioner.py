@@ -122,8 +122,10 @@ class Provisioner:
                 "params": {"profileSelectors": {"selectors": []}, "segmentSelectors": {"selectors": []}},
             }],
         }, what="dataflow", depends_on=(source_id, target_id))
-        await self._selectors(flow_id, audiences, apply)
-        await self._state(flow_id, apply)
+        # One read serves both: the selector patch re-reads for its etag, and leaves the state alone.
+        flow = await self.flows.get("flows", flow_id) if flow_id is not None else None
+        await self._selectors(flow, audiences, apply)
+        await self._state(flow, apply)
         return self.steps
 
     async def _resolve_audiences(self) -> dict[str, str]:
@@ -211,40 +213,38 @@ class Provisioner:
                 "rename this destination's 'name' or run 'segment-relay provision destroy' first"
             )
 
-    async def _selectors(self, flow_id: str | None, audiences: dict[str, str], apply: bool) -> None:
+    async def _selectors(self, flow: dict[str, Any] | None, audiences: dict[str, str], apply: bool) -> None:
+        """``flow`` as read now; None in a plan where it would be created."""
         attributes = list(dict.fromkeys(self.spec.attributes))
-        current_audiences: list[str] = []
-        current_attributes: list[str] = []
-        if flow_id is not None:
-            flow = await self.flows.get("flows", flow_id)
-            current_audiences, current_attributes = _selected(flow)
+        flow_id = str(flow["id"]) if flow is not None else None
+        current_audiences, current_attributes = _selected(flow) if flow is not None else ([], [])
         add_a = [a for a in audiences if a not in current_audiences]
         del_a = [a for a in current_audiences if a not in audiences]
         add_p = [p for p in attributes if p not in current_attributes]
         del_p = [p for p in current_attributes if p not in attributes]
         name = self.names.flow
-        for what, added, removed, shown in (("audiences", add_a, del_a, lambda i: f"{audiences.get(i) or i} ({i})"),
-                                            ("attributes", add_p, del_p, str)):
+        for what, wanted, added, removed, shown in (
+            ("audiences", list(audiences), add_a, del_a, lambda i: f"{audiences.get(i) or i} ({i})"),
+            ("attributes", attributes, add_p, del_p, str),
+        ):
             if added or removed:
                 detail = ", ".join([f"+{shown(x)}" for x in added] + [f"-{x}" for x in removed])
                 self._step(Step("update", what, name, detail, flow_id))
             else:
-                self._step(Step("keep", what, name, f"{len(audiences) if what == 'audiences' else len(attributes)} selected", flow_id))
+                self._step(Step("keep", what, name, f"{len(wanted)} selected", flow_id))
         if apply and flow_id is not None and (add_a or del_a or add_p or del_p):
-            await self.flows.patch("flows", flow_id, lambda flow: selector_patch(flow, audiences, attributes))
+            await self.flows.patch("flows", flow_id, lambda fresh: selector_patch(fresh, audiences, attributes))
 
-    async def _state(self, flow_id: str | None, apply: bool) -> None:
+    async def _state(self, flow: dict[str, Any] | None, apply: bool) -> None:
         want = "enabled" if self.spec.enabled else "disabled"
-        state = None
-        if flow_id is not None:
-            state = str((await self.flows.get("flows", flow_id)).get("state") or "").lower()
-        if state == want:
+        if flow is None:  # a plan, for a flow that would be created
+            self._step(Step("enable" if self.spec.enabled else "keep", "state", self.names.flow, want))
+            return
+        flow_id = str(flow["id"])
+        if str(flow.get("state") or "").lower() == want:
             self._step(Step("keep", "state", self.names.flow, want, flow_id))
             return
-        if flow_id is None and want == "disabled":
-            self._step(Step("keep", "state", self.names.flow, want))
-            return
-        if apply and flow_id is not None:
+        if apply:
             await self.flows.flow_action(flow_id, "enable" if self.spec.enabled else "disable")
         self._step(Step("enable" if self.spec.enabled else "disable", "state", self.names.flow, want, flow_id))
 
