@@ -49,8 +49,6 @@ def build_source(config: RelayConfig, stats: RelayStats, on_client: Callable[[st
 
 
 def _eventhubs_source(config: RelayConfig, hub: str, stats: RelayStats) -> Source:
-    from datetime import datetime
-
     from .consumer.sources.eventhubs import EventHubsSettings, EventHubsSource
 
     section = config.eventhubs
@@ -66,9 +64,6 @@ def _eventhubs_source(config: RelayConfig, hub: str, stats: RelayStats) -> Sourc
         # The SDK lower-cases checkpoint blob names; KEDA's blobMetadata reader does not.
         log.warning("hub or namespace name has upper-case letters: KEDA's blobMetadata checkpoint reader will not find "
                     "the checkpoints (see the README, Event Hubs)")
-    starting: str | datetime = section.starting_position
-    if starting not in ("earliest", "latest"):
-        starting = datetime.fromisoformat(section.starting_position)
     checkpoint_secret = section.checkpoint_connection_string
     settings = EventHubsSettings(
         hub=hub,
@@ -79,7 +74,7 @@ def _eventhubs_source(config: RelayConfig, hub: str, stats: RelayStats) -> Sourc
         checkpoint_account_url=section.checkpoint_account_url,
         checkpoint_path=section.checkpoint_path,
         checkpoint_container=section.checkpoint_container,
-        starting_position=starting,
+        starting_position=section.starting_position,
         max_batch_size=section.max_batch_size,
         prefetch=section.prefetch,
         load_balancing_interval_s=section.load_balancing_interval_s,

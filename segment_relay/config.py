@@ -113,25 +113,27 @@ class EventHubsConfig(_Section):
         None, description="A sqlite file instead of Blob storage: replicas on one host only; KEDA cannot read it"
     )
     checkpoint_container: str = Field("segment-relay-checkpoints", min_length=3, max_length=63)
-    starting_position: str = Field("earliest", description="No checkpoint yet: earliest | latest | an ISO-8601 time")
+    starting_position: str | datetime = Field(
+        "earliest", description="No checkpoint yet: earliest | latest | an ISO-8601 time (read as a datetime)"
+    )
     max_batch_size: int = Field(300, ge=1, description="Events per batch from the SDK")
     prefetch: int = Field(300, ge=1, description="Events the SDK fetches ahead, per partition")
     load_balancing_interval_s: float = Field(10.0, gt=0, description="How often a replica checks partition ownership")
     ownership_expiration_s: float | None = Field(None, gt=0, description="Default: 6 x load_balancing_interval_s")
     load_balancing_strategy: Literal["greedy", "balanced"] = "greedy"
 
-    @field_validator("starting_position")
+    @field_validator("starting_position", mode="before")
     @classmethod
-    def _position(cls, value: str) -> str:
+    def _position(cls, value: Any) -> str | datetime:
         if value in ("earliest", "latest"):
-            return value
-        try:
-            moment = datetime.fromisoformat(value)
+            return str(value)
+        try:  # a string from the environment or a flag, or a TOML datetime
+            moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
         except ValueError:
             raise ValueError("use earliest, latest or an ISO-8601 time such as 2026-11-25T00:00:00Z") from None
         if moment.tzinfo is None:
             raise ValueError("give the time zone, e.g. 2026-11-25T00:00:00Z")
-        return value
+        return moment
 
     @field_validator("checkpoint_container")
     @classmethod
