@@ -473,3 +473,26 @@ async def test_a_failing_final_checkpoint_is_retried_and_never_crashes_the_shutd
     pipeline = Pipeline(source, MemoryStore(), router, dead, settings=PipelineSettings(checkpoint_interval_s=3600))
     await asyncio.wait_for(pipeline.run(), RUN_TIMEOUT_S)  # reported, not raised
     assert checkpoint_line(tmp_path / "cp2.json") is None
+
+
+async def test_checkpoint_every_records_checkpoints_without_waiting_for_the_interval(tmp_path: Path) -> None:
+    lines = [record(f"p{i}", ("a", "realized", i)) for i in range(1, 41)]
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    checkpoint = tmp_path / "cp.json"
+    gate = asyncio.Event()
+
+    async def handler(change: SegmentChange) -> None:
+        if int(change.position) > 30:
+            await gate.wait()  # the last ten stay unfinished until the count-triggered checkpoint is seen
+
+    pipeline, _ = make_pipeline(path, handler, checkpoint=checkpoint, concurrency=64, checkpoint_every_records=10)
+    run = asyncio.create_task(pipeline.run())  # checkpoint_interval_s is an hour here
+    try:
+        await poll(lambda: checkpoint_line(checkpoint) == 30, "a checkpoint after 30 finished records")
+        gate.set()
+        await asyncio.wait_for(run, RUN_TIMEOUT_S)
+    finally:
+        gate.set()
+        if not run.done():
+            run.cancel()
+    assert checkpoint_line(checkpoint) == len(lines)

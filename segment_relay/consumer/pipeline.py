@@ -79,6 +79,7 @@ class Pipeline:
         self._checkpoint_lock = asyncio.Lock()
         self._checkpoint_due = asyncio.Event()  # set when checkpoint_every_records finished since the last one
         self._finished_since_checkpoint = 0
+        self._checkpoint_every = self.settings.checkpoint_every_records or 0  # 0: never reached, off
         self._stopping = asyncio.Event()
         self.running = False
 
@@ -206,8 +207,7 @@ class Pipeline:
         self._limit.release(len(record.data))
         self.stats.records_finished += 1
         self._finished_since_checkpoint += 1
-        every = self.settings.checkpoint_every_records
-        if every is not None and self._finished_since_checkpoint >= every:
+        if self._finished_since_checkpoint == self._checkpoint_every:  # once per interval, not per record
             self._checkpoint_due.set()
 
     @staticmethod
