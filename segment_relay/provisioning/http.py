@@ -7,9 +7,10 @@ import asyncio
 import random
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import orjson
 
 from .errors import AdobeApiError, ProvisioningError
 from .ims import ImsClient
@@ -155,8 +156,6 @@ class PlatformHttp:
 def _parse(text: str) -> Any:
     if not text:
         return None
-    import orjson
-
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -164,8 +163,6 @@ def _parse(text: str) -> Any:
 
 
 def _path(url: str) -> str:
-    from urllib.parse import urlsplit
-
     return urlsplit(url).path
 
 
