@@ -199,8 +199,22 @@ def gateway_error(reply: Reply, status: int, code: str) -> str:
 # Adobe's OpenAPI specs, with named corrections
 # ----------------------------------------------------------------------------------------------
 
-SPEC_DIR = Path(os.environ.get("SEGMENT_RELAY_ADOBE_SPECS", "/work/shared/reference"))
-SPECS = all((SPEC_DIR / f"{name}.yaml").exists() for name in ("destinations", "flow-service", "segmentation"))
+SPEC_NAMES = ("destinations", "flow-service", "segmentation")
+
+
+def _spec_dir() -> Path:
+    """$SEGMENT_RELAY_ADOBE_SPECS, else ../shared/reference beside the checkout (as CI lays it
+    out), else this machine's /work/shared/reference."""
+    if os.environ.get("SEGMENT_RELAY_ADOBE_SPECS"):
+        return Path(os.environ["SEGMENT_RELAY_ADOBE_SPECS"])
+    for candidate in (Path(__file__).resolve().parents[2] / "shared" / "reference", Path("/work/shared/reference")):
+        if all((candidate / f"{name}.yaml").exists() for name in SPEC_NAMES):
+            return candidate
+    return Path("/work/shared/reference")
+
+
+SPEC_DIR = _spec_dir()
+SPECS = all((SPEC_DIR / f"{name}.yaml").exists() for name in SPEC_NAMES)
 needs_specs = pytest.mark.skipif(not SPECS, reason=f"Adobe's OpenAPI specs are not in {SPEC_DIR} "
                                                    "(set SEGMENT_RELAY_ADOBE_SPECS)")
 
