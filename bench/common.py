@@ -1,5 +1,6 @@
-"""What the benchmarks share: peak RSS of a variant's own process, printing a cProfile, and
-running a variant in a fresh subprocess that reports one ``RESULT {json}`` line."""
+"""What the benchmarks share: peak RSS of a variant's own process, printing a cProfile (and its
+self time by area of the code), and running a variant in a fresh subprocess that reports one
+``RESULT {json}`` line."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pstats
 import resource
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,53 @@ def print_pstats(profiler: cProfile.Profile, top: int, orders: tuple[str, ...] =
         start = text.find("   ncalls")
         print(f"--- top {top} by {order} ---")
         print(text[start:].rstrip() + "\n", flush=True)
+
+
+IDLE = "idle: the event loop waiting (epoll)"
+UNATTRIBUTED = "C calls from C (not attributed)"
+
+
+def _area(filename: str, areas: Sequence[tuple[str, str]]) -> str | None:
+    if filename == "~" or filename.startswith("<"):  # a C function or builtin: charge it to the caller
+        return None
+    for marker, area in areas:
+        if marker in filename:
+            return area
+    return "other Python (stdlib, pydantic, ...)"
+
+
+def self_time_by_area(profiler: cProfile.Profile, areas: Sequence[tuple[str, str]]) -> dict[str, float]:
+    """Self time per area, ``areas`` being (substring of the file path, area) with the first match
+    winning. A C function's time goes to the area of the Python code that called it (cProfile keeps
+    the time per caller), so orjson.loads called by the pipeline counts as the pipeline's."""
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    found: dict[str, float] = {}
+    for (filename, _line, name), (_cc, _nc, tottime, _ct, callers) in stats.items():
+        if "select.epoll" in name:  # the event loop waiting for a socket or a timer: idle, not work
+            found[IDLE] = found.get(IDLE, 0.0) + tottime
+            continue
+        area = _area(filename, areas)
+        if area is not None:
+            found[area] = found.get(area, 0.0) + tottime
+            continue
+        charged = 0.0
+        for (caller_file, _l, _n), caller_stats in callers.items():
+            share = caller_stats[2]  # tottime of this function under that caller
+            caller_area = _area(caller_file, areas) or UNATTRIBUTED
+            found[caller_area] = found.get(caller_area, 0.0) + share
+            charged += share
+        if tottime - charged > 1e-9:
+            found[UNATTRIBUTED] = found.get(UNATTRIBUTED, 0.0) + tottime - charged
+    return found
+
+
+def print_areas(areas: dict[str, float], unit: str, count: int) -> None:
+    """Self time per area, per ``unit`` (record, event) and in all."""
+    total = sum(areas.values()) or 1.0
+    print(f"--- self time by area (C functions charged to their Python caller), per {unit} ---")
+    for area, seconds in sorted(areas.items(), key=lambda item: -item[1]):
+        print(f"  {area:<58} {seconds / count * 1e6:>8.2f} us  {seconds:>7.2f} s  {100 * seconds / total:>5.1f} %")
+    print(f"  {'all (profiling overhead included)':<58} {total / count * 1e6:>8.2f} us  {total:>7.2f} s\n")
 
 
 def run_variant(command: list[str], what: str, *, echo: bool = False) -> dict[str, Any]:

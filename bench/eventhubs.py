@@ -41,7 +41,6 @@ import asyncio
 import cProfile
 import json
 import os
-import pstats
 import sys
 import tempfile
 import time
@@ -55,7 +54,7 @@ if str(ROOT) not in sys.path:
 
 # Shared /proc helpers and the phase timer (bench/ is a namespace package under ROOT). Importing
 # bench.kinesis drops bench/ itself from sys.path (see there); nothing here needs it.
-from bench.common import peak_rss_kb, print_pstats, run_variant  # noqa: E402
+from bench.common import peak_rss_kb, print_areas, print_pstats, run_variant, self_time_by_area  # noqa: E402
 from bench.kinesis import Phase as _KinesisPhase  # noqa: E402
 from bench.kinesis import _fmt, _rss_kb, cpu_seconds, drive_relay, pin_process  # noqa: E402
 
@@ -199,53 +198,11 @@ AREAS = (  # (substring of the file path, area); the first match wins
 )
 
 
-IDLE = "idle: the event loop waiting (epoll)"
-
-
-def _area(filename: str) -> str | None:
-    if filename == "~" or filename.startswith("<"):  # a C function or builtin: charge it to the caller
-        return None
-    for marker, area in AREAS:
-        if marker in filename:
-            return area
-    return "other Python (stdlib, pydantic, ...)"
-
-
-def self_time_by_area(profiler: cProfile.Profile) -> dict[str, float]:
-    """Self time per area. A C function's time goes to the area of the Python code that called
-    it (cProfile keeps the time per caller), so orjson.loads called by the pipeline counts as the
-    pipeline's and socket reads in the SDK count as the SDK's."""
-    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    areas: dict[str, float] = {}
-    for (filename, _line, name), (_cc, _nc, tottime, _ct, callers) in stats.items():
-        if "select.epoll" in name:  # the event loop waiting for a socket or a timer: idle, not work
-            areas[IDLE] = areas.get(IDLE, 0.0) + tottime
-            continue
-        area = _area(filename)
-        if area is not None:
-            areas[area] = areas.get(area, 0.0) + tottime
-            continue
-        charged = 0.0
-        for (caller_file, _l, _n), caller_stats in callers.items():
-            share = caller_stats[2]  # tottime of this function under that caller
-            caller_area = _area(caller_file) or "C calls from C (not attributed)"
-            areas[caller_area] = areas.get(caller_area, 0.0) + share
-            charged += share
-        if tottime - charged > 1e-9:
-            areas["C calls from C (not attributed)"] = areas.get("C calls from C (not attributed)", 0.0) + tottime - charged
-    return areas
-
-
 def print_profile(profiler: cProfile.Profile, result: dict[str, Any], top: int, variant: str) -> None:
     print(f"\ncProfile of the {variant} variant: {result['records']:,} events in {result['seconds']:.2f}s "
           f"({result['records'] / result['seconds']:,.0f} events/s with profiling overhead; the profile "
           f"covers start to stop, including the drain, the last checkpoints and releasing ownership)\n")
-    areas = self_time_by_area(profiler)
-    total = sum(areas.values()) or 1.0
-    print("--- self time by area (C functions charged to their Python caller; CPU is the rest) ---")
-    for area, seconds in sorted(areas.items(), key=lambda item: -item[1]):
-        print(f"  {area:<58} {seconds:>7.2f} s  {100 * seconds / total:>5.1f} %")
-    print()
+    print_areas(self_time_by_area(profiler, AREAS), "event", result["records"])
     print_pstats(profiler, top)
 
 

@@ -1,16 +1,20 @@
 """Pipeline throughput against the cost of just decoding the JSON. Run by hand:
 
-    .venv/bin/python bench/pipeline.py [--records N] [--profile]
+    .venv/bin/python bench/pipeline.py [--records N] [--repeat 3] [--profile]
 
 Generates N realistic export records (~1.5 KB each, seeded) into a temp file, then measures
 records/s of (a) bare ``orjson.loads`` over the same records, (b) the whole pipeline
 (FileSource -> decode, validate, key, diff, dispatch to a no-op async handler, checkpoints on)
-with MemoryStore, (c) the same with SqliteStore. Each pipeline variant runs in a fresh
-subprocess (``--variant memory|sqlite``) so its peak RSS is its own; every measurement is
-pinned to one CPU (the pipeline is single-threaded asyncio; SQLite's flush and the file
-reads use worker threads, which then share that CPU).
+with MemoryStore, (c) the same with SqliteStore, and (d) ``changes``: a change-heavy stream
+(every record flips about two memberships) through the pipeline with MemoryStore and the
+built-in ``jsonl`` handler writing to /dev/null. Each pipeline variant runs in a fresh
+subprocess (``--variant NAME``) so its peak RSS is its own; every measurement is pinned to one
+CPU (the pipeline is single-threaded asyncio; SQLite's flush and the file reads use worker
+threads, which then share that CPU). The variants run ``--repeat`` times, interleaved; the
+fastest run counts, and every run is printed.
 
-``--profile`` runs the memory variant under cProfile instead and prints the top entries.
+``--profile`` runs the memory and changes variants under cProfile instead and prints where the
+time per record goes: the self time of each area of the relay per record, then the top entries.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import peak_rss_kb, print_pstats, run_variant  # noqa: E402
+from bench.common import peak_rss_kb, print_areas, print_pstats, run_variant, self_time_by_area  # noqa: E402
 
-TARGETS = {"memory": 50_000, "sqlite": 20_000}  # records/s on one core
+VARIANTS = ("memory", "sqlite", "changes")
+# Each variant's records/s against bare orjson.loads over the same records, in the same run.
+TARGETS = {"memory": 0.20, "sqlite": 0.12, "changes": 0.06}
+CHANGE_HEAVY = {"reexport_rate": 0.0, "duplicate_rate": 0.0, "out_of_order_rate": 0.0, "flips_per_event": 2}
 
 
 def _pin(cpu: int | None) -> int | None:
@@ -57,44 +64,45 @@ def bench_orjson(path: Path, repeat: int) -> dict[str, float]:
     return {"records": len(records), "seconds": best}
 
 
-# --- (b), (c) the pipeline, in a child process --------------------------------------------
+# --- the pipeline, in a child process -------------------------------------------------------
 async def _run_pipeline(path: Path, variant: str, workdir: Path, checkpoint_interval_s: float) -> dict:
     from segment_relay.consumer.deadletter import MemoryDeadLetter
     from segment_relay.consumer.pipeline import Pipeline, PipelineSettings
     from segment_relay.consumer.sources.file import FileSource
     from segment_relay.consumer.state import MemoryStore, SqliteStore
-    from segment_relay.handlers.api import FunctionHandler, SegmentChange
+    from segment_relay.handlers.api import FunctionHandler, Handler, SegmentChange
+    from segment_relay.handlers.builtin import JsonlHandler
     from segment_relay.handlers.router import Router
+    from segment_relay.ops.runtime import tune_gc
 
     async def noop(change: SegmentChange) -> None:
         return None
 
-    store = MemoryStore() if variant == "memory" else SqliteStore(workdir / f"state-{os.getpid()}.db")
+    handler: Handler = JsonlHandler(os.devnull) if variant == "changes" else FunctionHandler(noop, name="noop")
+    store = SqliteStore(workdir / f"state-{os.getpid()}.db") if variant == "sqlite" else MemoryStore()
     dead_letter = MemoryDeadLetter()
-    source = FileSource(str(path), checkpoint_path=str(workdir / f"checkpoint-{variant}-{os.getpid()}.json"))
-    pipeline = Pipeline(
-        source, store, Router([FunctionHandler(noop, name="noop")], dead_letter), dead_letter,
-        settings=PipelineSettings(checkpoint_interval_s=checkpoint_interval_s),
-    )
-    from segment_relay.ops.runtime import tune_gc
-
+    checkpoint = workdir / f"checkpoint-{variant}-{os.getpid()}.json"
+    source = FileSource(str(path), checkpoint_path=str(checkpoint))
+    pipeline = Pipeline(source, store, Router([handler], dead_letter), dead_letter,
+                        settings=PipelineSettings(checkpoint_interval_s=checkpoint_interval_s))
     tune_gc()  # what `segment-relay run` does at start
     rss_before = peak_rss_kb()
     cpu_started = time.process_time()
     started = time.perf_counter()
-    stats = await pipeline.run()
+    snapshot = await pipeline.run()
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
-    checkpoint = json.loads((workdir / f"checkpoint-{variant}-{os.getpid()}.json").read_text())
     return {
         "variant": variant,
-        "records": stats.records_read,
+        "records": snapshot.records_read,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "rss_before_kb": rss_before,
         "peak_rss_kb": peak_rss_kb(),
-        "checkpoint_line": checkpoint["line"],
-        "summary": stats.summary(),
+        "checkpoint_line": json.loads(checkpoint.read_text())["line"],
+        "enters": snapshot.enters,
+        "exits": snapshot.exits,
+        "dead_letters": len(dead_letter.entries),
     }
 
 
@@ -103,15 +111,6 @@ def child_main(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-"))
     result = asyncio.run(_run_pipeline(Path(args.input), args.variant, workdir, args.checkpoint_interval))
     print("RESULT " + json.dumps(result), flush=True)
-
-
-def run_child(path: Path, variant: str, workdir: Path, args: argparse.Namespace, cpu: int | None) -> dict:
-    """The best (shortest wall time) of ``--repeat`` fresh runs; peak RSS is the largest seen."""
-    runs = [_run_child_once(path, variant, workdir, args, cpu) for _ in range(args.repeat)]
-    best = min(runs, key=lambda run: run["seconds"])
-    best["peak_rss_kb"] = max(run["peak_rss_kb"] for run in runs)
-    best["all_seconds"] = [run["seconds"] for run in runs]
-    return best
 
 
 def _run_child_once(path: Path, variant: str, workdir: Path, args: argparse.Namespace, cpu: int | None) -> dict:
@@ -125,26 +124,46 @@ def _run_child_once(path: Path, variant: str, workdir: Path, args: argparse.Name
 
 
 # --- --profile --------------------------------------------------------------------------
-def profile_memory(path: Path, workdir: Path, args: argparse.Namespace, top: int = 25) -> None:
+AREAS = (  # (substring of the file path, area); the first match wins
+    ("segment_relay/consumer/export.py", "decode + validate (export.py; orjson.loads counts here)"),
+    ("segment_relay/consumer/profile_key.py", "profile key"),
+    ("segment_relay/consumer/membership.py", "diff (membership.py)"),
+    ("segment_relay/consumer/pipeline.py", "pipeline: steps, changes, saving, finishing"),
+    ("segment_relay/consumer/ordering.py", "pipeline: profile gate, in-flight limit, watermarks"),
+    ("segment_relay/consumer/state/", "membership store"),
+    ("segment_relay/consumer/sources/", "source (file)"),
+    ("segment_relay/consumer/deadletter", "dead letter"),
+    ("segment_relay/handlers/dispatch.py", "handler dispatch (chains, calls, retries)"),
+    ("segment_relay/handlers/router.py", "router (routing into chains)"),
+    ("segment_relay/handlers/", "handlers (the handler itself)"),
+    ("segment_relay/model.py", "change ids, to_dict (model.py)"),
+    ("asyncio/", "asyncio (event loop, tasks)"),
+    ("pydantic", "pydantic"),
+)
+
+
+def profile_variant(path: Path, variant: str, workdir: Path, args: argparse.Namespace, top: int = 25) -> None:
     profiler = cProfile.Profile()
     profiler.enable()
-    result = asyncio.run(_run_pipeline(path, "memory", workdir, args.checkpoint_interval))
+    result = asyncio.run(_run_pipeline(path, variant, workdir, args.checkpoint_interval))
     profiler.disable()
-    print(f"\ncProfile of the memory variant: {result['records']:,} records in {result['seconds']:.2f}s "
+    print(f"\ncProfile of the {variant} variant: {result['records']:,} records in {result['seconds']:.2f}s "
           f"(profiling overhead included)\n")
-    print_pstats(profiler, top, ("cumulative", "tottime"))
+    print_areas(self_time_by_area(profiler, AREAS), "record", result["records"])
+    print_pstats(profiler, top, ("tottime", "cumulative"))
 
 
 # --- main -------------------------------------------------------------------------------------
 def _row(name: str, records: int, seconds: float, base_rate: float | None, rss_kb: int | None,
-         target: int | None, cpu_seconds: float | None = None) -> str:
+         target: float | None, cpu_seconds: float | None = None) -> str:
     rate = records / seconds
-    ratio = "1.00x" if base_rate is None else f"{rate / base_rate:.3f}x"
+    ratio = rate / base_rate if base_rate else None
     rss = "-" if rss_kb is None else f"{rss_kb / 1024:.0f} MiB"
     cpu_rate = "-" if cpu_seconds is None else f"{records / cpu_seconds:,.0f}"
-    target_text = "-" if target is None else f">={target:,}"
-    verdict = "-" if target is None else ("PASS" if rate >= target else "MISS")
-    return (f"{name:<18} {rate:>11,.0f} {1e6 / rate:>10.1f} {ratio:>9} {rss:>9} {cpu_rate:>12} "
+    target_text = "-" if target is None else f">={target:.2f}x"
+    verdict = "-" if target is None or ratio is None else ("PASS" if ratio >= target else "MISS")
+    ratio_text = "1.00x" if ratio is None else f"{ratio:.3f}x"
+    return (f"{name:<18} {rate:>11,.0f} {1e6 / rate:>10.1f} {ratio_text:>9} {rss:>9} {cpu_rate:>12} "
             f"{target_text:>10} {verdict:>6}")
 
 
@@ -156,10 +175,11 @@ def main() -> None:
     parser.add_argument("--checkpoint-interval", type=float, default=1.0,
                         help="seconds between checkpoints (production default is 5)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the fastest counts")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which pipeline variants to run")
     parser.add_argument("--no-pin", action="store_true", help="do not pin measurements to one CPU")
-    parser.add_argument("--profile", action="store_true", help="cProfile the memory variant instead")
+    parser.add_argument("--profile", action="store_true", help="cProfile the memory and changes variants instead")
     # internal: one pipeline variant in this (child) process
-    parser.add_argument("--variant", choices=("memory", "sqlite"), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
@@ -167,56 +187,77 @@ def main() -> None:
     if args.variant:
         child_main(args)
         return
+    variants = [variant for variant in args.variants.split(",") if variant]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
 
     from segment_relay.testing.exports import StreamSpec, write_jsonl
 
     cpu = None if args.no_pin or not hasattr(os, "sched_getaffinity") else max(os.sched_getaffinity(0))
-    spec = StreamSpec(seed=args.seed, records=args.records, profiles=args.profiles or max(1, args.records // 5))
+    profiles = args.profiles or max(1, args.records // 5)
     with tempfile.TemporaryDirectory(prefix="segment-relay-bench-") as tmp:
         workdir = Path(tmp)
-        path = workdir / "stream.jsonl"
-        started = time.perf_counter()
-        truth = write_jsonl(spec, path)
-        size = path.stat().st_size
-        print(f"generated {truth.records:,} records, {size / truth.records:,.0f} B/record avg, "
-              f"{truth.profiles:,} profiles, seed {spec.seed} in {time.perf_counter() - started:.1f}s: "
-              f"{truth.enters:,} enters, {truth.exits:,} exits, {truth.stale:,} stale and "
-              f"{truth.duplicates:,} duplicate segment entries")
+        streams = {"realistic": workdir / "stream.jsonl", "change-heavy": workdir / "changes.jsonl"}
+        truths = {}
+        for name, path in streams.items():
+            extra = CHANGE_HEAVY if name == "change-heavy" else {}
+            spec = StreamSpec(seed=args.seed, records=args.records, profiles=profiles, **extra)
+            started = time.perf_counter()
+            truth = truths[name] = write_jsonl(spec, path)
+            size = path.stat().st_size
+            print(f"{name}: {truth.records:,} records, {size / truth.records:,.0f} B/record avg, "
+                  f"{truth.profiles:,} profiles, seed {spec.seed}, in {time.perf_counter() - started:.1f}s: "
+                  f"{truth.enters:,} enters, {truth.exits:,} exits "
+                  f"({(truth.enters + truth.exits) / truth.records:.2f} changes/record), {truth.stale:,} stale "
+                  f"and {truth.duplicates:,} duplicate segment entries")
+        stream_of = {"memory": "realistic", "sqlite": "realistic", "changes": "change-heavy"}
         if args.profile:
             _pin(cpu)
-            profile_memory(path, workdir, args)
+            for variant in ("memory", "changes"):
+                profile_variant(streams[stream_of[variant]], variant, workdir, args)
             return
 
-        results = {variant: run_child(path, variant, workdir, args, cpu) for variant in ("memory", "sqlite")}
+        runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+        for _ in range(args.repeat):  # interleaved, so a slow moment of the machine hits every variant
+            for variant in variants:
+                runs[variant].append(_run_child_once(streams[stream_of[variant]], variant, workdir, args, cpu))
         previous = os.sched_getaffinity(0) if cpu is not None else None
         _pin(cpu)
-        floor = bench_orjson(path, args.repeat)
+        floors = {name: bench_orjson(path, args.repeat) for name, path in streams.items()}
         if previous is not None:
             os.sched_setaffinity(0, previous)
 
-    base_rate = floor["records"] / floor["seconds"]
     print(f"\none CPU{'' if cpu is None else f' (cpu {cpu})'}, best of {args.repeat}, checkpoint every "
           f"{args.checkpoint_interval:g}s, python {sys.version.split()[0]}; records/s is wall time, "
-          f"rec/cpu-s is CPU time of all threads\n")
+          f"rec/cpu-s is CPU time of all threads; 'vs loads' is against bare orjson.loads of the same stream\n")
     print(f"{'':<18} {'records/s':>11} {'us/record':>10} {'vs loads':>9} {'peak RSS':>9} {'rec/cpu-s':>12} "
           f"{'target':>10} {'result':>6}")
-    print(_row("orjson.loads", floor["records"], floor["seconds"], None, None, None))
+    for name, floor in floors.items():
+        print(_row(f"orjson.loads ({name[:6]})", floor["records"], floor["seconds"], None, None, None))
     problems = []
-    for variant, result in results.items():
-        print(_row(f"pipeline {variant}", result["records"], result["seconds"], base_rate,
-                   result["peak_rss_kb"], TARGETS[variant], result["cpu_seconds"]))
-        summary = result["summary"]
-        if (summary["enters"], summary["exits"], summary["records"]) != (truth.enters, truth.exits, truth.records):
-            problems.append(f"{variant}: relay made {summary['enters']} enters / {summary['exits']} exits of "
-                            f"{summary['records']} records; expected {truth.enters} / {truth.exits} of {truth.records}")
-        if result["checkpoint_line"] != truth.records:
-            problems.append(f"{variant}: final checkpoint at line {result['checkpoint_line']}, not {truth.records}")
+    for variant, results in runs.items():
+        best = min(results, key=lambda run: run["seconds"])
+        floor = floors[stream_of[variant]]
+        base_rate = floor["records"] / floor["seconds"]
+        print(_row(f"pipeline {variant}", best["records"], best["seconds"], base_rate,
+                   max(run["peak_rss_kb"] for run in results), TARGETS[variant], best["cpu_seconds"]))
+        truth = truths[stream_of[variant]]
+        for run in results:
+            if (run["enters"], run["exits"], run["records"]) != (truth.enters, truth.exits, truth.records):
+                problems.append(f"{variant}: relay made {run['enters']} enters / {run['exits']} exits of "
+                                f"{run['records']} records; expected {truth.enters} / {truth.exits} of {truth.records}")
+            if run["checkpoint_line"] != truth.records:
+                problems.append(f"{variant}: final checkpoint at line {run['checkpoint_line']}, not {truth.records}")
     print()
-    for variant, result in results.items():
-        runs = ", ".join(f"{seconds:.2f}" for seconds in result["all_seconds"])
-        print(f"{variant}: wall {result['seconds']:.2f}s (runs: {runs}), cpu {result['cpu_seconds']:.2f}s, "
-              f"RSS {result['rss_before_kb'] / 1024:.0f} MiB after imports -> {result['peak_rss_kb'] / 1024:.0f} "
-              f"MiB peak, checkpoint at line {result['checkpoint_line']:,}")
+    for variant, results in runs.items():
+        floor = floors[stream_of[variant]]
+        base_rate = floor["records"] / floor["seconds"]
+        each = ", ".join(f"{run['seconds']:.2f}s = {run['records'] / run['seconds'] / base_rate:.3f}x"
+                         for run in results)
+        best = min(results, key=lambda run: run["seconds"])
+        print(f"{variant}: runs {each}; cpu {best['cpu_seconds']:.2f}s, RSS {best['rss_before_kb'] / 1024:.0f} "
+              f"MiB after imports -> {max(run['peak_rss_kb'] for run in results) / 1024:.0f} MiB peak")
     print("changes: " + ("match the reference model" if not problems else "MISMATCH\n  " + "\n  ".join(problems)))
 
 

@@ -1,23 +1,25 @@
 """segment-relay: Adobe Real-Time CDP segment exports in, clean enter/exit changes out."""
 
-from .consumer.export import IdentityItem, SegmentStatus
-from .consumer.membership import ChangeType
 from .handlers.api import (
+    BatchResult,
     Handler,
+    HandlerContext,
     HandlerRetry,
     PermanentHandlerError,
     Route,
-    SegmentChange,
     on_change,
     on_enter,
     on_exit,
 )
+from .model import ChangeType, IdentityItem, SegmentChange, SegmentStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchResult",
     "ChangeType",
     "Handler",
+    "HandlerContext",
     "HandlerRetry",
     "IdentityItem",
     "PermanentHandlerError",

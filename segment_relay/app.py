@@ -19,15 +19,16 @@ from .consumer.sources.base import Source
 from .consumer.sources.file import FileSource
 from .consumer.state import open_store
 from .handlers.api import Handler
+from .handlers.circuit import CircuitSettings
 from .handlers.loader import HandlerSpecError, load_handler
-from .handlers.router import RetryPolicy, Router
+from .handlers.router import BatchSettings, RetryPolicy, Router
 from .ops.health import Health, OpsServer
-from .ops.stats import RelayStats
+from .ops.metrics import RelaySnapshot, metrics_registry
 
 log = logging.getLogger(__name__)
 
 
-def build_source(config: RelayConfig, stats: RelayStats, on_client: Callable[[str, Any], None] | None = None) -> Source:
+def build_source(config: RelayConfig, on_client: Callable[[str, Any], None] | None = None) -> Source[Any]:
     kind, _, arg = config.source.partition(":")
     if kind == "file":
         return FileSource(arg, checkpoint_path=config.checkpoint_file)
@@ -38,17 +39,16 @@ def build_source(config: RelayConfig, stats: RelayStats, on_client: Callable[[st
         section["initial_position"] = InitialPosition(section["initial_position"])
         if section["renew_interval_s"] is None:
             section["renew_interval_s"] = section["lease_duration_s"] / 3
-        source = KinesisSource(KinesisSettings(stream=arg, **section), stats=stats, on_client=on_client)
-        stats.owned_partitions = lambda: source.owned_shards
-        return source
+        settings = KinesisSettings(stream=arg, read_ahead_records=config.pipeline.max_in_flight_records, **section)
+        return KinesisSource(settings, on_client=on_client)
     if kind == "eventhubs":
-        return _eventhubs_source(config, arg, stats)
+        return _eventhubs_source(config, arg)
     raise ConfigError(
         f"config field 'source': unknown source {config.source!r}; use file:PATH, file:-, kinesis:STREAM or eventhubs:HUB"
     )
 
 
-def _eventhubs_source(config: RelayConfig, hub: str, stats: RelayStats) -> Source:
+def _eventhubs_source(config: RelayConfig, hub: str) -> Source[Any]:
     from .consumer.sources.eventhubs import EventHubsSettings, EventHubsSource
 
     section = config.eventhubs
@@ -80,10 +80,9 @@ def _eventhubs_source(config: RelayConfig, hub: str, stats: RelayStats) -> Sourc
         load_balancing_interval_s=section.load_balancing_interval_s,
         ownership_expiration_s=section.ownership_expiration_s,
         load_balancing_strategy=section.load_balancing_strategy,
+        read_ahead_events=config.pipeline.max_in_flight_records,
     )
-    source = EventHubsSource(settings, stats=stats)
-    stats.owned_partitions = lambda: source.owned_partitions
-    return source
+    return EventHubsSource(settings)
 
 
 def build_handlers(config: RelayConfig, extra: list[Handler] | None = None) -> list[Handler]:
@@ -111,41 +110,58 @@ class Relay:
         """``extra_handlers`` join the configured ones (embedding, tests); ``on_client`` sees each
         cloud client a source creates (a test seam for fault injection)."""
         self.config = config
-        self.stats = RelayStats()
-        self.health = Health(extra_ready=lambda: self.pipeline.running)
         if config.checkpoint_file and not config.source.startswith("file:"):
             raise ConfigError("config field 'checkpoint_file': only the file source uses it")
-        self.source = build_source(config, self.stats, on_client)
+        self.source = build_source(config, on_client)
         self.store = open_store(config.state)
         self.dead_letter = JsonlDeadLetter(Path(config.dead_letter))
-        retry = RetryPolicy(**config.retry.model_dump())  # the config sections mirror these fields
+        circuit = config.circuit
         try:
             self.router = Router(
-                build_handlers(config, extra_handlers), self.dead_letter, retry=retry, stats=self.stats
+                build_handlers(config, extra_handlers), self.dead_letter,
+                retry=RetryPolicy(**config.retry.model_dump()),  # the config sections mirror these fields
+                batch=BatchSettings(max_changes=config.batch.max_changes, max_wait_s=config.batch.max_wait_ms / 1000,
+                                    concurrency=config.batch.concurrency),
+                circuit=CircuitSettings(window=circuit.window, min_calls=circuit.min_calls,
+                                        failure_ratio=circuit.failure_ratio, open_initial_s=circuit.open_initial_s,
+                                        open_max_s=circuit.open_max_s),
+                concurrency=config.pipeline.concurrency,
             )
         except ValueError as exc:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"config field 'handlers': {exc}") from None
-        settings = PipelineSettings(
-            **config.pipeline.model_dump(),
-            segment_filter=frozenset(config.segments) if config.segments else None,
-            track_profiles=track_profiles,
-        )
+        pipeline_settings = config.pipeline.model_dump()
+        del pipeline_settings["concurrency"]  # the router's: calls in flight per handler
         self.pipeline = Pipeline(
             self.source, self.store, self.router, self.dead_letter,
             key_rule=ProfileKeyRule(config.identity.namespace_priority, config.identity.prefer_primary),
-            settings=settings, stats=self.stats,
+            settings=PipelineSettings(
+                **pipeline_settings,
+                segment_filter=frozenset(config.segments) if config.segments else None,
+                track_profiles=track_profiles,
+            ),
         )
+        self.health = Health(extra_ready=self._ready)
         self.ops: OpsServer | None = None
         if config.metrics_port is not None:
-            self.ops = OpsServer(self.stats, self.health, host=config.metrics_host, port=config.metrics_port)
+            self.ops = OpsServer(metrics_registry(self.snapshot), self.health, host=config.metrics_host,
+                                 port=config.metrics_port)
+
+    def snapshot(self) -> RelaySnapshot:
+        return RelaySnapshot(self.pipeline.snapshot(), self.router.snapshot(), self.source.snapshot())
+
+    def _ready(self) -> bool | str:
+        if not self.pipeline.running:
+            return False
+        held = self.router.held_handlers() if self.config.circuit.unready_when_open else []
+        return f"handler circuit open: {', '.join(held)}" if held else True
 
     def stop(self) -> None:
         self.health.mark_stopping()
         self.pipeline.stop()
 
-    async def run(self) -> RelayStats:
+    async def run(self) -> RelaySnapshot:
         loop = asyncio.get_running_loop()
         installed = []
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -161,8 +177,9 @@ class Relay:
             log.info("relay started", extra={"source": self.source.name, "state": repr(self.store),
                                              "handlers": [h.name for h in self.router.handlers]})
             await self.pipeline.run()
-            log.info("relay stopped", extra=self.stats.summary())
-            return self.stats
+            snapshot = self.snapshot()
+            log.info("relay stopped", extra=snapshot.summary())
+            return snapshot
         finally:
             self.health.mark_stopping()
             watchdog.cancel()

@@ -52,7 +52,7 @@ class IdentityConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    concurrency: int = Field(64, ge=1, description="Profiles processed at the same time")
+    concurrency: int = Field(64, ge=1, description="Calls in flight per single-change handler (one per profile)")
     max_in_flight_records: int = Field(10_000, ge=1, description="Records read but not finished, at most")
     max_in_flight_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Bytes of such records, at most")
     checkpoint_interval_s: float = Field(5.0, gt=0, description="Seconds between checkpoints")
@@ -68,6 +68,36 @@ class RetryConfig(_Section):
     max_backoff_s: float = Field(30.0, ge=0)
     max_retry_after_s: float = Field(300.0, ge=0, description="Cap on a handler's Retry-After")
     handler_timeout_s: float = Field(30.0, gt=0, description="One handler call, at most")
+    max_age_s: float = Field(
+        6 * 3600.0, gt=0, description="A change read longer ago than this goes to the dead letter instead of waiting"
+    )
+
+
+class BatchConfig(_Section):
+    """How changes are gathered for handlers that take batches (handle_batch)."""
+
+    max_changes: int = Field(500, ge=1, description="Changes per handle_batch call, at most")
+    max_wait_ms: float = Field(50.0, ge=0, description="How long a call waits for more changes before it goes")
+    concurrency: int = Field(1, ge=1, description="handle_batch calls in flight per handler")
+
+
+class CircuitConfig(_Section):
+    """When a handler counts as down (a downstream outage) rather than failing on a poison change."""
+
+    window: int = Field(20, ge=1, description="Calls whose outcome is remembered")
+    min_calls: int = Field(5, ge=1, description="Outcomes needed in the window before the circuit can open")
+    failure_ratio: float = Field(0.5, gt=0, le=1, description="Share of failed calls that opens the circuit")
+    open_initial_s: float = Field(1.0, gt=0, description="First wait before a probe")
+    open_max_s: float = Field(60.0, gt=0, description="Longest wait between probes")
+    unready_when_open: bool = Field(True, description="Report not ready (/readyz 503) while a circuit is open")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CircuitConfig:
+        if self.min_calls > self.window:
+            raise ValueError("circuit.min_calls must be at most circuit.window")
+        if self.open_initial_s > self.open_max_s:
+            raise ValueError("circuit.open_initial_s must be at most circuit.open_max_s")
+        return self
 
 
 class KinesisConfig(_Section):
@@ -187,6 +217,8 @@ class RelayConfig(BaseSettings):
     identity: IdentityConfig = Field(default_factory=lambda: IdentityConfig())
     pipeline: PipelineConfig = Field(default_factory=lambda: PipelineConfig())
     retry: RetryConfig = Field(default_factory=lambda: RetryConfig())
+    batch: BatchConfig = Field(default_factory=lambda: BatchConfig())
+    circuit: CircuitConfig = Field(default_factory=lambda: CircuitConfig())
     kinesis: KinesisConfig = Field(default_factory=lambda: KinesisConfig())
     eventhubs: EventHubsConfig = Field(default_factory=lambda: EventHubsConfig())
 

@@ -32,8 +32,8 @@ from rich.table import Table
 from .app import Relay
 from .config import RelayConfig, load_config
 from .ops.logging import configure_logging
+from .ops.metrics import RelaySnapshot
 from .ops.runtime import tune_gc
-from .ops.stats import RelayStats
 from .testing.exports import StreamSpec, StreamTruth, write_jsonl
 
 HUB = "adobe-exports"  # lower case: the checkpoint names KEDA reads are lower-cased
@@ -114,11 +114,11 @@ async def _platform_demo(options: DemoOptions, console: Console) -> int:
         if relay.ops is not None:
             console.print(f"metrics: http://127.0.0.1:{relay.ops.port}/metrics  probes: /healthz /readyz")
         with Live(console=console, refresh_per_second=4, transient=True) as live:
-            while not (simulation.finished and relay.stats.records_finished >= simulation.sent):
+            while not (simulation.finished and relay.pipeline.records_finished >= simulation.sent):
                 if running.done():
                     running.result()  # raises what stopped it
                     raise RuntimeError("the relay stopped before it read every export")
-                live.update(_progress(simulation.sent, simulation.planned, relay.stats, started))
+                live.update(_progress(simulation.sent, simulation.planned, relay.snapshot(), started))
                 await asyncio.sleep(0.25)
         relay.stop()
         stats = await running
@@ -208,7 +208,7 @@ platform_url = "{url}"
 {target}"""
 
 
-async def _until_ready(relay: Relay, running: asyncio.Task[RelayStats]) -> None:
+async def _until_ready(relay: Relay, running: asyncio.Task[RelaySnapshot]) -> None:
     while not relay.pipeline.running:
         if running.done():
             running.result()
@@ -216,14 +216,15 @@ async def _until_ready(relay: Relay, running: asyncio.Task[RelayStats]) -> None:
         await asyncio.sleep(0.05)
 
 
-def _progress(sent: int, planned: int, stats: RelayStats, started: float) -> Table:
+def _progress(sent: int, planned: int, stats: RelaySnapshot, started: float) -> Table:
     elapsed = max(time.perf_counter() - started, 1e-9)
     table = Table.grid(padding=(0, 2))
     table.add_row(
         f"Adobe exported [bold]{sent:,}[/]/{planned:,}",
         f"relay finished [bold]{stats.records_finished:,}[/] ({stats.records_finished / elapsed:,.0f}/s)",
         f"enters [green]{stats.enters:,}[/]", f"exits [red]{stats.exits:,}[/]",
-        f"suppressed {stats.duplicate + stats.stale:,}", f"dead letters {sum(stats.dead_letters.values()):,}",
+        f"suppressed {stats.pipeline.duplicate + stats.pipeline.stale:,}",
+        f"dead letters {sum(stats.dead_letters.values()):,}",
     )
     return table
 
@@ -255,7 +256,7 @@ def _file_demo(options: DemoOptions, console: Console) -> int:
 
 
 # --- the verdict ------------------------------------------------------------------------------------
-def _summary(console: Console, stats: RelayStats, truth: StreamTruth, out: Path, title: str) -> int:
+def _summary(console: Console, stats: RelaySnapshot, truth: StreamTruth, out: Path, title: str) -> int:
     sys.stdout.flush()
     summary = stats.summary()
     rows = [

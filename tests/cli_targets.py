@@ -15,5 +15,8 @@ async def slow(change: SegmentChange) -> None:
     await asyncio.sleep(DELAY_S)
 
 
-async def always_fails(change: SegmentChange) -> None:
-    raise RuntimeError("downstream is down")
+async def fails_on_some(change: SegmentChange) -> None:
+    """Poison: about one change in sixteen (those whose id starts with 0) always fails; the rest
+    succeed, so the handler stays healthy and those are dead-lettered after the retries."""
+    if change.change_id.startswith("0"):
+        raise RuntimeError("downstream refuses this one")

@@ -29,7 +29,6 @@ from prometheus_client import generate_latest
 
 from segment_relay.app import Relay
 from segment_relay.config import RelayConfig, load_config
-from segment_relay.ops.stats import RelayStats
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -143,18 +142,24 @@ def pod_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PodConfig:
 
 def exported_metric_names() -> set[str]:
     """Every series name /metrics has once each kind of sample exists."""
-    stats = RelayStats()
-    stats.records_read = stats.records_finished = 1
-    stats.invalid["not_json"] += 1
-    stats.changes[("seg", "enter")] += 1
-    stats.dead_lettered("failed_change")
-    stats.handler_succeeded("log", 0.01)
-    stats.handler_failed("log", 0.01)
-    stats.partitions["shard-0"] = {"checkpoint": 42}
-    stats.partition_lag_ms["shard-0"] = 1000.0
-    stats.partition_lag_events["shard-0"] = 10
-    stats.owned_partitions = lambda: ["shard-0"]
-    text = generate_latest(stats.registry).decode()
+    from segment_relay.consumer.pipeline import PipelineSnapshot
+    from segment_relay.consumer.sources.base import SourceSnapshot
+    from segment_relay.handlers.dispatch import HandlerSnapshot
+    from segment_relay.histogram import Histogram
+    from segment_relay.ops.metrics import RelaySnapshot, metrics_registry
+
+    latency, sizes = Histogram(), Histogram()
+    latency.observe(0.01)
+    sizes.observe(10)
+    pipeline = PipelineSnapshot(
+        records_read=1, records_finished=1, records_dropped=0, invalid={"not_json": 1}, changes={("seg", "enter"): 1},
+        stale=0, duplicate=0, filtered=0, dead_letters=1, in_flight_records=0, in_flight_bytes=0, profiles_waiting=0,
+        checkpoints={"shard-0": 42})
+    handler = HandlerSnapshot(name="log", batch=True, calls=2, failed_calls=1, failures=1, dead_letters=1, dropped=0,
+                              pending=0, circuit="closed", circuit_opened=0,
+                              latency={"ok": latency, "error": latency}, batch_sizes=sizes)
+    source = SourceSnapshot(owned=("shard-0",), lag_ms={"shard-0": 1000.0}, lag_events={"shard-0": 10})
+    text = generate_latest(metrics_registry(lambda: RelaySnapshot(pipeline, (handler,), source))).decode()
     return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 

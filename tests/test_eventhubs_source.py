@@ -20,6 +20,7 @@ from support import Collector, poll
 from segment_relay.app import Relay
 from segment_relay.config import ConfigError, RelayConfig, load_config
 from segment_relay.errors import StartupError
+from segment_relay.ops.metrics import metrics_registry
 from segment_relay.testing.azure import Azurite
 from segment_relay.testing.eventhubs.produce import send_exports
 from segment_relay.testing.eventhubs.server import EventHubsEmulator
@@ -81,8 +82,8 @@ class Running:
         self.task = asyncio.create_task(self.relay.run())
 
     async def until_finished(self, records: int, timeout_s: float = 30.0) -> None:
-        stats = self.relay.stats
-        await poll(lambda: stats.records_finished >= records or self.task.done(), f"{records} records", timeout_s)
+        pipeline = self.relay.pipeline
+        await poll(lambda: pipeline.records_finished >= records or self.task.done(), f"{records} records", timeout_s)
         assert not self.task.done(), self.task
 
     async def stop(self) -> None:
@@ -100,18 +101,18 @@ async def test_every_change_reaches_the_handlers_once_and_checkpoints_are_keda_r
     running = Running(relay_config(emulator, azurite, container, tmp_path))
     try:
         await running.until_finished(len(records))
-        stats = running.relay.stats
-        assert stats.owned_partitions is not None and sorted(stats.owned_partitions()) == ["0", "1", "2", "3"]
-        await poll(lambda: len(stats.partition_lag_events) == 4, "a lag figure for every partition")
-        assert set(stats.partition_lag_events.values()) == {0}  # read to the end
-        metrics = generate_latest(stats.registry).decode()
+        relay = running.relay
+        assert relay.snapshot().source.owned == ("0", "1", "2", "3")
+        await poll(lambda: len(relay.snapshot().source.lag_events) == 4, "a lag figure for every partition")
+        assert set(relay.snapshot().source.lag_events.values()) == {0}  # read to the end
+        metrics = generate_latest(metrics_registry(relay.snapshot)).decode()
         assert "segment_relay_partitions_owned 4.0" in metrics
         assert metrics.count("segment_relay_partition_lag_events{") == 4
     finally:
         await running.stop()
 
     assert Counter(running.collector.changes) == Counter(truth.changes)
-    assert running.relay.stats.summary()["invalid"] == truth.invalid > 0  # poison: dead-lettered, moved on
+    assert running.relay.snapshot().summary()["invalid"] == truth.invalid > 0  # poison: dead-lettered, moved on
     dead = (tmp_path / "dead-letter.jsonl").read_text().splitlines()
     assert len(dead) == truth.invalid
     # The graceful stop checkpointed each partition at its last event, in the SDK's blob layout.
@@ -140,7 +141,7 @@ async def test_a_restart_resumes_after_the_checkpoints(
     await again.until_finished(len(second))
     await asyncio.sleep(0)  # one more turn of the loop for anything read beyond
     await again.stop()
-    assert again.relay.stats.records_read == len(second)  # nothing before the checkpoints came again
+    assert again.relay.snapshot().records_read == len(second)  # nothing before the checkpoints came again
 
 
 async def test_starting_position_latest_and_a_time_apply_only_without_a_checkpoint(
@@ -155,7 +156,7 @@ async def test_starting_position_latest_and_a_time_apply_only_without_a_checkpoi
     timed = Running(relay_config(emulator, azurite, container, tmp_path, starting_position=cut.isoformat()))
     await timed.until_finished(100)
     await timed.stop()
-    assert timed.relay.stats.records_read == 100
+    assert timed.relay.snapshot().records_read == 100
 
     async with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
         await service.create_container(other := f"{container}-latest")
@@ -165,7 +166,7 @@ async def test_starting_position_latest_and_a_time_apply_only_without_a_checkpoi
     await send_exports(emulator.connection_string(HUB), HUB, records[200:])
     await latest.until_finished(100)
     await latest.stop()
-    assert latest.relay.stats.records_read == 100
+    assert latest.relay.snapshot().records_read == 100
 
 
 async def test_emulator_faults_are_recovered_without_loss(
@@ -270,7 +271,7 @@ async def test_a_namespace_with_an_azure_credential_instead_of_a_connection_stri
     pipeline = Pipeline(source, MemoryStore(), Router([collector.handler()], dead_letter), dead_letter,
                         settings=PipelineSettings(checkpoint_interval_s=0.2))
     run = asyncio.create_task(pipeline.run())
-    await poll(lambda: pipeline.stats.records_finished == len(records) or run.done(), "every record")
+    await poll(lambda: pipeline.records_finished == len(records) or run.done(), "every record")
     pipeline.stop()
     await asyncio.wait_for(run, 30)
     assert Counter(collector.changes) == Counter(expected_changes(records).changes)
@@ -304,29 +305,42 @@ class _Store:
         self.checkpoints.append(checkpoint)
 
 
-async def test_a_closed_partition_is_neither_dispatched_nor_checkpointed_under_its_old_ownership() -> None:
+class _Listener:
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def assigned(self, partition: str, epoch: int) -> None:
+        self.events.append(("assigned", partition, epoch))
+
+    def revoked(self, partition: str) -> None:
+        self.events.append(("revoked", partition))
+
+
+async def test_a_claimed_and_closed_partition_is_an_assignment_and_a_revoke_and_batches_carry_the_epoch() -> None:
     from segment_relay.consumer.sources.eventhubs import EventHubsSettings, EventHubsSource
 
     source = EventHubsSource(EventHubsSettings(hub=HUB, connection_string="x", checkpoint_connection_string="y"))
     store = _Store()
     source._clients = type("Clients", (), {"checkpoint_store": store})()  # type: ignore[assignment]
+    listener = _Listener()
+    source._listener = listener
     context = _Context("0")
     await source._on_initialize(context)
     await source._on_batch(context, [_Event(1), _Event(2)])
     old = source._queue.get_nowait()
-    assert [r.data for r in old] == [b'{"a":1}', b'{"a":1}'] and str(old[-1].position) == "2"
-    await source._on_batch(context, [_Event(3)])  # still queued when the partition is lost
+    assert (old.partition, old.epoch) == ("0", 1)
+    assert [r.data for r in old.records] == [b'{"a":1}', b'{"a":1}'] and str(old.records[-1].position) == "2"
     await source._on_close(context, "OWNERSHIP_LOST")
-    await source.commit("0", old[-1].position)  # finished after the loss: another replica checkpoints now
+    assert listener.events == [("assigned", "0", 1), ("revoked", "0")]  # the pipeline drops what it holds of it
+    await source.commit("0", old.records[-1].position)  # not ours: another replica checkpoints now
     assert store.checkpoints == [] and source.owned_partitions == []
 
-    await source._on_initialize(context)  # taken back: a new ownership, resuming from the other's checkpoint
+    await source._on_initialize(context)  # taken back: a new assignment, resuming from the other's checkpoint
     await source._on_batch(context, [_Event(7)])
-    batches = source.batches()
-    fresh = await anext(batches)  # the batch queued under the old ownership was dropped
-    assert [str(r.position) for r in fresh] == ["7"]
-    await source.commit("0", old[-1].position)  # old ownership: ignored
-    await source.commit("0", fresh[-1].position)
+    fresh = await anext(source.batches())
+    assert (fresh.epoch, [str(r.position) for r in fresh.records]) == (2, ["7"])
+    assert listener.events[-1] == ("assigned", "0", 2)
+    await source.commit("0", fresh.records[-1].position)
     assert store.checkpoints == [{"fully_qualified_namespace": "ns", "eventhub_name": HUB, "consumer_group": "$default",
                                   "partition_id": "0", "offset": "700", "sequence_number": 7}]
 

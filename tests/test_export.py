@@ -16,7 +16,10 @@ from hypothesis import strategies as st
 from segment_relay.consumer.export import (
     InvalidReason,
     InvalidRecord,
+    ProfileExport,
     SegmentStatus,
+    _fast_export,
+    export_from_document,
     parse_export,
     to_epoch_us,
 )
@@ -420,13 +423,46 @@ def shaped_documents(draw: st.DrawFn) -> bytes:
     return json.dumps(document).encode()
 
 
+def _reference(raw: bytes | str) -> ProfileExport | InvalidRecord:
+    """What the model path (orjson + pydantic) makes of ``raw``, alone."""
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return InvalidRecord(InvalidReason.NOT_JSON, "not JSON")
+    try:
+        return export_from_document(document)
+    except InvalidRecord as invalid:
+        return invalid
+
+
+def _as_orjson_decodes(value: Any) -> Any:
+    """orjson turns integers beyond 64 bits into floats; msgspec (the fast path) keeps them exact."""
+    if isinstance(value, dict):
+        return {key: _as_orjson_decodes(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_orjson_decodes(item) for item in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return float(value)
+    return value
+
+
 def _check(raw: bytes | str) -> None:
+    # The fast path may only accept what the model accepts, and must build the same export.
+    fast = _fast_export(raw)
+    reference = _reference(raw)
+    if fast is not None:
+        assert isinstance(reference, ProfileExport), f"the fast path accepted what the model refuses: {reference}"
+        assert (fast.identity_map, fast.segments) == (reference.identity_map, reference.segments)
+        assert _as_orjson_decodes(fast.attributes) == reference.attributes
     try:
         export = parse_export(raw)
     except InvalidRecord as invalid:
         assert isinstance(invalid.reason, InvalidReason)
         assert invalid.detail
+        assert isinstance(reference, InvalidRecord) and invalid.reason is reference.reason
         return
+    assert isinstance(reference, ProfileExport)
+    assert (export.identity_map, export.segments) == (reference.identity_map, reference.segments)
     assert export.identity_map and all(items for items in export.identity_map.values())
     assert all(item.id for items in export.identity_map.values() for item in items)
     for entry in export.segments:
@@ -467,6 +503,27 @@ def test_shaped_documents_only_raise_invalid_record(raw: bytes) -> None:
 @given(st.binary(max_size=64) | st.text(max_size=32))
 def test_random_bytes_only_raise_invalid_record(raw: bytes | str) -> None:
     _check(raw)
+
+
+@pytest.mark.parametrize("raw", [
+    # msgspec checks the UTF-8 only of the strings it builds: bad bytes in a skipped attribute
+    b'{"identityMap": {"ecid": [{"id": "e1"}]}, "person": {"name": "\xff"}}',
+    b'{"identityMap": {"ecid": [{"id": "e1"}]}, "x": ' + b"[" * 3000 + b"]" * 3000 + b"}",  # too deep to decode
+    b'{"identityMap": {"ecid": [{"id": "e1"}]}, "x": "\\ud800"}',  # a lone surrogate
+    b'{"identityMap": {"ecid": [{"id": "e1"}]}, "x": NaN}',
+    b'{"identityMap": {"ecid": [{"id": "e1"}]}} trailing',
+])
+def test_what_orjson_refuses_is_not_json_on_the_fast_path_too(raw: bytes) -> None:
+    assert _fast_export(raw) is None
+    assert reject(raw).reason is InvalidReason.NOT_JSON
+
+
+def test_attributes_are_decoded_only_when_asked_for_and_as_the_model_decodes_them() -> None:
+    export = parse_export(SAMPLE_CURRENT)
+    assert export._attributes is None  # not decoded yet: most records change nothing and never need them
+    assert export.attributes == export_from_document(orjson.loads(SAMPLE_CURRENT)).attributes
+    big = b'{"identityMap": {"ecid": [{"id": "e1"}]}, "n": 123456789012345678901234567890}'
+    assert parse_export(big).attributes == {"n": 123456789012345678901234567890}  # exact, beyond 64 bits
 
 
 def test_malformed_cosmetic_segment_fields_do_not_cost_the_record() -> None:

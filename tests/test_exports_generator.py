@@ -14,10 +14,12 @@ from segment_relay.consumer.deadletter import MemoryDeadLetter
 from segment_relay.consumer.export import InvalidReason, InvalidRecord, parse_export
 from segment_relay.consumer.pipeline import Pipeline, PipelineSettings
 from segment_relay.consumer.profile_key import ProfileKeyRule
+from segment_relay.consumer.sources.base import SourceSnapshot
 from segment_relay.consumer.sources.file import FileSource
 from segment_relay.consumer.state import MemoryStore, SqliteStore
 from segment_relay.handlers.api import FunctionHandler, SegmentChange
 from segment_relay.handlers.router import Router
+from segment_relay.ops.metrics import RelaySnapshot
 from segment_relay.testing.exports import (
     DEFAULT_SEGMENTS,
     StreamSpec,
@@ -199,12 +201,9 @@ async def _run_relay(path: Path, store: object) -> tuple[list[tuple[str, str, st
         got.append((change.profile_key, change.segment_id, change.change.value, iso_utc(change.qualified_at)))
 
     dead_letter = MemoryDeadLetter()
-    pipeline = Pipeline(
-        FileSource(str(path)), store, Router([FunctionHandler(collect, name="collect")], dead_letter), dead_letter,
-        settings=PipelineSettings(concurrency=16),
-    )
-    stats = await pipeline.run()
-    summary = stats.summary()
+    router = Router([FunctionHandler(collect, name="collect")], dead_letter, concurrency=16)
+    pipeline = Pipeline(FileSource(str(path)), store, router, dead_letter, settings=PipelineSettings())
+    summary = RelaySnapshot(await pipeline.run(), router.snapshot(), SourceSnapshot()).summary()
     summary["dead_letter_entries"] = len(dead_letter.entries)
     return got, summary
 

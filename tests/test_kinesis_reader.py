@@ -112,21 +112,22 @@ class Collector:
 
     def __init__(self, reader: ShardReader) -> None:
         self.reader = reader
-        self.records: list[SourceRecord] = []
+        self.records: list[tuple[str, SourceRecord]] = []  # (the reader's shard, the record)
         self.batches = 0
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        async for batch in self.reader.batches():
-            assert batch, "batches() must never yield an empty batch"
+        async for batch, kinesis_records in self.reader.batches():
+            assert batch and kinesis_records, "batches() must never yield an empty batch"
+            assert kinesis_records <= len(batch)  # KPL aggregates hold several records
             self.batches += 1
-            self.records.extend(batch)
+            self.records.extend((self.reader.shard_id, record) for record in batch)
 
     async def started(self) -> None:
         """Until the first GetRecords call came back (so a LATEST iterator exists)."""
         await until(lambda: self.reader.calls >= 1 or self.task.done(), "the reader's first GetRecords")
 
-    async def finish(self, count: int) -> list[SourceRecord]:
+    async def finish(self, count: int) -> list[tuple[str, SourceRecord]]:
         """Until ``count`` records came and one more GetRecords call returned (so a repeated
         record would have shown up), or the reader ended by itself; then stop it."""
         await until(lambda: len(self.records) >= count or self.task.done(), f"{count} records")
@@ -154,8 +155,8 @@ def expected(stream_puts: list[tuple[str, str]], payloads: list[bytes]) -> list[
     return [(shard, seq, data) for (shard, seq), data in zip(stream_puts, payloads, strict=True)]
 
 
-def triples(records: list[SourceRecord]) -> list[tuple[str, str, bytes]]:
-    return [(r.partition, r.position, r.data) for r in records]
+def triples(records: list[tuple[str, SourceRecord]]) -> list[tuple[str, str, bytes]]:
+    return [(shard, r.position, r.data) for shard, r in records]
 
 
 async def wait_active(client: Any, stream: str) -> None:
@@ -216,8 +217,8 @@ async def test_reads_every_record_of_a_one_shard_stream_in_order(kinesis: Any, m
                          on_lag=lambda shard, millis: lags.append((shard, millis)))
     got = await Collector(reader).finish(25)
     assert triples(got) == expected(puts, data)
-    assert all(isinstance(r.position, str) for r in got)
-    assert [int(r.position) for r in got] == sorted(int(r.position) for r in got)
+    assert all(isinstance(r.position, str) for _, r in got)
+    assert [int(r.position) for _, r in got] == sorted(int(r.position) for _, r in got)
     assert reader.last_sequence == puts[-1][1]
     assert reader.records == 25 and not reader.ended
     assert reader.throttled == reader.errors == reader.expired == 0

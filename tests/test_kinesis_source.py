@@ -15,6 +15,7 @@ from support import Change, Collector, poll
 
 from segment_relay.app import Relay
 from segment_relay.config import load_config
+from segment_relay.ops.metrics import metrics_registry
 from segment_relay.testing.aws import Emulator
 from segment_relay.testing.exports import StreamSpec, expected_changes, generate
 from segment_relay.testing.kinesis import create_stream, put_records
@@ -57,11 +58,12 @@ async def test_every_change_of_a_four_shard_stream_reaches_the_handlers_once(
     relay = Relay(config, extra_handlers=[collector.handler()])
     run = asyncio.create_task(relay.run())
     try:
-        await poll(lambda: relay.stats.records_finished == len(records) or run.done(), "every record")
+        await poll(lambda: relay.pipeline.records_finished == len(records) or run.done(), "every record")
         assert not run.done(), run
-        assert relay.stats.owned_partitions is not None and len(relay.stats.owned_partitions()) == 4
-        assert len(relay.stats.partition_lag_ms) == 4  # MillisBehindLatest per shard, for the lag gauge
-        metrics = generate_latest(relay.stats.registry).decode()
+        source = relay.snapshot().source
+        assert source.owned is not None and len(source.owned) == 4
+        assert len(source.lag_ms) == 4  # MillisBehindLatest per shard, for the lag gauge
+        metrics = generate_latest(metrics_registry(relay.snapshot)).decode()
         assert "segment_relay_partitions_owned 4.0" in metrics
         assert metrics.count("segment_relay_partition_lag_milliseconds{") == 4
     finally:
@@ -69,7 +71,7 @@ async def test_every_change_of_a_four_shard_stream_reaches_the_handlers_once(
         await asyncio.wait_for(run, 30)
 
     assert Counter(collector.changes) == Counter(truth.changes)
-    assert relay.stats.summary()["invalid"] == truth.invalid > 0  # poison records: dead-lettered, shards moved on
+    assert relay.snapshot().summary()["invalid"] == truth.invalid > 0  # poison records: dead-lettered, shards moved on
     # The graceful stop checkpointed every shard at its last record and released the leases.
     async with get_session().create_client("dynamodb", endpoint_url=dynalite.endpoint) as client:
         items = (await client.scan(TableName=f"{config.kinesis.application}-leases", ConsistentRead=True))["Items"]
@@ -131,7 +133,7 @@ async def test_throttling_and_an_expired_iterator_are_recovered_with_nothing_los
     relay = Relay(config, extra_handlers=[collector.handler()], on_client=faults.attach)
     run = asyncio.create_task(relay.run())
     try:
-        await poll(lambda: relay.stats.records_finished == len(records) or run.done(), "every record")
+        await poll(lambda: relay.pipeline.records_finished == len(records) or run.done(), "every record")
         assert not run.done(), run
     finally:
         relay.stop()
@@ -154,7 +156,7 @@ async def test_split_and_merge_mid_run_keep_every_profile_in_order(
         relay = Relay(config, extra_handlers=[collector.handler()])
         run = asyncio.create_task(relay.run())
         try:
-            await poll(lambda: relay.stats.records_finished == len(first) or run.done(), "the first half")
+            await poll(lambda: relay.pipeline.records_finished == len(first) or run.done(), "the first half")
             shards = (await client.list_shards(StreamName=stream_name))["Shards"]
             zero, one, two = sorted(shards, key=lambda s: int(s["HashKeyRange"]["StartingHashKey"]))
             low, high = int(zero["HashKeyRange"]["StartingHashKey"]), int(zero["HashKeyRange"]["EndingHashKey"])
@@ -165,7 +167,7 @@ async def test_split_and_merge_mid_run_keep_every_profile_in_order(
                                       AdjacentShardToMerge=two["ShardId"])
             await _wait_active(client, stream_name)
             await put_records(client, stream_name, second, in_flight=1)  # lands in the children
-            await poll(lambda: relay.stats.records_finished == len(records) or run.done(), "the second half")
+            await poll(lambda: relay.pipeline.records_finished == len(records) or run.done(), "the second half")
             assert not run.done(), run
         finally:
             relay.stop()
@@ -221,7 +223,7 @@ async def test_get_records_is_paced_per_shard(
     relay = Relay(config, on_client=attach)
     run = asyncio.create_task(relay.run())
     try:
-        await poll(lambda: relay.stats.records_finished == len(records) or run.done(), "every record")
+        await poll(lambda: relay.pipeline.records_finished == len(records) or run.done(), "every record")
     finally:
         relay.stop()
         await asyncio.wait_for(run, 30)

@@ -12,9 +12,13 @@ import orjson
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from segment_relay.consumer.pipeline import PipelineSnapshot
+from segment_relay.consumer.sources.base import SourceSnapshot
+from segment_relay.handlers.dispatch import HandlerSnapshot
+from segment_relay.histogram import Histogram
 from segment_relay.ops.health import Health, OpsServer
 from segment_relay.ops.logging import SecretRedactingFilter, configure_logging, redact
-from segment_relay.ops.stats import RelayStats
+from segment_relay.ops.metrics import RelaySnapshot, metrics_registry
 
 SECRET = "s3cr3t-Token-ABC123"
 
@@ -33,9 +37,37 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float
         await asyncio.sleep(0.005)
 
 
+def pipeline_snapshot(**values: object) -> PipelineSnapshot:
+    fields: dict[str, object] = dict(
+        records_read=0, records_finished=0, records_dropped=0, invalid={}, changes={}, stale=0, duplicate=0,
+        filtered=0, dead_letters=0, in_flight_records=0, in_flight_bytes=0, profiles_waiting=0)
+    fields.update(values)
+    return PipelineSnapshot(**fields)  # type: ignore[arg-type]
+
+
+def handler_snapshot(name: str = "webhook", **values: object) -> HandlerSnapshot:
+    fields: dict[str, object] = dict(
+        name=name, batch=False, calls=0, failed_calls=0, failures=0, dead_letters=0, dropped=0, pending=0,
+        circuit="closed", circuit_opened=0)
+    fields.update(values)
+    return HandlerSnapshot(**fields)  # type: ignore[arg-type]
+
+
+class Snapshots:
+    """A relay's snapshot that a test changes between scrapes."""
+
+    def __init__(self, **pipeline: object) -> None:
+        self.pipeline = pipeline_snapshot(**pipeline)
+        self.handlers: tuple[HandlerSnapshot, ...] = ()
+        self.source = SourceSnapshot()
+
+    def __call__(self) -> RelaySnapshot:
+        return RelaySnapshot(self.pipeline, self.handlers, self.source)
+
+
 @contextlib.asynccontextmanager
-async def running(stats: RelayStats, health: Health) -> AsyncIterator[tuple[OpsServer, aiohttp.ClientSession]]:
-    server = OpsServer(stats, health, host="127.0.0.1", port=0)
+async def running(snapshots: Snapshots, health: Health) -> AsyncIterator[tuple[OpsServer, aiohttp.ClientSession]]:
+    server = OpsServer(metrics_registry(snapshots), health, host="127.0.0.1", port=0)
     await server.start()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
@@ -50,12 +82,11 @@ async def get(session: aiohttp.ClientSession, server: OpsServer, path: str) -> t
 
 
 # --- /metrics ---------------------------------------------------------------------
-async def test_metrics_exposes_relay_stats() -> None:
-    stats = RelayStats()
-    stats.records_read = 7
-    stats.invalid["bad_json"] += 2
-    stats.changes[("seg-1", "enter")] += 3
-    stats.handler_succeeded("webhook", 0.01)
+async def test_metrics_exposes_the_relay_snapshot() -> None:
+    stats = Snapshots(records_read=7, invalid={"bad_json": 2}, changes={("seg-1", "enter"): 3})
+    latency = Histogram()
+    latency.observe(0.01)
+    stats.handlers = (handler_snapshot("webhook", latency={"ok": latency}, circuit="open", pending=4),)
     async with running(stats, Health()) as (server, session):
         assert server.port != 0
         status, text, resp = await get(session, server, "/metrics")
@@ -65,15 +96,17 @@ async def test_metrics_exposes_relay_stats() -> None:
         assert 'segment_relay_records_invalid_total{reason="bad_json"} 2.0' in text
         assert 'segment_relay_changes_total{change="enter",segment_id="seg-1"} 3.0' in text
         assert 'segment_relay_handler_latency_seconds_count{handler="webhook",outcome="ok"} 1.0' in text
+        assert 'segment_relay_handler_circuit_open{handler="webhook"} 1.0' in text
+        assert 'segment_relay_handler_pending_changes{handler="webhook"} 4.0' in text
 
-        stats.records_read = 8  # read at scrape time, not cached
+        stats.pipeline = pipeline_snapshot(records_read=8)  # read at scrape time, not cached
         _, text, _ = await get(session, server, "/metrics")
         assert "segment_relay_records_read_total 8.0" in text
 
 
 async def test_start_picks_free_port_and_stop_is_idempotent() -> None:
-    stats, health = RelayStats(), Health()
-    async with OpsServer(stats, health) as a, OpsServer(stats, health) as b:
+    registry, health = metrics_registry(Snapshots()), Health()
+    async with OpsServer(registry, health) as a, OpsServer(registry, health) as b:
         assert a.port and b.port and a.port != b.port
     await a.stop()
 
@@ -82,7 +115,7 @@ async def test_start_picks_free_port_and_stop_is_idempotent() -> None:
 async def test_readyz_transitions() -> None:
     owns_work = True
     health = Health(extra_ready=lambda: owns_work)
-    async with running(RelayStats(), health) as (server, session):
+    async with running(Snapshots(), health) as (server, session):
         status, text, _ = await get(session, server, "/readyz")
         assert status == 503 and orjson.loads(text)["status"] == "not ready"
         assert health.ready is False
@@ -105,6 +138,36 @@ async def test_readyz_transitions() -> None:
         assert health.ready is False
 
 
+def test_readiness_reason_from_the_check() -> None:
+    reason: bool | str = "handler circuit open: crm"
+    health = Health(extra_ready=lambda: reason)
+    health.mark_started()
+    assert health.readiness() == (False, "handler circuit open: crm")
+    reason = True
+    assert health.readiness() == (True, "ok")
+
+
+def test_handler_metrics_of_a_handler_are_exported_with_its_name() -> None:
+    from prometheus_client import generate_latest
+
+    from segment_relay.handlers.api import HandlerMetrics
+
+    metrics = HandlerMetrics("crm")
+    metrics.count("responses", status="429")
+    metrics.count("responses", 2, status="200")
+    metrics.set("quota_left", 17)
+    with pytest.raises(ValueError, match="first used with labels"):
+        metrics.count("responses", code="x")
+    with pytest.raises(ValueError, match="set by the relay"):
+        metrics.count("other", handler="x")
+    stats = Snapshots()
+    stats.handlers = (handler_snapshot("crm", counters=metrics.counters, gauges=metrics.gauges),)
+    text = generate_latest(metrics_registry(stats)).decode()
+    assert 'segment_relay_handler_responses_total{handler="crm",status="429"} 1.0' in text
+    assert 'segment_relay_handler_responses_total{handler="crm",status="200"} 2.0' in text
+    assert 'segment_relay_handler_quota_left{handler="crm"} 17.0' in text
+
+
 async def test_ready_false_when_extra_ready_raises() -> None:
     def broken() -> bool:
         raise RuntimeError("boom")
@@ -112,7 +175,7 @@ async def test_ready_false_when_extra_ready_raises() -> None:
     health = Health(extra_ready=broken)
     health.mark_started()
     assert health.ready is False
-    async with running(RelayStats(), health) as (server, session):
+    async with running(Snapshots(), health) as (server, session):
         status, _, _ = await get(session, server, "/readyz")
         assert status == 503
 
@@ -120,7 +183,7 @@ async def test_ready_false_when_extra_ready_raises() -> None:
 # --- /healthz and the watchdog ------------------------------------------------------
 async def test_healthz_ok_then_503_when_heartbeat_is_stale() -> None:
     health = Health(stall_after_s=0.1)
-    async with running(RelayStats(), health) as (server, session):
+    async with running(Snapshots(), health) as (server, session):
         # Before the first beat there is nothing to judge: live.
         status, text, _ = await get(session, server, "/healthz")
         assert status == 200 and orjson.loads(text) == {"status": "ok"}
@@ -300,11 +363,13 @@ def test_redact_helper_and_filter() -> None:
 def test_handler_latency_histogram_is_cumulative_with_le_semantics() -> None:
     from prometheus_client import generate_latest
 
-    stats = RelayStats()
+    ok, error = Histogram(), Histogram()
     for seconds in (0.0005, 0.0007, 0.02, 100.0):
-        stats.handler_succeeded("noop", seconds)
-    stats.handler_failed("noop", 0.001)
-    text = generate_latest(stats.registry).decode()
+        ok.observe(seconds)
+    error.observe(0.001)
+    stats = Snapshots()
+    stats.handlers = (handler_snapshot("noop", latency={"ok": ok, "error": error}, failures=1),)
+    text = generate_latest(metrics_registry(stats)).decode()
     assert 'segment_relay_handler_latency_seconds_bucket{handler="noop",le="0.0005",outcome="ok"} 1.0' in text
     assert 'segment_relay_handler_latency_seconds_bucket{handler="noop",le="0.025",outcome="ok"} 3.0' in text
     assert 'segment_relay_handler_latency_seconds_bucket{handler="noop",le="+Inf",outcome="ok"} 4.0' in text

@@ -26,12 +26,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
 
 from segment_relay import Handler, SegmentChange
 from segment_relay.app import Relay
 from segment_relay.config import load_config
 from segment_relay.ops.health import Health, OpsServer
-from segment_relay.ops.stats import RelayStats
 
 STALL_S = 0.3  # the relay's stall limit in these tests (30 s in production)
 DEADLINE_S = 10.0  # the longest anything here may take to happen
@@ -246,7 +246,7 @@ def test_a_blocked_event_loop_fails_liveness_until_it_is_free(
 async def test_a_loop_that_stopped_beating_is_neither_live_nor_ready() -> None:
     health = Health(stall_after_s=STALL_S, extra_ready=lambda: True)
     health.mark_started()
-    async with OpsServer(RelayStats(), health) as server, aiohttp.ClientSession() as session:
+    async with OpsServer(CollectorRegistry(), health) as server, aiohttp.ClientSession() as session:
 
         async def get(path: str) -> tuple[int, dict[str, Any]]:
             async with session.get(server.url + path, timeout=aiohttp.ClientTimeout(total=5)) as response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -21,13 +22,68 @@ from segment_relay import (
 )
 from segment_relay.consumer.deadletter import MemoryDeadLetter
 from segment_relay.handlers.api import FunctionHandler, IdentityItem, change_id_for
+from segment_relay.handlers.dispatch import HandlerSnapshot
 from segment_relay.handlers.router import RetryPolicy, Router
 
 FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.0005, max_backoff_s=0.001, handler_timeout_s=5.0)
 ENTER, EXIT = ChangeType.ENTER, ChangeType.EXIT
 
 
-def change(kind: ChangeType, segment_id: str = "gold", profile: str = "ecid:1") -> SegmentChange:
+class Live:
+    """The claim of a partition that is still ours."""
+
+    revoked = False
+
+
+LIVE = Live()
+_STARTED: list[Router] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_routers() -> AsyncIterator[None]:
+    yield
+    while _STARTED:
+        await _STARTED.pop().close()
+
+
+async def dispatch(router: Router, *changes: SegmentChange) -> None:
+    """Deliver ``changes`` as one profile's, in order (starting the router the first time)."""
+    await dispatch_profiles(router, list(changes))
+
+
+async def dispatch_profiles(router: Router, *profiles: list[SegmentChange]) -> None:
+    """Deliver several profiles' changes in one step."""
+    if not router._started:
+        await router.start()
+        _STARTED.append(router)
+    await asyncio.wait_for(delivered(router, [[(c, LIVE) for c in changes] for changes in profiles]), 10)
+
+
+async def delivered(router: Router, profiles: list[list[tuple[SegmentChange, Live]]]) -> None:
+    """router.deliver, until every profile is done."""
+    remaining = set(range(len(profiles)))
+    finished = asyncio.Event()
+
+    def done(index: int) -> None:
+        remaining.remove(index)
+        if not remaining:
+            finished.set()
+
+    router.deliver(profiles, done)
+    if remaining:
+        await finished.wait()
+
+
+def handler_stats(router: Router, name: str) -> HandlerSnapshot:
+    return next(snapshot for snapshot in router.snapshot() if snapshot.name == name)
+
+
+def good_traffic(n: int = 20) -> list[list[SegmentChange]]:
+    """Changes of other profiles that a poison-change test handler handles fine."""
+    return [[change(ENTER, "fine", profile=f"ecid:other-{i}")] for i in range(n)]
+
+
+def change(kind: ChangeType, segment_id: str = "gold", profile: str = "ecid:1") -> SegmentChange:  # noqa: D103
     status = SegmentStatus.REALIZED if kind is ENTER else SegmentStatus.EXITED
     at = datetime(2024, 1, 1, tzinfo=UTC)
     return SegmentChange(
@@ -68,7 +124,7 @@ async def test_function_routes_by_segment_and_change_type() -> None:
     assert [h.name.split(":")[-1].split(".")[-1] for h in router.handlers_for(ENTER, "gold")] == ["welcome", "everything"]
     for kind, segment in [(ENTER, "gold"), (EXIT, "gold"), (ENTER, "silver"), (EXIT, "silver"), (ENTER, "bronze"),
                           (EXIT, "bronze"), (ENTER, "other")]:
-        await router.dispatch(change(kind, segment))
+        await dispatch(router, change(kind, segment))
     assert calls == [
         ("welcome", "gold", "enter"), ("everything", "gold", "enter"),
         ("goodbye", "gold", "exit"), ("every_exit", "gold", "exit"), ("everything", "gold", "exit"),
@@ -100,7 +156,7 @@ async def test_handler_subclass_methods_route() -> None:
     router = Router([Crm()], MemoryDeadLetter(), retry=FAST)
     assert router.handlers_for(ENTER, "silver") == ()  # no method wants it: the handler is not called
     for kind, segment in [(ENTER, "gold"), (EXIT, "gold"), (ENTER, "vip"), (EXIT, "vip"), (ENTER, "silver")]:
-        await router.dispatch(change(kind, segment))
+        await dispatch(router, change(kind, segment))
     assert calls == [
         ("welcome", "gold", "enter"),
         ("goodbye", "gold", "exit"),
@@ -122,8 +178,8 @@ async def test_handler_subclass_overriding_handle_uses_class_routes() -> None:
             seen.append(c.segment_id)
 
     router = Router([Exits()], MemoryDeadLetter(), retry=FAST)
-    await router.dispatch(change(ENTER, "a"))
-    await router.dispatch(change(EXIT, "b"))
+    await dispatch(router, change(ENTER, "a"))
+    await dispatch(router, change(EXIT, "b"))
     assert seen == ["b"]
 
 
@@ -146,7 +202,7 @@ async def test_method_with_overlapping_routes_is_called_once() -> None:
         function_calls.append(c.change_id)
 
     router = Router([Crm(), FunctionHandler(both, name="fn")], MemoryDeadLetter(), retry=FAST)
-    await router.dispatch(change(ENTER, "gold"))
+    await dispatch(router, change(ENTER, "gold"))
     assert len(function_calls) == 1
     assert len(method_calls) == 1  # was 2 before the fix
 
@@ -179,24 +235,25 @@ async def test_fails_twice_then_succeeds() -> None:
 
     dead = MemoryDeadLetter()
     router = Router([FunctionHandler(flaky, name="flaky")], dead, retry=FAST)
-    await router.dispatch(change(ENTER))
+    await dispatch(router, change(ENTER))
     assert calls == 3
     assert dead.entries == []
-    assert router.stats.handler_failures["flaky"] == 2
+    assert handler_stats(router, "flaky").failures == 2
 
 
-async def test_always_failing_is_dead_lettered_after_max_attempts() -> None:
+async def test_a_change_failing_while_others_succeed_is_dead_lettered_after_max_attempts() -> None:
     calls = 0
 
     async def broken(c: SegmentChange) -> None:
         nonlocal calls
-        calls += 1
-        raise RuntimeError("boom")
+        if c.segment_id == "gold":  # poison: only this change fails
+            calls += 1
+            raise RuntimeError("boom")
 
     dead = MemoryDeadLetter()
     router = Router([FunctionHandler(broken, name="broken")], dead, retry=FAST)
     the_change = change(EXIT, "gold")
-    await router.dispatch(the_change)
+    await dispatch_profiles(router, [the_change], *good_traffic())
     assert calls == FAST.max_attempts
     (entry,) = dead.entries
     assert entry["kind"] == "failed_change"
@@ -207,21 +264,21 @@ async def test_always_failing_is_dead_lettered_after_max_attempts() -> None:
     assert (entry["partition"], entry["position"]) == ("p0", "7")
     assert entry["change"] == the_change.to_dict()
     assert entry["change"]["change_id"] == the_change.change_id
-    assert router.stats.dead_letters["failed_change"] == 1
+    assert handler_stats(router, "broken").dead_letters == 1
 
 
 async def test_one_failing_handler_does_not_stop_the_others() -> None:
     seen: list[str] = []
 
     async def broken(c: SegmentChange) -> None:
-        raise RuntimeError("boom")
+        raise PermanentHandlerError("refused")
 
     async def fine(c: SegmentChange) -> None:
         seen.append(c.change_id)
 
     dead = MemoryDeadLetter()
     router = Router([FunctionHandler(broken, name="broken"), FunctionHandler(fine, name="fine")], dead, retry=FAST)
-    await router.dispatch(change(ENTER))
+    await dispatch(router, change(ENTER))
     assert len(seen) == 1
     assert [e["handler"] for e in dead.entries] == ["broken"]
 
@@ -236,7 +293,7 @@ async def test_permanent_error_dead_letters_after_one_attempt() -> None:
 
     dead = MemoryDeadLetter()
     router = Router([FunctionHandler(rejects, name="rejects")], dead, retry=FAST)
-    await router.dispatch(change(ENTER))
+    await dispatch(router, change(ENTER))
     assert calls == 1
     (entry,) = dead.entries
     assert (entry["handler"], entry["attempts"], entry["reason"]) == ("rejects", 1, "handler_rejected")
@@ -254,7 +311,7 @@ async def test_handler_retry_after_is_honoured() -> None:
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0001, handler_timeout_s=5.0)
     dead = MemoryDeadLetter()
     router = Router([FunctionHandler(throttled, name="throttled")], dead, retry=policy)
-    await router.dispatch(change(ENTER))
+    await dispatch(router, change(ENTER))
     assert len(attempts) == 2 and dead.entries == []
     assert attempts[1] - attempts[0] >= 0.045  # the backoff alone would be ~0.1 ms
 
@@ -264,12 +321,13 @@ async def test_handler_retry_counts_as_an_attempt() -> None:
 
     async def always_retry(c: SegmentChange) -> None:
         nonlocal calls
-        calls += 1
-        raise HandlerRetry("later", after=0)
+        if c.segment_id == "gold":
+            calls += 1
+            raise HandlerRetry("later", after=0)
 
     dead = MemoryDeadLetter()
     router = Router([FunctionHandler(always_retry, name="r")], dead, retry=FAST)
-    await router.dispatch(change(ENTER))
+    await dispatch_profiles(router, [change(ENTER)], *good_traffic())
     assert calls == FAST.max_attempts
     assert dead.entries[0]["detail"] == "HandlerRetry: later"
 
@@ -301,21 +359,22 @@ async def test_timeout_counts_as_a_failure() -> None:
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0001, handler_timeout_s=0.02)
     dead = MemoryDeadLetter()
     router = Router([FunctionHandler(hangs, name="hangs")], dead, retry=policy)
-    await router.dispatch(change(ENTER))
+    await dispatch(router, change(ENTER))
     assert calls == 3 and dead.entries == []
-    assert router.stats.handler_failures["hangs"] == 2
+    assert handler_stats(router, "hangs").failures == 2
 
 
 async def test_timeout_every_time_is_dead_lettered() -> None:
     never = asyncio.Event()
 
     async def hangs(c: SegmentChange) -> None:
-        await never.wait()
+        if c.segment_id == "gold":
+            await never.wait()
 
     policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.0001, max_backoff_s=0.0001, handler_timeout_s=0.02)
     dead = MemoryDeadLetter()
     router = Router([FunctionHandler(hangs, name="hangs")], dead, retry=policy)
-    await router.dispatch(change(ENTER))
+    await dispatch_profiles(router, [change(ENTER)], *good_traffic())
     (entry,) = dead.entries
     assert (entry["handler"], entry["attempts"], entry["reason"], entry["detail"]) == ("hangs", 2, "handler_failed", "timed out")
 
@@ -329,5 +388,5 @@ async def test_class_handler_failures_use_its_name() -> None:
             raise PermanentHandlerError("410 gone")
 
     dead = MemoryDeadLetter()
-    await Router([Webhook()], dead, retry=FAST).dispatch(change(ENTER))
+    await dispatch(Router([Webhook()], dead, retry=FAST), change(ENTER))
     assert dead.entries[0]["handler"] == "webhook"

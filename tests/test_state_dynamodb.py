@@ -279,3 +279,236 @@ async def test_a_failing_write_does_not_stop_the_others_of_its_save(client: Any,
         await store.save("p", updates)
     assert store.retries == 0
     assert len(await store.load("p")) == 19  # every other write finished before the error was raised
+
+
+# --- batch calls: load_many and save_many --------------------------------------------------------
+
+
+class RecordingClient:
+    """The real client, recording every call's operation and arguments and how many ran at once.
+
+    ``pause_s`` holds each call open a moment before it goes out, so that calls issued together
+    overlap measurably even against a fast local emulator.
+    """
+
+    def __init__(self, real: Any, *, pause_s: float = 0.0) -> None:
+        self._real, self._pause_s = real, pause_s
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.in_flight = 0
+        self.most_in_flight: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name == "meta" or not callable(attr):
+            return attr
+
+        async def call(**kwargs: Any) -> Any:
+            self.calls.append((name, kwargs))
+            self.in_flight += 1
+            self.most_in_flight[name] = max(self.most_in_flight.get(name, 0), self.in_flight)
+            try:
+                if self._pause_s:
+                    await asyncio.sleep(self._pause_s)
+                return await attr(**kwargs)
+            finally:
+                self.in_flight -= 1
+
+        return call
+
+    def operations(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+@pytest.fixture
+async def recorded(client: Any, table: str) -> AsyncIterator[tuple[DynamoDBStore, RecordingClient]]:
+    recording = RecordingClient(client)
+    opened = DynamoDBStore(table, client=recording)
+    await opened.open()
+    recording.calls.clear()  # DescribeTable / CreateTable of open
+    yield opened, recording
+    await opened.close()
+
+
+async def test_load_many_mixes_named_segments_and_whole_profiles(recorded: tuple[DynamoDBStore, RecordingClient]) -> None:
+    store, recording = recorded
+    other, gone = ("aep", "seg-2"), ("ups", "never-saved")
+    await store.save_many({
+        "a": {K: m(REALIZED, 1), other: m(EXITED, 2), ("a/b", "c"): m(EXISTING, 3)},
+        "b": {K: m(EXISTING, 4), other: m(REALIZED, 5)},
+        "c": {K: m(EXITED, 6)},
+        "p/": {K: m(EXITED, 7)},  # its key prefixes none of the others', but it is never asked for
+    })
+    recording.calls.clear()
+    loaded = await store.load_many({
+        "a": [K, gone, ("a/b", "c")],  # a missing segment is simply absent
+        "b": None,  # all of it
+        "c": [gone],  # nothing of what is named exists: the profile is absent
+        "d": [],  # nothing named at all: absent, and nothing to ask for
+        "nobody": None,  # never saved: absent
+    })
+    assert loaded == {
+        "a": {K: m(REALIZED, 1), ("a/b", "c"): m(EXISTING, 3)},
+        "b": {K: m(EXISTING, 4), other: m(REALIZED, 5)},
+    }
+    # The named segments of every profile in one BatchGetItem, a Query per whole profile.
+    assert sorted(recording.operations()) == ["batch_get_item", "query", "query"]
+    (request,) = [kwargs["RequestItems"] for name, kwargs in recording.calls if name == "batch_get_item"]
+    assert request[store.table]["ConsistentRead"] is True
+    assert request[store.table]["ProjectionExpression"] == "#pk, #sk, #status, #at"
+    assert len(request[store.table]["Keys"]) == 4  # a: 3, c: 1
+
+
+async def test_load_many_of_nothing_sends_no_request(recorded: tuple[DynamoDBStore, RecordingClient]) -> None:
+    store, recording = recorded
+    assert await store.load_many({}) == {}
+    assert await store.load_many({"p": [], "q": ()}) == {}
+    await store.save_many({})
+    await store.save_many({"p": {}})
+    assert recording.calls == []
+
+
+async def test_load_many_asks_for_a_repeated_segment_once(recorded: tuple[DynamoDBStore, RecordingClient]) -> None:
+    store, recording = recorded
+    await store.save("p", {K: m(REALIZED, 1)})
+    # BatchGetItem refuses a request naming one key twice (ValidationException): the store dedupes.
+    assert await store.load_many({"p": [K, K, ("ups", "seg-1")]}) == {"p": {K: m(REALIZED, 1)}}
+    (request,) = [kwargs["RequestItems"] for name, kwargs in recording.calls if name == "batch_get_item"]
+    assert len(request[store.table]["Keys"]) == 1
+
+
+async def test_load_many_splits_batch_get_item_at_100_keys_and_bounds_concurrency(client: Any, table: str) -> None:
+    recording = RecordingClient(client, pause_s=0.02)
+    store = DynamoDBStore(table, client=recording, concurrency=2)
+    await store.open()
+    try:
+        saved = {f"p{p}": {("ups", f"s{i:03d}"): m(STATUSES[i % 3], i) for i in range(90)} for p in range(3)}
+        await store.save_many(saved)
+        recording.calls.clear()
+        recording.most_in_flight.clear()
+        wanted: dict[str, list[tuple[str, str]] | None] = {
+            profile: [*state, ("ups", "missing")] for profile, state in saved.items()  # 273 keys
+        }
+        wanted["whole-1"] = wanted["whole-2"] = None
+        assert await store.load_many(wanted) == saved
+        sizes = sorted(len(kwargs["RequestItems"][table]["Keys"]) for name, kwargs in recording.calls
+                       if name == "batch_get_item")
+        assert sizes == [73, 100, 100]
+        assert recording.operations().count("query") == 2
+        assert recording.most_in_flight == {"batch_get_item": 2, "query": 2}  # concurrent, never more than 2
+    finally:
+        await store.close()
+
+
+async def test_save_many_writes_concurrently_within_the_bound(client: Any, table: str) -> None:
+    recording = RecordingClient(client, pause_s=0.01)
+    store = DynamoDBStore(table, client=recording, concurrency=3)
+    await store.open()
+    try:
+        updates = {f"p{p}": {("ups", f"s{i}"): m(REALIZED, i) for i in range(5)} for p in range(4)}
+        await store.save_many(updates)
+        assert recording.operations().count("update_item") == 20  # one conditional UpdateItem each
+        assert recording.most_in_flight["update_item"] == 3
+        assert await store.load_many(dict.fromkeys(updates)) == updates
+    finally:
+        await store.close()
+
+
+class UnprocessedKeysClient:
+    """Fault injection: the emulator cannot produce UnprocessedKeys (dynalite never throttles and only
+    leaves keys unprocessed past 1 MB per answer, which 100 of these small items never reach), so the
+    first ``rounds`` BatchGetItem calls serve only half of their keys and hand the rest back as
+    UnprocessedKeys, as DynamoDB does under throttling. Only ``Keys`` is handed back (dynalite's own
+    UnprocessedKeys drops the projection too): the store must rebuild the rest of the request."""
+
+    def __init__(self, real: Any, *, rounds: int) -> None:
+        self._real = real
+        self.remaining = rounds
+        self.requests: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name != "batch_get_item":
+            return attr
+
+        async def batch_get_item(*, RequestItems: dict[str, Any], **kwargs: Any) -> Any:  # noqa: N803 - boto's name
+            self.requests.append(RequestItems)
+            if self.remaining <= 0:
+                return await attr(RequestItems=RequestItems, **kwargs)
+            self.remaining -= 1
+            ((table, wanted),) = RequestItems.items()
+            keys = wanted["Keys"]
+            served, left = keys[: (len(keys) + 1) // 2], keys[(len(keys) + 1) // 2:]
+            answer = await attr(RequestItems={table: {**wanted, "Keys": served}}, **kwargs)
+            answer["UnprocessedKeys"] = {table: {"Keys": left}} if left else {}
+            return answer
+
+        return batch_get_item
+
+
+async def test_load_many_asks_again_for_unprocessed_keys(client: Any, table: str) -> None:
+    injecting = UnprocessedKeysClient(client, rounds=3)
+    store = DynamoDBStore(table, client=injecting, backoff_s=0.001, max_backoff_s=0.005)
+    await store.open()
+    try:
+        saved = {("ups", f"s{i}"): m(REALIZED, i) for i in range(20)}
+        await store.save("p", saved)
+        assert await store.load_many({"p": list(saved)}) == {"p": saved}  # nothing lost, however many rounds
+        assert [len(request[table]["Keys"]) for request in injecting.requests] == [20, 10, 5, 2]
+        assert store.retries == 3
+        for request in injecting.requests:  # every round is a whole, strongly consistent, projected request
+            assert request[table]["ConsistentRead"] is True
+            assert request[table]["ProjectionExpression"] == "#pk, #sk, #status, #at"
+    finally:
+        await store.close()
+
+
+async def test_throttled_batch_get_item_is_retried(client: Any, table: str) -> None:
+    proxy = ThrottlingClient(client, operation="batch_get_item", fail=2)
+    store = DynamoDBStore(table, client=proxy, backoff_s=0.01)
+    await store.open()
+    await store.save("p", {K: m(REALIZED, 1)})
+    assert await store.load_many({"p": [K]}) == {"p": {K: m(REALIZED, 1)}}
+    assert proxy.calls == 3 and store.retries == 2
+
+
+async def test_save_many_keeps_the_conditional_rules(store: DynamoDBStore, dynalite: Emulator) -> None:
+    other = ("aep", "seg-2")
+    await store.save_many({"p": {K: m(REALIZED, 20), other: m(REALIZED, 20)}, "q": {K: m(EXITED, 5)}})
+    # One call: older values are refused while the newer ones beside them, in the same call, are applied.
+    await store.save_many({
+        "p": {K: m(EXITED, 10), other: m(EXITED, 30)},
+        "q": {K: m(EXISTING, 5)},  # same time, another status: replaces
+        "r": {K: m(REALIZED, 1)},
+    })
+    expected = {"p": {K: m(REALIZED, 20), other: m(EXITED, 30)}, "q": {K: m(EXISTING, 5)}, "r": {K: m(REALIZED, 1)}}
+    assert await store.load_many(dict.fromkeys(expected)) == expected
+    # Across calls, and from another client of the table (another replica): still refused.
+    replica = DynamoDBStore(store.table, endpoint_url=dynalite.endpoint)
+    await replica.open()
+    try:
+        await replica.save_many({"p": {K: m(EXISTING, 19), other: m(REALIZED, 29)}, "r": {K: m(REALIZED, 1)}})
+    finally:
+        await replica.close()
+    assert await store.load_many({"p": [K, other], "q": None, "r": [K]}) == expected
+
+
+async def test_a_failing_write_does_not_stop_the_others_of_its_save_many(client: Any, table: str) -> None:
+    proxy = ThrottlingClient(client, fail=1, code="ValidationException")  # not retryable
+    store = DynamoDBStore(table, client=proxy, concurrency=4)
+    await store.open()
+    updates = {f"p{p}": {("ups", f"s{i}"): m(REALIZED, i) for i in range(10)} for p in range(3)}
+    with pytest.raises(ClientError, match="ValidationException"):
+        await store.save_many(updates)
+    loaded = await store.load_many(dict.fromkeys(updates))
+    assert sum(len(state) for state in loaded.values()) == 29  # every other write finished first
+
+
+def test_access_denied_names_every_permission_the_store_needs() -> None:
+    from segment_relay.consumer.state.dynamodb import _describe_aws_error
+
+    denied = ClientError({"Error": {"Code": "AccessDeniedException", "Message": "not authorized\nsigned headers"}},
+                         "BatchGetItem")
+    assert _describe_aws_error(denied) == (
+        "BatchGetItem gave AccessDeniedException: not authorized"
+        " (grant dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem and CreateTable)"
+    )

@@ -109,12 +109,12 @@ def test_decode_value_refuses_foreign_values() -> None:
 async def test_save_recovers_from_a_flushed_script_cache(store: RedisStore, raw: Any) -> None:
     await store.save("p", {K: m(REALIZED, 1)})
     await raw.script_flush()  # as after a restart or a failover
-    await store.save("p", {K: m(EXITED, 2)})  # EVALSHA -> NOSCRIPT -> EVAL
+    await store.save("p", {K: m(EXITED, 2)})  # EVALSHA -> NOSCRIPT -> SCRIPT LOAD -> EVALSHA
     assert await store.load("p") == {K: m(EXITED, 2)}
     await raw.script_flush()
-    await store.save("p", {K: m(REALIZED, 1)})  # still conditional on the EVAL path
+    await store.save("p", {K: m(REALIZED, 1)})  # still conditional after the reload
     assert await store.load("p") == {K: m(EXITED, 2)}
-    await store.save("p", {K: m(EXISTING, 3)})  # EVAL cached it again: EVALSHA works
+    await store.save("p", {K: m(EXISTING, 3)})  # the script is cached again: EVALSHA works at once
     assert await store.load("p") == {K: m(EXISTING, 3)}
 
 
@@ -229,3 +229,139 @@ def test_secrets_in_lists_the_percent_decoded_password_too() -> None:
 
 def test_no_redis_secret_without_a_password() -> None:
     assert secrets_in(load_config(state="redis://cache:6379/0", handlers=["log"])) == []
+
+
+# --- batch calls: load_many and save_many --------------------------------------------------------
+
+
+class RecordingPipeline:
+    """A redis-py pipeline that records the commands queued on it and hands them to its recorder."""
+
+    def __init__(self, real: Any, recorder: RecordingClient) -> None:
+        self._real, self._recorder = real, recorder
+        self.commands: list[str] = []
+
+    async def __aenter__(self) -> RecordingPipeline:
+        await self._real.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._real.__aexit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name == "execute":
+            async def execute(*args: Any, **kwargs: Any) -> Any:
+                self._recorder.round_trips.append(list(self.commands))
+                return await attr(*args, **kwargs)
+            return execute
+        self.commands.append(name)
+        return attr
+
+
+class RecordingClient:
+    """The store's redis client, recording its round trips: each pipeline's commands, or one direct call."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.round_trips: list[list[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name == "pipeline":
+            return lambda *args, **kwargs: RecordingPipeline(attr(*args, **kwargs), self)
+        if name != "aclose" and callable(attr):
+            self.round_trips.append([name])
+        return attr
+
+
+@pytest.fixture
+def recording(store: RedisStore) -> RecordingClient:
+    recorder = RecordingClient(store._client)
+    store._client = recorder
+    return recorder
+
+
+async def test_load_many_is_one_round_trip(store: RedisStore, recording: RecordingClient) -> None:
+    other, gone = ("aep", "seg-2"), ("ups", "never-saved")
+    await store.save_many({
+        "a": {K: m(REALIZED, 1), other: m(EXITED, 2), ("a/b", "c"): m(EXISTING, 3)},
+        "b": {K: m(EXISTING, 4), other: m(REALIZED, 5)},
+        "c": {K: m(EXITED, 6)},
+    })
+    assert recording.round_trips == [["evalsha"] * 3]  # one pipeline, one script per profile
+    recording.round_trips.clear()
+    loaded = await store.load_many({
+        "a": [K, gone, ("a/b", "c"), K],  # a missing segment is absent; a repeated one harmless
+        "b": None,  # all of it
+        "c": [gone],  # nothing of what is named exists: the profile is absent
+        "d": [],  # nothing named at all: absent, and no (invalid) HMGET without fields
+        "nobody": None,  # never saved: absent
+    })
+    assert loaded == {
+        "a": {K: m(REALIZED, 1), ("a/b", "c"): m(EXISTING, 3)},
+        "b": {K: m(EXISTING, 4), other: m(REALIZED, 5)},
+    }
+    assert recording.round_trips == [["hmget", "hgetall", "hmget", "hgetall"]]
+
+
+async def test_batch_calls_of_nothing_send_nothing(store: RedisStore, recording: RecordingClient, raw: Any,
+                                                    prefix: str) -> None:
+    assert await store.load_many({}) == {}
+    assert await store.load_many({"p": [], "q": ()}) == {}
+    await store.save_many({})
+    await store.save_many({"p": {}})
+    assert recording.round_trips == []
+    assert await raw.keys(f"{prefix}*") == []
+
+
+async def test_save_many_keeps_the_conditional_rules(store: RedisStore, redis_server: RedisServer, prefix: str) -> None:
+    other = ("aep", "seg-2")
+    await store.save_many({"p": {K: m(REALIZED, 20), other: m(REALIZED, 20)}, "q": {K: m(EXITED, 5)}})
+    # One call: older values are refused while the newer ones beside them, in the same call, are applied.
+    await store.save_many({
+        "p": {K: m(EXITED, 10), other: m(EXITED, 30)},
+        "q": {K: m(EXISTING, 5)},  # same time, another status: replaces
+        "r": {K: m(REALIZED, 1)},
+    })
+    expected = {"p": {K: m(REALIZED, 20), other: m(EXITED, 30)}, "q": {K: m(EXISTING, 5)}, "r": {K: m(REALIZED, 1)}}
+    assert await store.load_many(dict.fromkeys(expected)) == expected
+    # Across calls, and from another client of the server (another replica): still refused.
+    replica = RedisStore(redis_server.url, key_prefix=prefix)
+    await replica.open()
+    try:
+        await replica.save_many({"p": {K: m(EXISTING, 19), other: m(REALIZED, 29)}, "r": {K: m(REALIZED, 1)}})
+    finally:
+        await replica.close()
+    assert await store.load_many({"p": [K, other], "q": None, "r": [K]}) == expected
+
+
+async def test_save_many_recovers_from_a_flushed_script_cache(store: RedisStore, recording: RecordingClient,
+                                                               raw: Any) -> None:
+    other = ("aep", "seg-2")
+    await store.save_many({"p": {K: m(REALIZED, 20)}, "q": {K: m(EXITED, 5)}})
+    await raw.script_flush()  # as after a restart or a failover
+    recording.round_trips.clear()
+    await store.save_many({
+        "p": {K: m(EXITED, 10), other: m(EXITED, 30)},  # K older: still refused after the reload
+        "q": {K: m(EXISTING, 6)},
+        "r": {K: m(REALIZED, 1)},
+    })
+    # NOSCRIPT for the batch, the script loaded again, the whole batch again: never one EVAL per profile.
+    assert recording.round_trips == [["evalsha"] * 3, ["script_load"], ["evalsha"] * 3]
+    expected = {"p": {K: m(REALIZED, 20), other: m(EXITED, 30)}, "q": {K: m(EXISTING, 6)}, "r": {K: m(REALIZED, 1)}}
+    assert await store.load_many(dict.fromkeys(expected)) == expected
+    recording.round_trips.clear()
+    await store.save_many({"p": {K: m(EXISTING, 40)}, "s": {K: m(EXITED, 2)}})  # cached again: one round trip
+    assert recording.round_trips == [["evalsha"] * 2]
+    assert await store.load_many({"p": [K], "s": [K]}) == {"p": {K: m(EXISTING, 40)}, "s": {K: m(EXITED, 2)}}
+
+
+async def test_save_many_raises_a_failing_profile_after_writing_the_others(store: RedisStore, raw: Any,
+                                                                           prefix: str) -> None:
+    from redis.exceptions import ResponseError
+
+    await raw.set(f"{prefix}profile:bad", "not a hash")  # WRONGTYPE for the script's HGET
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await store.save_many({"a": {K: m(REALIZED, 1)}, "bad": {K: m(REALIZED, 1)}, "z": {K: m(EXITED, 2)}})
+    assert await store.load_many({"a": None, "z": None}) == {"a": {K: m(REALIZED, 1)}, "z": {K: m(EXITED, 2)}}

@@ -3,18 +3,53 @@
 Adobe writes one JSON document per profile snapshot. Only two keys matter to the
 diff (``identityMap`` and ``segmentMembership``); everything else is a profile
 attribute that is kept as-is and handed to handlers untouched.
+
+Two paths, one answer. Almost every record is well formed, so msgspec decodes it straight into
+typed values in one C pass (``_fast_export``): the two keys the relay reads are validated and
+built, and everything else is only skipped over. The attributes are decoded later, and only if
+a change of the record needs them (most records change nothing: they are re-exports). A record
+msgspec refuses goes to the reference path: orjson and the pydantic model (``_validate_body``),
+which decide, drop the malformed identities, and name the JSON path of what is wrong. The fast
+path accepts only what the model accepts, with the same result; tests hold the two to that.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from typing import Annotated, Any, NotRequired
 
+import msgspec
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, StringConstraints, ValidationError
 from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict on 3.11
+
+from ..model import IdentityItem, SegmentStatus
+
+__all__ = [
+    "IdentityItem",
+    "InvalidReason",
+    "InvalidRecord",
+    "ProfileExport",
+    "SegmentEntry",
+    "SegmentStatus",
+    "export_from_document",
+    "parse_export",
+    "qualification_time",
+    "to_epoch_us",
+]
+
+log = logging.getLogger(__name__)
+
+# Bounds that make (profile key, namespace, segment) fit every store's key (DynamoDB refuses
+# longer keys, forever): identity ids up to 1 KiB (see IdentityItem), namespaces and segment ids
+# up to 256 characters.
+MAX_IDENTITY_ID = 1024
+MAX_NAME = 256
 
 
 class InvalidReason(StrEnum):
@@ -37,22 +72,229 @@ class InvalidRecord(ValueError):
         self.detail = detail
 
 
-class SegmentStatus(StrEnum):
-    REALIZED = "realized"
-    EXISTING = "existing"  # deprecated by Adobe in 2023, still found in old streams: means member
-    EXITED = "exited"
+class SegmentEntry(msgspec.Struct, gc=False):
+    """One audience of a snapshot, in document order (a Struct: one is built per segment)."""
+
+    namespace: str
+    segment_id: str
+    status: SegmentStatus
+    qualified_at: datetime
+    qualified_at_us: int  # microseconds since the epoch: the comparison key for stale/duplicate
+    name: str | None
+
+
+class ProfileExport:
+    """One decoded snapshot. ``attributes`` (every top-level field but the two the relay reads)
+    is decoded from ``raw`` the first time something asks for it."""
+
+    __slots__ = ("_attributes", "identity_map", "raw", "segments")
+
+    def __init__(self, identity_map: dict[str, list[IdentityItem]], segments: tuple[SegmentEntry, ...],
+                 attributes: dict[str, Any] | None = None, *, raw: bytes | None = None) -> None:
+        if attributes is None and raw is None:
+            attributes = {}
+        self.identity_map = identity_map
+        self.segments = segments
+        self._attributes = attributes
+        self.raw = raw
 
     @property
-    def is_member(self) -> bool:
-        return self is not SegmentStatus.EXITED
+    def attributes(self) -> dict[str, Any]:
+        attributes = self._attributes
+        if attributes is None:
+            assert self.raw is not None
+            attributes = self._attributes = _attributes_of(self.raw)
+        return attributes
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ProfileExport):
+            return NotImplemented
+        return (self.identity_map, self.segments, self.attributes) == (
+            other.identity_map, other.segments, other.attributes)
+
+    __hash__ = None  # type: ignore[assignment] # mutable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return f"ProfileExport(identities={self.identity_map!r}, segments={len(self.segments)})"
 
 
-class IdentityItem(BaseModel):
+class LazyAttributes(Mapping[str, Any]):
+    """A read-only view of an export's attributes that decodes them on first use: what a change
+    carries, so that a handler that never looks at them costs nothing."""
+
+    __slots__ = ("_export", "_view")
+
+    def __init__(self, export: ProfileExport) -> None:
+        self._export = export
+        self._view: Mapping[str, Any] | None = None
+
+    def _mapping(self) -> Mapping[str, Any]:
+        view = self._view
+        if view is None:
+            view = self._view = self._export.attributes
+        return view
+
+    def __getitem__(self, key: str) -> Any:
+        return self._mapping()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping())
+
+    def __len__(self) -> int:
+        return len(self._mapping())
+
+    def __repr__(self) -> str:
+        return f"LazyAttributes({dict(self._mapping())!r})"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def to_epoch_us(moment: datetime) -> int:
+    """Exact integer microseconds since the epoch (no float rounding)."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+@lru_cache(maxsize=1 << 17)
+def qualification_time(text: str) -> tuple[datetime, int]:
+    """A ``lastQualificationTime`` in UTC (what handlers get) and as epoch microseconds (what is
+    compared). Raises ValueError or OverflowError (e.g. year 1 with a positive offset).
+
+    Cached: a re-export carries the same times as the export before it, and a batch-segmented
+    audience gives thousands of profiles the same time, so most lookups skip the parse."""
+    moment = datetime.fromisoformat(text)  # reads both "Z" and "+0000"
+    if moment.tzinfo is not UTC:
+        if moment.tzinfo is None:  # Adobe always sends an offset; a bare time is read as UTC
+            moment = moment.replace(tzinfo=UTC)
+        else:
+            moment = moment.astimezone(UTC)
+    return moment, (moment - _EPOCH) // _MICROSECOND
+
+
+def parse_export(raw: bytes | str) -> ProfileExport:
+    """Decode and validate one record. Raises InvalidRecord with a precise reason."""
+    export = _fast_export(raw)
+    if export is not None:
+        return export
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRecord(InvalidReason.NOT_JSON, f"not valid JSON: {exc}") from None
+    return export_from_document(document)
+
+
+def export_from_document(document: Any) -> ProfileExport:
+    """Validate an already decoded document (the reference path: pydantic decides and explains)."""
+    if not isinstance(document, dict):
+        raise InvalidRecord(
+            InvalidReason.NOT_OBJECT, f"expected a JSON object, got {type(document).__name__}"
+        )
+    try:
+        body = _validate_body(document)
+    except ValidationError as exc:
+        raise _invalid_from(exc) from None
+    if not body.identityMap:
+        raise InvalidRecord(
+            InvalidReason.NO_IDENTITY, "identityMap has no identity with a non-empty string id"
+        )
+    segments: list[SegmentEntry] = []
+    append = segments.append
+    for namespace, audiences in body.segmentMembership.items():
+        for segment_id, membership in audiences.items():
+            try:
+                moment, moment_us = qualification_time(membership["lastQualificationTime"])
+            except (ValueError, OverflowError):
+                raise InvalidRecord(
+                    InvalidReason.BAD_QUALIFICATION_TIME,
+                    f"segmentMembership.{namespace}.{segment_id}.lastQualificationTime: "
+                    f"cannot parse {membership['lastQualificationTime']!r} as an ISO-8601 time",
+                ) from None
+            append(SegmentEntry(
+                namespace, segment_id, membership["status"], moment, moment_us,
+                _text_or_none(membership.get("name")),
+            ))
+    identity_map = {
+        namespace: [IdentityItem(item.id, item.primary, item.authenticatedState) for item in items]
+        for namespace, items in body.identityMap.items()
+    }
+    attributes = dict(document)
+    attributes.pop("identityMap", None)
+    attributes.pop("segmentMembership", None)
+    return ProfileExport(identity_map, tuple(segments), attributes)
+
+
+# --- the fast path -------------------------------------------------------------------------------
+_FastName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+
+
+class _FastMembership(msgspec.Struct, gc=False):
+    status: SegmentStatus
+    lastQualificationTime: str
+    name: Any = None  # cosmetic: used only when it is a string
+
+
+class _FastBody(msgspec.Struct, gc=False):
+    """What the model requires, as msgspec types; any other field is skipped, not built."""
+
+    identityMap: dict[_FastName, list[IdentityItem]] = {}
+    segmentMembership: dict[_FastName, dict[_FastName, _FastMembership]] = {}
+
+
+_decode_body = msgspec.json.Decoder(_FastBody).decode
+
+
+def _fast_export(raw: bytes | str) -> ProfileExport | None:
+    """The export of a well-formed record, or None to let the model decide."""
+    try:
+        body = _decode_body(raw)
+    except Exception:  # noqa: BLE001 - anything msgspec refuses (or chokes on): the model decides
+        return None
+    if isinstance(raw, bytes) and not raw.isascii():
+        # msgspec only checks the UTF-8 of the strings it builds; the model path refuses a record
+        # with bad UTF-8 anywhere (it is not JSON), and so must this one.
+        try:
+            raw.decode()
+        except UnicodeDecodeError:
+            return None
+    identity_map = body.identityMap
+    if not identity_map:
+        return None
+    if not all(identity_map.values()):  # an empty list, e.g. "ecid": [], is dropped as the model drops it
+        identity_map = {namespace: items for namespace, items in identity_map.items() if items}
+        if not identity_map:
+            return None
+    segments: list[SegmentEntry] = []
+    append = segments.append
+    for namespace, audiences in body.segmentMembership.items():
+        for segment_id, membership in audiences.items():
+            try:
+                moment, moment_us = qualification_time(membership.lastQualificationTime)
+            except (ValueError, OverflowError):
+                return None
+            name = membership.name
+            append(SegmentEntry(namespace, segment_id, membership.status, moment, moment_us,
+                                name if type(name) is str else None))
+    return ProfileExport(identity_map, tuple(segments), raw=raw if isinstance(raw, bytes) else raw.encode())
+
+
+def _attributes_of(raw: bytes) -> dict[str, Any]:
+    """Every top-level field of a record the fast path accepted, but the two the relay reads."""
+    try:
+        document = msgspec.json.decode(raw)
+    except Exception:  # noqa: BLE001 - msgspec's own limits differ by a hair between its decoders
+        document = json.loads(raw)
+    document.pop("identityMap", None)
+    document.pop("segmentMembership", None)
+    return document
+
+
+# --- the model (reference path) ------------------------------------------------------------------
+class _Identity(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     # Strict types: a value that is not what XDM says makes the item unusable (and dropped).
-    # 1 KiB bounds what any store must key on (DynamoDB refuses longer keys, forever).
-    id: StrictStr = Field(min_length=1, max_length=1024)
+    id: StrictStr = Field(min_length=1, max_length=MAX_IDENTITY_ID)
     primary: StrictBool = False
     authenticatedState: StrictStr | None = None
 
@@ -62,14 +304,13 @@ class _Membership(TypedDict):
     # createdAt/updatedAt/mappingCreatedAt/mappingUpdatedAt (epoch ms, optional) are not used,
     # and a malformed one must not cost the record, so they are not declared.
     status: SegmentStatus
-    # Parsed by datetime.fromisoformat, not pydantic: it reads both "Z" and "+0000", and its
-    # stdlib timezone makes the epoch arithmetic three times cheaper (per segment, per record).
+    # Parsed by qualification_time, not pydantic: datetime.fromisoformat reads both "Z" and "+0000".
     lastQualificationTime: StrictStr
     name: NotRequired[Any]  # cosmetic: used only when it is a string
 
 
 # Namespaces and segment ids: bounded so that (namespace, segment) fits every store's key.
-_Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+_Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME)]
 
 
 class _Body(BaseModel):
@@ -77,16 +318,14 @@ class _Body(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    identityMap: dict[_Name, list[IdentityItem]] = Field(default_factory=dict)
+    identityMap: dict[_Name, list[_Identity]] = Field(default_factory=dict)
     segmentMembership: dict[_Name, dict[_Name, _Membership]] = Field(default_factory=dict)
 
 
 def _validate_body(document: dict[str, Any]) -> _Body:
     """Validate; if only some identities are malformed, drop them and validate again.
 
-    One malformed identity must not cost the whole record. The retry is off the hot path:
-    well-formed records validate in one call with no Python in between.
-    """
+    One malformed identity must not cost the whole record."""
     try:
         body = _Body.model_validate(document)
     except ValidationError as exc:
@@ -116,94 +355,10 @@ def _usable(item: Any) -> bool:
     return (
         isinstance(item, dict)
         and isinstance(item.get("id"), str)
-        and 0 < len(item["id"]) <= 1024
+        and 0 < len(item["id"]) <= MAX_IDENTITY_ID
         and isinstance(item.get("primary", False), bool)
         and isinstance(item.get("authenticatedState"), (str, type(None)))
     )
-
-
-@dataclass(slots=True)  # not frozen: frozen dataclasses are slow to build, and this is built per segment
-class SegmentEntry:
-    """One audience of a snapshot, in document order."""
-
-    namespace: str
-    segment_id: str
-    status: SegmentStatus
-    qualified_at: datetime
-    qualified_at_us: int  # microseconds since the epoch: the comparison key for stale/duplicate
-    name: str | None
-
-
-@dataclass(slots=True)  # not frozen: built per record, and frozen dataclasses are slow to build
-class ProfileExport:
-    identity_map: dict[str, list[IdentityItem]]
-    segments: tuple[SegmentEntry, ...]
-    attributes: dict[str, Any]
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def to_epoch_us(moment: datetime) -> int:
-    """Exact integer microseconds since the epoch (no float rounding)."""
-    return (moment - _EPOCH) // _MICROSECOND
-
-
-def parse_export(raw: bytes | str) -> ProfileExport:
-    """Decode and validate one record. Raises InvalidRecord with a precise reason."""
-    try:
-        document = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRecord(InvalidReason.NOT_JSON, f"not valid JSON: {exc}") from None
-    return export_from_document(document)
-
-
-def export_from_document(document: Any) -> ProfileExport:
-    if not isinstance(document, dict):
-        raise InvalidRecord(
-            InvalidReason.NOT_OBJECT, f"expected a JSON object, got {type(document).__name__}"
-        )
-    try:
-        body = _validate_body(document)
-    except ValidationError as exc:
-        raise _invalid_from(exc) from None
-    if not body.identityMap:
-        raise InvalidRecord(
-            InvalidReason.NO_IDENTITY, "identityMap has no identity with a non-empty string id"
-        )
-    segments: list[SegmentEntry] = []
-    append = segments.append
-    for namespace, audiences in body.segmentMembership.items():
-        for segment_id, membership in audiences.items():
-            try:
-                moment, moment_us = _utc_and_epoch_us(membership["lastQualificationTime"])
-            except (ValueError, OverflowError):
-                raise InvalidRecord(
-                    InvalidReason.BAD_QUALIFICATION_TIME,
-                    f"segmentMembership.{namespace}.{segment_id}.lastQualificationTime: "
-                    f"cannot parse {membership['lastQualificationTime']!r} as an ISO-8601 time",
-                ) from None
-            append(SegmentEntry(
-                namespace, segment_id, membership["status"], moment, moment_us,
-                _text_or_none(membership.get("name")),
-            ))
-    attributes = dict(document)
-    attributes.pop("identityMap", None)
-    attributes.pop("segmentMembership", None)
-    return ProfileExport(identity_map=body.identityMap, segments=tuple(segments), attributes=attributes)
-
-
-def _utc_and_epoch_us(text: str) -> tuple[datetime, int]:
-    """The time in UTC (what handlers get) and as epoch microseconds (what is compared).
-    Raises ValueError or OverflowError (e.g. year 1 with a positive offset)."""
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is not UTC:
-        if moment.tzinfo is None:  # Adobe always sends an offset; a bare time is read as UTC
-            moment = moment.replace(tzinfo=UTC)
-        else:
-            moment = moment.astimezone(UTC)
-    return moment, (moment - _EPOCH) // _MICROSECOND
 
 
 def _text_or_none(value: Any) -> str | None:

@@ -13,18 +13,15 @@ Per (profile, segment):
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import NamedTuple
 
-from .export import ProfileExport, SegmentEntry, SegmentStatus
+from ..model import ChangeType, SegmentStatus
+from .export import ProfileExport, SegmentEntry
+
+__all__ = ["ChangeType", "MembershipDiff", "SegmentKey", "StoredMembership", "Transition", "diff_membership",
+           "supersedes"]
 
 SegmentKey = tuple[str, str]  # (namespace, segment_id)
-
-
-class ChangeType(StrEnum):
-    ENTER = "enter"
-    EXIT = "exit"
 
 
 class StoredMembership(NamedTuple):
@@ -47,19 +44,28 @@ def supersedes(new: StoredMembership, old: StoredMembership | None) -> bool:
     return new.status != old.status
 
 
-@dataclass(slots=True)
-class Transition:
+class Transition(NamedTuple):
     entry: SegmentEntry
     change: ChangeType
 
 
-@dataclass(slots=True)
 class MembershipDiff:
-    transitions: list[Transition] = field(default_factory=list)
-    updates: dict[SegmentKey, StoredMembership] = field(default_factory=dict)
-    stale: int = 0
-    duplicate: int = 0
-    filtered: int = 0
+    """What one snapshot changes: transitions in segment order, the new stored values, and the
+    counts of what it did not change. (A plain slots class: one is built per record.)"""
+
+    __slots__ = ("duplicate", "filtered", "stale", "transitions", "updates")
+
+    def __init__(self) -> None:
+        self.transitions: list[Transition] = []
+        self.updates: dict[SegmentKey, StoredMembership] = {}
+        self.stale = 0
+        self.duplicate = 0
+        self.filtered = 0
+
+
+_EXITED = SegmentStatus.EXITED
+_ENTER = ChangeType.ENTER
+_EXIT = ChangeType.EXIT
 
 
 def diff_membership(
@@ -67,30 +73,34 @@ def diff_membership(
     export: ProfileExport,
     segment_filter: Collection[str] | None = None,
 ) -> MembershipDiff:
-    """Compare one snapshot with what is stored. Transitions keep the record's segment order."""
+    """Compare one snapshot with what is stored. Transitions keep the record's segment order.
+
+    ``supersedes`` is inlined below: this runs once per segment of every record."""
     result = MembershipDiff()
-    exited = SegmentStatus.EXITED
+    transitions = result.transitions
+    updates = result.updates
     for entry in export.segments:
         if segment_filter is not None and entry.segment_id not in segment_filter:
             result.filtered += 1
             continue
         key = (entry.namespace, entry.segment_id)
-        new = StoredMembership(entry.status, entry.qualified_at_us)
+        status = entry.status
+        at = entry.qualified_at_us
         old = stored.get(key)
         if old is None:
             was_member = None  # never seen
-        elif supersedes(new, old):
-            was_member = old.status is not exited
+        elif at > old.qualified_at_us or (at == old.qualified_at_us and status is not old.status):
+            was_member = old.status is not _EXITED
         else:
-            if new.qualified_at_us < old.qualified_at_us:
+            if at < old.qualified_at_us:
                 result.stale += 1
             else:
                 result.duplicate += 1
             continue
-        result.updates[key] = new
-        if entry.status is not exited:
+        updates[key] = StoredMembership(status, at)
+        if status is not _EXITED:
             if not was_member:  # first sighting, or back in
-                result.transitions.append(Transition(entry, ChangeType.ENTER))
+                transitions.append(Transition(entry, _ENTER))
         elif was_member is not False:  # first sighting of exited, or a member leaving
-            result.transitions.append(Transition(entry, ChangeType.EXIT))
+            transitions.append(Transition(entry, _EXIT))
     return result

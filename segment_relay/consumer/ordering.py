@@ -1,15 +1,15 @@
-"""Order and bounds: per-profile lanes, in-flight limits, low-watermark acknowledgement."""
+"""Order and bounds: low-watermark acknowledgement, in-flight limits, one step per profile at a time."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
+
+__all__ = ["InFlightLimit", "PartitionWatermark", "ProfileGate"]
 
 
 class PartitionWatermark:
@@ -61,12 +61,12 @@ class PartitionWatermark:
 
 class InFlightLimit:
     """Bounds the records and bytes admitted but not yet finished (memory is bounded
-    by configuration, not by backlog). A single record larger than the byte bound is
+    by configuration, not by backlog). A group of records larger than the bounds is
     admitted alone rather than never.
 
     A full limit lets the reader in again only once a tenth of it has drained: waking it
     for every finished record would cost an event-loop round trip per record exactly when
-    the relay is busiest (a backlog keeps the limit full), which halved throughput.
+    the relay is busiest (a backlog keeps the limit full).
     """
 
     def __init__(self, max_records: int, max_bytes: int) -> None:
@@ -81,24 +81,24 @@ class InFlightLimit:
         self._room = asyncio.Event()
         self._room.set()
 
-    def fits(self, size: int) -> bool:
+    def fits(self, records: int, size: int) -> bool:
         if self.records == 0:
             return True
-        return self.records < self.max_records and self.bytes + size <= self.max_bytes
+        return self.records + records <= self.max_records and self.bytes + size <= self.max_bytes
 
-    def take(self, size: int) -> None:
+    def take(self, records: int, size: int) -> None:
         """Admit without waiting; only after ``fits`` said yes."""
-        self.records += 1
+        self.records += records
         self.bytes += size
 
-    async def acquire(self, size: int) -> None:
-        while not self.fits(size):
+    async def acquire(self, records: int, size: int) -> None:
+        while not self.fits(records, size):
             self._room.clear()
             await self._room.wait()
-        self.take(size)
+        self.take(records, size)
 
-    def release(self, size: int) -> None:
-        self.records -= 1
+    def release(self, records: int, size: int) -> None:
+        self.records -= records
         self.bytes -= size
         room = self._room
         if not room.is_set() and (
@@ -107,84 +107,53 @@ class InFlightLimit:
             room.set()
 
 
-class ProfileLanes(Generic[T]):
-    """Runs work items with bounded concurrency, strictly in order per key.
+class ProfileGate(Generic[T]):
+    """Lets each profile into at most one pipeline step at a time.
 
-    A fixed pool of workers takes ready keys; a worker drains its key's queue
-    before taking another, so items of one key never overlap or reorder, and no
-    task is created per item (this is on the hot path).
+    ``admit(key, item)`` says True when the profile is free (it is now busy, and the caller
+    processes ``item`` in its step); otherwise ``item`` waits behind what the profile already
+    has in flight, in arrival order. ``release(key)`` ends the profile's step: the items that
+    waited meanwhile come back (the profile stays busy for them), or None (the profile is free).
+    This is what keeps a profile's records in order across steps and batches while different
+    profiles run concurrently, with no task or queue per profile.
     """
 
-    def __init__(
-        self,
-        process: Callable[[T], Awaitable[None]],
-        concurrency: int,
-        *,
-        retry_backoff_s: float = 0.1,
-        max_retry_backoff_s: float = 30.0,
-    ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        self.retry_backoff_s = retry_backoff_s
-        self.max_retry_backoff_s = max_retry_backoff_s
-        self._failures: dict[Hashable, int] = {}
-        self._process = process
-        self._concurrency = concurrency
-        self._queues: dict[Hashable, deque[T]] = {}
-        self._ready: asyncio.Queue[Hashable] = asyncio.Queue()
-        self._workers: list[asyncio.Task[None]] = []
-        self._idle = asyncio.Event()
-        self._idle.set()
+    __slots__ = ("_waiting",)
 
-    def start(self) -> None:
-        self._workers = [
-            asyncio.create_task(self._work(), name=f"lane-worker-{i}") for i in range(self._concurrency)
-        ]
+    def __init__(self) -> None:
+        self._waiting: dict[Hashable, list[T]] = {}  # busy profiles -> items waiting for them
 
-    def submit(self, key: Hashable, item: T) -> None:
-        queue = self._queues.get(key)
-        if queue is None:
-            self._queues[key] = deque((item,))
-            self._ready.put_nowait(key)
-            self._idle.clear()
-        else:
-            queue.append(item)
+    def admit(self, key: Hashable, item: T) -> bool:
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            self._waiting[key] = []
+            return True
+        waiting.append(item)
+        return False
+
+    def release(self, key: Hashable) -> list[T] | None:
+        waiting = self._waiting.pop(key)
+        if waiting:
+            self._waiting[key] = []
+            return waiting
+        return None
+
+    def drop(self, predicate: Callable[[T], bool]) -> list[T]:
+        """Remove (and return) every waiting item for which ``predicate`` holds."""
+        dropped: list[T] = []
+        for key, waiting in self._waiting.items():
+            if any(predicate(item) for item in waiting):
+                dropped.extend(item for item in waiting if predicate(item))
+                self._waiting[key] = [item for item in waiting if not predicate(item)]
+        return dropped
 
     @property
-    def active_keys(self) -> int:
-        return len(self._queues)
+    def busy(self) -> int:
+        return len(self._waiting)
 
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
+    @property
+    def waiting(self) -> int:
+        return sum(map(len, self._waiting.values()))
 
-    async def _work(self) -> None:
-        process = self._process
-        while True:
-            key = await self._ready.get()
-            queue = self._queues[key]
-            try:
-                while queue:
-                    await process(queue[0])
-                    queue.popleft()
-            except Exception:  # noqa: BLE001 - e.g. the dead letter cannot be written
-                self._park(key)
-                continue
-            self._failures.pop(key, None)
-            del self._queues[key]
-            if not self._queues:
-                self._idle.set()
-
-    def _park(self, key: Hashable) -> None:
-        """An item failed: keep it (dropping it would lose a record), free the worker for other
-        keys, and offer the key again after a growing backoff. The item stays unfinished, so
-        the checkpoint cannot pass it."""
-        failures = self._failures[key] = self._failures.get(key, 0) + 1
-        delay = min(self.max_retry_backoff_s, self.retry_backoff_s * 2 ** (failures - 1))
-        log.exception("processing failed; will retry", extra={"attempt": failures, "retry_in_s": delay})
-        asyncio.get_running_loop().call_later(delay, self._ready.put_nowait, key)
-
-    async def stop(self) -> None:
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._waiting)

@@ -1,9 +1,26 @@
 """Batches in, handled changes and checkpoints out.
 
-    source -> decode + validate -> key -> per-profile lane:
-        load state -> diff -> handlers -> save state -> finish record
-    every checkpoint interval: flush store, dead letter and handlers, then commit
-    each partition's contiguous low watermark to the source.
+    source batch -> admit (in-flight bound) -> decode + validate + key, one tight loop
+      -> a *step*: the batch's profiles that are free (a busy profile's records wait for it)
+           load their state (one store call) -> diff -> ChangeSink.deliver (the handlers)
+           -> save their new state (one store call) -> finish the records
+      -> the profiles' waiting records, if any, form the next step
+    every checkpoint interval: flush handlers, dead letter and store, then commit each
+    partition's contiguous low watermark to the source.
+
+A profile is in at most one step at a time (``ProfileGate``), so its records are diffed, handed
+to handlers and saved strictly in order, across batches and partitions, while different
+profiles' steps run concurrently. There is one task per step (a slice of a batch), none per
+record or change.
+
+State is saved only after every handler returned for every change of the step: a crash in
+between repeats those changes, never loses them.
+
+Partitions come and go (``PartitionListener``): each assignment is a ``_Partition`` with its own
+watermark, which is also the claim every change read under it carries. A revoke marks it: its
+records still waiting for a step are dropped at once, a step that had not dispatched them yet
+drops them, the handlers' dispatchers drop the changes not yet handed over, and nothing is
+committed for it again.
 """
 
 from __future__ import annotations
@@ -11,79 +28,163 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
-from ..handlers.api import SegmentChange, change_id_for
-from ..handlers.router import Router
-from ..ops.stats import RelayStats
+from ..model import ChangeSink, PendingChange, SegmentChange, change_id_for
 from .deadletter import DeadLetter
-from .export import InvalidRecord, ProfileExport, parse_export
-from .membership import Transition, diff_membership
-from .ordering import InFlightLimit, PartitionWatermark, ProfileLanes
+from .export import InvalidRecord, LazyAttributes, ProfileExport, parse_export
+from .membership import SegmentKey, StoredMembership, diff_membership
+from .ordering import InFlightLimit, PartitionWatermark, ProfileGate
 from .profile_key import ProfileKeyRule
-from .sources.base import Source, SourceRecord
-from .state.base import MembershipStore
+from .sources.base import Batch, Source, SourceRecord
+from .state.base import MembershipStore, ProfileState
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Pipeline", "PipelineSettings", "PipelineSnapshot"]
 
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    concurrency: int = 64  # profiles processed at once
     max_in_flight_records: int = 10_000
     max_in_flight_bytes: int = 64 * 1024 * 1024
     checkpoint_interval_s: float = 5.0
     checkpoint_every_records: int | None = None  # also checkpoint once this many records finished
     shutdown_timeout_s: float = 30.0
-    record_retry_backoff_s: float = 0.1  # first wait before a record whose processing raised is retried
+    record_retry_backoff_s: float = 0.1  # first wait before a store call that failed is retried
+    step_max_records: int = 1000  # a bigger batch is split into steps of at most this many records
     segment_filter: frozenset[str] | None = None
     track_profiles: bool = False  # count distinct profiles (demo); unbounded memory
 
+    def __post_init__(self) -> None:
+        if self.step_max_records < 1:
+            raise ValueError("step_max_records must be at least 1")
 
-@dataclass(slots=True)
-class _Work:
-    record: SourceRecord
-    ticket: int
-    export: ProfileExport
-    profile_key: str
+
+@dataclass(frozen=True)
+class PipelineSnapshot:
+    """What the pipeline has done so far (read-only, for metrics and the summary)."""
+
+    records_read: int
+    records_finished: int
+    records_dropped: int  # read under an assignment that was revoked before they were handled
+    invalid: Mapping[str, int]  # by reason
+    changes: Mapping[tuple[str, str], int]  # by (segment id, enter|exit)
+    stale: int
+    duplicate: int
+    filtered: int
+    dead_letters: int  # invalid records written to the dead letter
+    in_flight_records: int
+    in_flight_bytes: int
+    profiles_waiting: int  # records waiting for a step of their profile to end
+    checkpoints: Mapping[str, Any] = field(default_factory=dict)  # partition -> last committed position
+    profiles_seen: int | None = None
+
+    @property
+    def enters(self) -> int:
+        return sum(n for (_, change), n in self.changes.items() if change == "enter")
+
+    @property
+    def exits(self) -> int:
+        return sum(n for (_, change), n in self.changes.items() if change == "exit")
+
+
+class _Partition:
+    """One assignment of one partition: its watermark, and the claim its changes carry."""
+
+    __slots__ = ("epoch", "name", "revoked", "watermark")
+
+    def __init__(self, name: str, epoch: int) -> None:
+        self.name = name
+        self.epoch = epoch
+        self.watermark = PartitionWatermark()
+        self.revoked = False
+
+
+class _Item:
+    """One valid record on its way through a step."""
+
+    __slots__ = ("export", "key", "partition", "record", "size", "ticket")
+
+    def __init__(self, record: SourceRecord[Any], partition: _Partition, ticket: int, export: ProfileExport,
+                 key: str) -> None:
+        self.record = record
+        self.partition = partition
+        self.ticket = ticket
+        self.export = export
+        self.key = key
+        self.size = len(record.data)
+
+
+class _Wanted(Mapping[str, "frozenset[SegmentKey] | None"]):
+    """The segments each profile of a step mentions, worked out only if a store asks (DynamoDB)."""
+
+    def __init__(self, groups: dict[str, list[_Item]]) -> None:
+        self._groups = groups
+
+    def __getitem__(self, key: str) -> frozenset[SegmentKey]:
+        return frozenset((e.namespace, e.segment_id) for item in self._groups[key] for e in item.export.segments)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._groups)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+
+_EMPTY: ProfileState = {}
+_REVOKED: Any = object()  # what a store call returns when its step has nothing left to do
 
 
 class Pipeline:
     def __init__(
         self,
-        source: Source,
+        source: Source[Any],
         store: MembershipStore,
-        router: Router,
+        sink: ChangeSink,
         dead_letter: DeadLetter,
         *,
         key_rule: ProfileKeyRule | None = None,
         settings: PipelineSettings | None = None,
-        stats: RelayStats | None = None,
     ) -> None:
         self.source = source
         self.store = store
-        self.router = router
+        self.sink = sink
         self.dead_letter = dead_letter
         self.key_rule = key_rule or ProfileKeyRule()
         self.settings = settings or PipelineSettings()
-        self.stats = stats or router.stats
-        if self.settings.track_profiles and self.stats.profiles_seen is None:
-            self.stats.profiles_seen = set()
-        self._watermarks: dict[str, PartitionWatermark] = {}
+        self._partitions: dict[str, _Partition] = {}
         self._limit = InFlightLimit(self.settings.max_in_flight_records, self.settings.max_in_flight_bytes)
-        self.stats.in_flight = self._limit  # read at scrape time
-        self._lanes: ProfileLanes[_Work] = ProfileLanes(
-            self._process, self.settings.concurrency, retry_backoff_s=self.settings.record_retry_backoff_s
-        )
+        self._gate: ProfileGate[_Item] = ProfileGate()
+        self._steps: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._checkpoint_lock = asyncio.Lock()
         self._checkpoint_due = asyncio.Event()  # set when checkpoint_every_records finished since the last one
         self._finished_since_checkpoint = 0
-        self._checkpoint_every = self.settings.checkpoint_every_records or 0  # 0: never reached, off
         self._stopping = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._closing = False  # in-flight steps are being cancelled: start no more
+        self._revocations = 0  # revokes so far: a step that saw none since it began skips looking
         self.running = False
+        # counters, read through snapshot()
+        self._records_read = 0
+        self._records_finished = 0
+        self._records_dropped = 0
+        self._invalid: Counter[str] = Counter()
+        self._changes: Counter[tuple[str, str]] = Counter()
+        self._stale = 0
+        self._duplicate = 0
+        self._filtered = 0
+        self._dead_letters = 0
+        self._checkpoints: dict[str, Any] = {}
+        self._profiles_seen: set[str] | None = set() if self.settings.track_profiles else None
 
-    # --- lifecycle --------------------------------------------------------------
+    # --- lifecycle --------------------------------------------------------------------------------
     def stop(self) -> None:
         """Graceful stop: read no more, finish what is in flight, checkpoint, return from run()."""
         if not self._stopping.is_set():
@@ -91,12 +192,11 @@ class Pipeline:
             self._stopping.set()
             self.source.stop()
 
-    async def run(self) -> RelayStats:
+    async def run(self) -> PipelineSnapshot:
         await self.store.open()
         try:
-            await self.router.start()
-            await self.source.start()
-            self._lanes.start()
+            await self.sink.start()
+            await self.source.start(self)
             checkpointer = asyncio.create_task(self._checkpoint_periodically(), name="checkpointer")
             self.running = True
             try:
@@ -107,11 +207,14 @@ class Pipeline:
                 async with self._checkpoint_lock:  # never cancel it halfway through a commit
                     checkpointer.cancel()
                 await asyncio.gather(checkpointer, return_exceptions=True)
-                await self._lanes.stop()
-            await self._final_checkpoint()
+                await self._cancel_steps()
+            if self._failure is None:
+                await self._final_checkpoint()
         finally:
             await self._close()
-        return self.stats
+        if self._failure is not None:
+            raise self._failure
+        return self.snapshot()
 
     async def _final_checkpoint(self, attempts: int = 3) -> None:
         # A failure here loses nothing (what is unacknowledged is read again), so it is retried
@@ -127,142 +230,351 @@ class Pipeline:
                 log.warning("final checkpoint failed; retrying", exc_info=True, extra={"attempt": attempt})
                 await asyncio.sleep(0.5 * attempt)
 
-    async def _read(self) -> None:
-        stopping = self._stopping
-        limit = self._limit
-        for_room = limit.acquire
-        admit = self._admit
-        async for batch in self.source.batches():
-            for record in batch:
-                if stopping.is_set():  # unadmitted records are simply read again next time
-                    return
-                size = len(record.data)
-                if limit.fits(size):  # the usual case, without a coroutine per record
-                    limit.take(size)
-                else:
-                    await for_room(size)
-                invalid = admit(record)
-                if invalid is not None:
-                    await self._reject(*invalid)
-
     async def _drain(self) -> None:
         try:
-            await asyncio.wait_for(self._lanes.wait_idle(), self.settings.shutdown_timeout_s)
+            await asyncio.wait_for(self._idle.wait(), self.settings.shutdown_timeout_s)
         except TimeoutError:
             log.error(
                 "in-flight records did not finish in time; they are not checkpointed and will be read again",
                 extra={"in_flight": self._limit.records, "timeout_s": self.settings.shutdown_timeout_s},
             )
 
+    async def _cancel_steps(self) -> None:
+        self._closing = True
+        steps = list(self._steps)
+        for step in steps:
+            step.cancel()
+        await asyncio.gather(*steps, return_exceptions=True)
+
     async def _close(self) -> None:
-        for closer in (self.router.close, self.source.close, self.dead_letter.close, self.store.close):
+        for closer in (self.sink.close, self.source.close, self.dead_letter.close, self.store.close):
             try:
                 await closer()
             except Exception:  # noqa: BLE001 - close everything we can, then report
                 log.exception("error while closing", extra={"part": getattr(closer, "__qualname__", "?")})
 
-    # --- per record ---------------------------------------------------------------
-    def _admit(self, record: SourceRecord) -> tuple[SourceRecord, int, InvalidRecord] | None:
-        """Register a record (room already taken), decode it and hand it to its profile's lane.
-        Returns what to dead-letter if it is invalid."""
-        self.stats.records_read += 1
-        watermark = self._watermarks.get(record.partition)
-        if watermark is None:
-            watermark = self._watermarks[record.partition] = PartitionWatermark()
-        ticket = watermark.register(record.position)
-        try:
-            export = parse_export(record.data)
-            profile_key = self.key_rule.key_for(export.identity_map)
-        except InvalidRecord as invalid:
-            return record, ticket, invalid
-        self._lanes.submit(profile_key, _Work(record, ticket, export, profile_key))
-        return None
+    def _fail(self, exc: BaseException) -> None:
+        """A bug, not an outage (those are retried where they happen): stop the relay with it.
+        Nothing more is checkpointed, so whatever was in flight is read again after a restart."""
+        if self._failure is None:
+            log.error("pipeline step failed; stopping", exc_info=exc)
+            self._failure = exc
+            self._closing = True
+        self.stop()
 
-    async def _reject(self, record: SourceRecord, ticket: int, invalid: InvalidRecord) -> None:
-        self.stats.invalid[invalid.reason.value] += 1
-        position = str(record.position)
-        log.warning(
-            "invalid record sent to the dead letter",
-            extra={"reason": invalid.reason.value, "detail": invalid.detail,
-                   "partition": record.partition, "position": position},
-        )
+    # --- partitions (PartitionListener) ----------------------------------------------------------
+    def assigned(self, partition: str, epoch: int) -> None:
+        old = self._partitions.get(partition)
+        if old is not None:
+            self._revoke(old)  # a source that assigns again without a revoke: the old one is over
+        self._partitions[partition] = _Partition(partition, epoch)
+        log.debug("partition assigned", extra={"partition": partition, "epoch": epoch})
+
+    def revoked(self, partition: str) -> None:
+        old = self._partitions.pop(partition, None)
+        if old is not None:
+            self._revoke(old)
+
+    def _revoke(self, part: _Partition) -> None:
+        part.revoked = True
+        self._revocations += 1
+        self._checkpoints.pop(part.name, None)
+        dropped = self._gate.drop(lambda item: item.partition is part)
+        if dropped:
+            self._limit.release(len(dropped), sum(item.size for item in dropped))
+            self._records_dropped += len(dropped)
+        log.info("partition revoked: its unhandled records are dropped", extra={
+            "partition": part.name, "epoch": part.epoch, "dropped_waiting": len(dropped)})
+
+    # --- reading ----------------------------------------------------------------------------------
+    async def _read(self) -> None:
+        stopping = self._stopping
+        limit = self._limit
+        batch: Batch[Any]
+        async for batch in self.source.batches():
+            part = self._partitions.get(batch.partition)
+            if part is None or part.epoch != batch.epoch:
+                self._records_dropped += len(batch.records)  # read under an assignment that has ended
+                continue
+            for chunk, size in self._chunks(batch.records):
+                if stopping.is_set():  # unadmitted records are simply read again next time
+                    return
+                if limit.fits(len(chunk), size):  # the usual case, without waiting
+                    limit.take(len(chunk), size)
+                else:
+                    await limit.acquire(len(chunk), size)
+                    if part.revoked:  # taken away while we waited for room
+                        limit.release(len(chunk), size)
+                        self._records_dropped += len(chunk)
+                        continue
+                self._admit(chunk, part)
+            if stopping.is_set():
+                return
+
+    def _chunks(self, records: Sequence[SourceRecord[Any]]) -> Iterator[tuple[Sequence[SourceRecord[Any]], int]]:
+        """A batch in steps that each fit the in-flight bounds (and step_max_records), with their size."""
+        most = min(self.settings.step_max_records, self._limit.max_records)
+        max_bytes = self._limit.max_bytes
+        start = size = 0
+        for index, record in enumerate(records):
+            length = len(record.data)
+            if index > start and (index - start >= most or size + length > max_bytes):
+                yield records[start:index], size
+                start, size = index, 0
+            size += length
+        if start < len(records):
+            yield (records if start == 0 else records[start:]), size
+
+    def _admit(self, records: Sequence[SourceRecord[Any]], part: _Partition) -> None:
+        """Decode, validate and key ``records`` (room already taken), and start their step."""
+        self._records_read += len(records)
+        register = part.watermark.register
+        key_for = self.key_rule.key_for
+        admit = self._gate.admit
+        groups: dict[str, list[_Item]] = {}
+        invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]] = []
+        for record in records:
+            ticket = register(record.position)
+            try:
+                export = parse_export(record.data)
+                key = key_for(export.identity_map)
+            except InvalidRecord as problem:
+                invalid.append((record, ticket, problem))
+                continue
+            item = _Item(record, part, ticket, export, key)
+            group = groups.get(key)
+            if group is not None:
+                group.append(item)
+            elif admit(key, item):
+                groups[key] = [item]
+            # else: the profile is in another step; the item waits in the gate
+        if groups or invalid:
+            self._start_step(groups, invalid, part)
+
+    def _start_step(self, groups: dict[str, list[_Item]],
+                    invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None) -> None:
+        task = asyncio.create_task(self._run_step(groups, invalid, part), name="pipeline-step")
+        self._steps.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._step_done)
+
+    def _step_done(self, task: asyncio.Task[None]) -> None:
+        self._steps.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())  # type: ignore[arg-type]
+        if not self._steps:
+            self._idle.set()
+
+    # --- a step -----------------------------------------------------------------------------------
+    async def _run_step(self, groups: dict[str, list[_Item]],
+                        invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None) -> None:
+        released: set[str] = set()
+        try:
+            if invalid:
+                assert part is not None
+                await self._reject(invalid, part)
+            if groups:
+                await self._process(groups, released)
+        finally:
+            if len(released) < len(groups):  # cancelled or failed: free the profiles all the same
+                self._continue([key for key in groups if key not in released])
+
+    def _continue(self, keys: list[str]) -> None:
+        """These profiles are free again; the records that waited for them form the next step."""
+        following: dict[str, list[_Item]] = {}
+        release = self._gate.release
+        for key in keys:
+            waiting = release(key)
+            if waiting is not None:
+                following[key] = waiting
+        if following and not self._closing:
+            self._start_step(following, [], None)
+
+    async def _process(self, groups: dict[str, list[_Item]], released: set[str]) -> None:
+        """Load, diff, hand over; then, profile by profile as each one's changes are done, save
+        its new state and finish its records (a slow profile holds up nobody else)."""
+        seen = self._revocations
+        states = await self._retry_store("load", lambda: self.store.load_many(_Wanted(groups)), groups, groups)
+        if states is not _REVOKED:
+            if self._revocations != seen:
+                self._drop_revoked(groups)  # records of a revoked partition not dispatched yet are dropped here
+            keys, profiles, saves = self._diff(groups, states)
+            changed = set(keys)
+            completed = [key for key in groups if key not in changed]  # nothing to hand over: done now
+            wake = asyncio.Event()
+
+            def done(index: int) -> None:
+                completed.append(keys[index])
+                wake.set()
+
+            if keys:
+                self.sink.deliver(profiles, done)
+            while True:
+                if completed:
+                    ready = completed[:]
+                    completed.clear()
+                    await self._save_and_finish(ready, groups, saves, seen)
+                    released.update(ready)
+                    self._continue(ready)
+                if len(released) == len(groups):
+                    return
+                await wake.wait()
+                wake.clear()
+        released.update(groups)
+        self._continue(list(groups))
+
+    async def _save_and_finish(self, keys: list[str], groups: dict[str, list[_Item]],
+                               saves: dict[str, dict[SegmentKey, StoredMembership]], seen: int) -> None:
+        """Save the new state of profiles whose changes are all done, then finish their records.
+        State after handlers: a crash before this repeats the changes, never loses them."""
+        updates = {key: saves[key] for key in keys if key in saves}
+        if updates and self._revocations != seen:
+            # A profile with a record revoked meanwhile saves nothing: its new owner reads it again.
+            updates = {key: value for key, value in updates.items()
+                       if not any(item.partition.revoked for item in groups[key])}
+        if updates:
+            subset = {key: groups[key] for key in keys}
+            if await self._retry_store("save", lambda: self.store.save_many(updates), subset, groups) is _REVOKED:
+                return
+        self._finish(groups[key] for key in keys)
+
+    def _drop_revoked(self, groups: dict[str, list[_Item]]) -> None:
+        for key in [key for key, items in groups.items() if any(item.partition.revoked for item in items)]:
+            items = groups[key]
+            live = [item for item in items if not item.partition.revoked]
+            dropped = len(items) - len(live)
+            self._limit.release(dropped, sum(item.size for item in items if item.partition.revoked))
+            self._records_dropped += dropped
+            groups[key] = live  # an emptied group stays: its profile is released when it is done
+
+    async def _retry_store(self, what: str, call: Any, subset: dict[str, list[_Item]],
+                           groups: dict[str, list[_Item]]) -> Any:
+        """A store call, retried with backoff until it succeeds (an outage delays records, never
+        drops them); ``_REVOKED`` when every record it was for was revoked meanwhile."""
+        delay = self.settings.record_retry_backoff_s
         attempt = 0
         while True:
             try:
-                await self.dead_letter.invalid_record(
-                    record.data, reason=invalid.reason.value, detail=invalid.detail,
-                    partition=record.partition, position=position,
-                )
-                break
-            except Exception:  # noqa: BLE001 - e.g. a full disk: wait (reading pauses), never drop
+                return await call()
+            except Exception:  # noqa: BLE001 - the store is down: wait, the checkpoint waits too
                 attempt += 1
-                delay = min(30.0, self.settings.record_retry_backoff_s * 2 ** (attempt - 1))
-                log.exception("cannot write the dead letter; will retry", extra={"attempt": attempt})
+                log.exception("membership store call failed; will retry", extra={
+                    "call": what, "attempt": attempt, "retry_in_s": round(delay, 3)})
                 await asyncio.sleep(delay)
-        self.stats.dead_lettered("invalid_record")
-        self._finish(record, ticket)
+                delay = min(30.0, delay * 2)
+                self._drop_revoked(subset)
+                for key, items in subset.items():
+                    groups[key] = items
+                if not any(subset.values()):
+                    return _REVOKED
 
-    def _finish(self, record: SourceRecord, ticket: int) -> None:
-        self._watermarks[record.partition].finish(ticket)
-        self._limit.release(len(record.data))
-        self.stats.records_finished += 1
-        self._finished_since_checkpoint += 1
-        if self._finished_since_checkpoint == self._checkpoint_every:  # once per interval, not per record
+    def _diff(self, groups: dict[str, list[_Item]], states: dict[str, ProfileState]
+              ) -> tuple[list[str], list[list[PendingChange]], dict[str, dict[SegmentKey, StoredMembership]]]:
+        """Every profile's records against its state, in order: the profiles with changes and
+        their changes (for the sink), and the new state per profile (saved after the sink)."""
+        segment_filter = self.settings.segment_filter
+        changes_seen = self._changes
+        keys: list[str] = []
+        profiles: list[list[PendingChange]] = []
+        saves: dict[str, dict[SegmentKey, StoredMembership]] = {}
+        stale = duplicate = filtered = 0
+        for key, items in groups.items():
+            state = states.get(key, _EMPTY)
+            pending: list[PendingChange] = []
+            updates: dict[SegmentKey, StoredMembership] | None = None
+            for item in items:
+                diff = diff_membership(state, item.export, segment_filter)
+                stale += diff.stale
+                duplicate += diff.duplicate
+                filtered += diff.filtered
+                if diff.updates:
+                    if updates is None:
+                        updates = diff.updates
+                    else:
+                        updates.update(diff.updates)
+                    if len(items) > 1:  # the profile's next record sees this one's outcome
+                        state = {**state, **diff.updates}
+                if diff.transitions:
+                    record = item.record
+                    export = item.export
+                    partition = item.partition
+                    # Read-only views: every change of the record, for every handler, shares them;
+                    # the attributes are decoded only if a handler reads them.
+                    identities = MappingProxyType(export.identity_map)
+                    attributes = LazyAttributes(export)
+                    position = str(record.position)
+                    for entry, kind in diff.transitions:
+                        status = entry.status
+                        segment_id = entry.segment_id
+                        change = SegmentChange(
+                            kind, segment_id, entry.namespace, entry.name, key, identities, attributes,
+                            entry.qualified_at, status,
+                            # status is a StrEnum; .value would cost an attribute descriptor
+                            change_id_for(key, entry.namespace, segment_id, status, entry.qualified_at_us),
+                            partition.name, position,
+                        )
+                        changes_seen[(segment_id, kind)] += 1  # a StrEnum: keys compare as str
+                        pending.append((change, partition))
+            if pending:
+                keys.append(key)
+                profiles.append(pending)
+            if updates:
+                saves[key] = updates
+        self._stale += stale
+        self._duplicate += duplicate
+        self._filtered += filtered
+        if self._profiles_seen is not None:
+            self._profiles_seen.update(groups)
+        return keys, profiles, saves
+
+    def _finish(self, profiles: Iterable[list[_Item]]) -> None:
+        finished = total = size = 0
+        for items in profiles:
+            total += len(items)
+            for item in items:
+                size += item.size
+                part = item.partition
+                if part.revoked:
+                    self._records_dropped += 1  # handled, but not committed: its new owner reads it again
+                else:
+                    part.watermark.finish(item.ticket)
+                    finished += 1
+        self._limit.release(total, size)
+        self._finished(finished)
+
+    def _finished(self, count: int) -> None:
+        self._records_finished += count
+        self._finished_since_checkpoint += count
+        every = self.settings.checkpoint_every_records
+        if every and self._finished_since_checkpoint >= every:
             self._checkpoint_due.set()
 
-    @staticmethod
-    def _changes(work: _Work, transitions: list[Transition]) -> list[SegmentChange]:
-        record = work.record
-        position = str(record.position)
-        # Read-only views: every change of the record, for every handler, shares them.
-        identities = MappingProxyType(work.export.identity_map)
-        attributes = MappingProxyType(work.export.attributes)
-        changes = []
-        for transition in transitions:
-            entry = transition.entry
-            change_id = change_id_for(  # status is a StrEnum; .value would cost an attribute descriptor
-                work.profile_key, entry.namespace, entry.segment_id, entry.status, entry.qualified_at_us
-            )
-            changes.append(SegmentChange(
-                change=transition.change,
-                segment_id=entry.segment_id,
-                segment_namespace=entry.namespace,
-                segment_name=entry.name,
-                profile_key=work.profile_key,
-                identities=identities,
-                attributes=attributes,
-                qualified_at=entry.qualified_at,
-                status=entry.status,
-                change_id=change_id,
-                partition=record.partition,
-                position=position,
-            ))
-        return changes
+    async def _reject(self, invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition) -> None:
+        for record, ticket, problem in invalid:
+            self._invalid[problem.reason.value] += 1
+            position = str(record.position)
+            log.warning("invalid record sent to the dead letter", extra={
+                "reason": problem.reason.value, "detail": problem.detail, "partition": part.name,
+                "position": position})
+            delay = self.settings.record_retry_backoff_s
+            while True:
+                try:
+                    await self.dead_letter.invalid_record(
+                        record.data, reason=problem.reason.value, detail=problem.detail,
+                        partition=part.name, position=position,
+                    )
+                    break
+                except Exception:  # noqa: BLE001 - e.g. a full disk: wait (reading pauses), never drop
+                    log.exception("cannot write the dead letter; will retry", extra={"retry_in_s": delay})
+                    await asyncio.sleep(delay)
+                    delay = min(30.0, delay * 2)
+            self._dead_letters += 1
+            self._limit.release(1, len(record.data))
+            if not part.revoked:
+                part.watermark.finish(ticket)
+                self._finished(1)
 
-    async def _process(self, work: _Work) -> None:
-        """One record of one profile; its lane guarantees nothing else of this profile runs now."""
-        stats = self.stats
-        export = work.export
-        record = work.record
-        # Any exception here (store down, dead letter unwritable) leaves the record unfinished:
-        # its lane steps aside and retries it with backoff, and the checkpoint waits for it.
-        state = await self.store.load(work.profile_key)
-        diff = diff_membership(state, export, self.settings.segment_filter)
-        stats.stale += diff.stale
-        stats.duplicate += diff.duplicate
-        stats.filtered += diff.filtered
-        if stats.profiles_seen is not None:
-            stats.profiles_seen.add(work.profile_key)
-        if diff.transitions:
-            for change in self._changes(work, diff.transitions):
-                stats.changes[(change.segment_id, change.change)] += 1  # a StrEnum: keys compare as str
-                await self.router.dispatch(change)
-        if diff.updates:
-            # State after handlers: a crash before this line repeats the changes, never loses them.
-            await self.store.save(work.profile_key, diff.updates)
-        self._finish(record, work.ticket)
-
-    # --- checkpoints ------------------------------------------------------------------
+    # --- checkpoints ----------------------------------------------------------------------------------
     async def _checkpoint_periodically(self) -> None:
         while True:
             # The interval, or earlier once checkpoint_every_records have finished.
@@ -278,25 +590,50 @@ class Pipeline:
         """Commit every partition's low watermark, after making what lies below it durable."""
         async with self._checkpoint_lock:
             self._finished_since_checkpoint = 0
-            due = {
-                partition: mark.watermark
-                for partition, mark in self._watermarks.items()
-                if mark.watermark is not None and mark.watermark != mark.committed
-            }
+            due = [
+                (part, part.watermark.watermark) for part in self._partitions.values()
+                if part.watermark.watermark is not None and part.watermark.watermark != part.watermark.committed
+            ]
             if not due:
                 return
             # Everything below these watermarks was handled, dead-lettered and saved before now.
             # Handlers first: state must never be durable ahead of the effects it records, or a
             # crash in between would make a replay skip changes as duplicates.
-            await self.router.flush()
+            await self.sink.flush()
             await self.dead_letter.flush()
             await self.store.flush()
-            for partition, position in due.items():
-                await self.source.commit(partition, position)
-                self._watermarks[partition].committed = position
-                self.stats.partitions.setdefault(partition, {})["checkpoint"] = position
-            log.debug("checkpointed", extra={"positions": {p: str(v) for p, v in due.items()}})
+            for part, position in due:
+                if part.revoked:
+                    continue  # taken away meanwhile: its new owner checkpoints from now on
+                await self.source.commit(part.name, position)
+                part.watermark.committed = position
+                if not part.revoked:
+                    self._checkpoints[part.name] = position
+            log.debug("checkpointed", extra={"positions": {part.name: str(p) for part, p in due}})
 
+    # --- what operations see ---------------------------------------------------------------------------
     @property
     def in_flight(self) -> int:
         return self._limit.records
+
+    @property
+    def records_finished(self) -> int:
+        return self._records_finished
+
+    def snapshot(self) -> PipelineSnapshot:
+        return PipelineSnapshot(
+            records_read=self._records_read,
+            records_finished=self._records_finished,
+            records_dropped=self._records_dropped,
+            invalid=dict(self._invalid),
+            changes=dict(self._changes),
+            stale=self._stale,
+            duplicate=self._duplicate,
+            filtered=self._filtered,
+            dead_letters=self._dead_letters,
+            in_flight_records=self._limit.records,
+            in_flight_bytes=self._limit.bytes,
+            profiles_waiting=self._gate.waiting,
+            checkpoints=dict(self._checkpoints),
+            profiles_seen=len(self._profiles_seen) if self._profiles_seen is not None else None,
+        )

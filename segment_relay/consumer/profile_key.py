@@ -33,21 +33,30 @@ class ProfileKeyRule:
     namespace_priority: Sequence[str] = ()
     prefer_primary: bool = True
     _rank: dict[str, int] = field(init=False, repr=False, compare=False)
+    _namespaces: dict[str, tuple[int, str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         rank = {ns.lower(): i for i, ns in reversed(list(enumerate(self.namespace_priority)))}
         object.__setattr__(self, "_rank", rank)
+        object.__setattr__(self, "_namespaces", {})  # namespace as sent -> (rank, lower case): few, cached
+
+    def _namespace(self, namespace: str) -> tuple[int, str]:
+        known = self._namespaces.get(namespace)
+        if known is None:
+            lowered = namespace.lower()
+            known = (self._rank.get(lowered, len(self._rank)), lowered)
+            if len(self._namespaces) < 10_000:  # namespaces are few; the bound only guards odd streams
+                self._namespaces[namespace] = known
+        return known
 
     def key_for(self, identity_map: Mapping[str, Sequence[IdentityItem]]) -> str:
         # One pass, smallest (not-primary, rank, namespace, id) wins: this is the rule above,
         # since any primary beats every non-primary when prefer_primary is on.
-        rank = self._rank
-        unranked = len(rank)
+        namespace_of = self._namespace
         prefer_primary = self.prefer_primary
         best: tuple[bool, int, str, str] | None = None
         for namespace, items in identity_map.items():
-            lowered = namespace.lower()
-            namespace_rank = rank.get(lowered, unranked)
+            namespace_rank, lowered = namespace_of(namespace)
             for item in items:
                 if not item.id:
                     continue

@@ -1,29 +1,37 @@
 """The handlers that ship with the relay: ``log``, ``jsonl`` and ``webhook``.
 
 All three send ``SegmentChange.to_dict()``, so a change looks the same on stdout,
-in a file and in an HTTP body.
+in a file and in an HTTP body. ``log`` and ``jsonl`` take batches (one write per batch);
+``webhook`` posts one change per request, or arrays of them with ``webhook:URL#batch=N``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
+import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
 from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 from yarl import URL
 
-from .api import Handler, HandlerRetry, PermanentHandlerError, SegmentChange
+from .api import BatchResult, Handler, HandlerRetry, PermanentHandlerError, SegmentChange
 
-__all__ = ["LogHandler", "JsonlHandler", "WebhookHandler", "redact_url", "parse_retry_after"]
+__all__ = ["LogHandler", "JsonlHandler", "WebhookBatchHandler", "WebhookHandler", "redact_url", "parse_retry_after"]
+
+
+def _lines(changes: Sequence[SegmentChange]) -> bytes:
+    dumps = orjson.dumps
+    return b"".join([dumps(change.to_dict()) + b"\n" for change in changes])
 
 
 class LogHandler(Handler):
@@ -54,6 +62,9 @@ class LogHandler(Handler):
 
     async def handle(self, change: SegmentChange) -> None:
         self._target().write(orjson.dumps(change.to_dict()) + b"\n")
+
+    async def handle_batch(self, changes: Sequence[SegmentChange]) -> None:
+        self._target().write(_lines(changes))
 
     async def flush(self) -> None:
         """Push buffered lines out before a checkpoint, so a reader of the pipe is never behind it."""
@@ -90,6 +101,7 @@ class JsonlHandler(Handler):
             raise ValueError("jsonl handler needs a file path")
         self.path = Path(path)
         self._file: IO[bytes] | None = None
+        self._regular = True  # a regular file is fsynced; a pipe or a device (/dev/stdout) cannot be
         self.count = 0
         if name:
             self.name = name
@@ -107,7 +119,8 @@ class JsonlHandler(Handler):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open until close()
         try:
-            if file.tell() > 0 and not _ends_with_newline(self.path):
+            self._regular = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+            if self._regular and file.tell() > 0 and not _ends_with_newline(self.path):
                 # A crash mid-line left a torn last line: start ours on a fresh line so only that one is bad.
                 file.write(b"\n")
         except BaseException:
@@ -116,14 +129,21 @@ class JsonlHandler(Handler):
         self._file = file
 
     async def handle(self, change: SegmentChange) -> None:
+        await self.handle_batch((change,))
+
+    async def handle_batch(self, changes: Sequence[SegmentChange]) -> None:
+        """One write for the whole batch, handed to the OS before this returns."""
         if self._file is None:
             raise RuntimeError(f"{self!r} is not started: await start() before handle()")
-        self._file.write(orjson.dumps(change.to_dict()) + b"\n")
-        self.count += 1
+        data = memoryview(_lines(changes))
+        while data:  # a raw write may take less than everything (a signal, a nearly full disk)
+            written = self._file.write(data)
+            data = data[written or 0:]
+        self.count += len(changes)
 
     async def flush(self) -> None:
         """fsync: the relay checkpoints right after this returns."""
-        if self._file is None:
+        if self._file is None or not self._regular:
             return
         await asyncio.to_thread(os.fsync, self._file.fileno())
 
@@ -253,23 +273,24 @@ class WebhookHandler(Handler):
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
 
     async def handle(self, change: SegmentChange) -> None:
+        status, retry_after, _ = await self._post(orjson.dumps(change.to_dict()), change.change_id)
+        self._judge(status, retry_after)
+
+    async def _post(self, body: bytes, idempotency_key: str) -> tuple[int, str | None, bytes]:
         session = self._session
         if session is None:
             raise RuntimeError(f"{self!r} is not started: await start() before handle()")
-        headers = {
-            **self._headers,
-            "Content-Type": "application/json",
-            "Idempotency-Key": change.change_id,
-        }
-        body = orjson.dumps(change.to_dict())
+        headers = {**self._headers, "Content-Type": "application/json", "Idempotency-Key": idempotency_key}
         try:
             async with session.post(self._url, data=body, headers=headers, allow_redirects=False) as response:
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-                await response.read()  # drain, so the connection can be reused
+                # Read it all, so the connection can be reused (and a batch answer can name failures).
+                return response.status, response.headers.get("Retry-After"), await response.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # aiohttp's own messages may quote the full URL: describe the failure without it.
             raise HandlerRetry(f"POST {self._shown} failed: {_describe_transport_error(exc)}") from None
+
+    def _judge(self, status: int, retry_after: str | None) -> None:
+        """Raise what a non-2xx status means (for the whole request)."""
         if 200 <= status < 300:
             return
         if status in (408, 429) or 500 <= status < 600:
@@ -286,6 +307,51 @@ class WebhookHandler(Handler):
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+
+class WebhookBatchHandler(WebhookHandler):
+    """POSTs arrays of up to ``batch`` changes (``webhook:URL#batch=N``): one JSON array of
+    ``to_dict()`` objects per request, with ``Idempotency-Key`` a hash of the change ids.
+
+    The whole request succeeds or fails as the single-change webhook does (429/5xx retried with
+    Retry-After, other 4xx permanent: the relay then splits the array to find the change that is
+    refused). A 2xx answer may name failures with a JSON object ``{"failed": [change_id, ...],
+    "rejected": [change_id, ...]}``: ``failed`` ones are retried, ``rejected`` ones go to the dead
+    letter, every other change of the array is done."""
+
+    def __init__(self, url: str, *, batch: int, **options: Any) -> None:
+        super().__init__(url, **options)
+        if batch < 1:
+            raise ValueError(f"webhook batch size must be at least 1, got {batch}")
+        self.batch_max_changes = batch
+
+    @property
+    def description(self) -> str:
+        return f"POST JSON arrays of up to {self.batch_max_changes} changes to {self._shown}"
+
+    async def handle_batch(self, changes: Sequence[SegmentChange]) -> BatchResult | None:
+        key = hashlib.sha256("\x1f".join(change.change_id for change in changes).encode()).hexdigest()[:32]
+        body = orjson.dumps([change.to_dict() for change in changes])
+        status, retry_after, answer = await self._post(body, key)
+        self._judge(status, retry_after)
+        return self._failures(answer, changes)
+
+    def _failures(self, answer: bytes, changes: Sequence[SegmentChange]) -> BatchResult | None:
+        try:
+            parsed = orjson.loads(answer) if answer.strip() else None
+        except orjson.JSONDecodeError:
+            return None  # any 2xx body that is not such an object means: all done
+        if not isinstance(parsed, dict):
+            return None
+        result = BatchResult()
+        by_id = {change.change_id: change for change in changes}
+        for field, error in (("failed", None), ("rejected", PermanentHandlerError)):
+            for change_id in parsed.get(field) or ():
+                change = by_id.get(change_id) if isinstance(change_id, str) else None
+                if change is not None:
+                    reason = f"POST {self._shown}: the receiver reported change {change_id} as {field}"
+                    result.fail(change, error(reason) if error is not None else HandlerRetry(reason))
+        return result if result.failures else None
 
 
 def _describe_transport_error(exc: BaseException) -> str:

@@ -16,6 +16,9 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 if sys.version_info < (3, 12):
     # 3.11's asyncio.current_task() is pure Python (3.12 made it C) and showed up at 8 % of the
@@ -41,8 +44,8 @@ class CallDeadlines:
         self._expired: set[asyncio.Task[object]] = set()
         self._watcher: asyncio.Task[None] | None = None
 
-    async def run(self, call: Awaitable[None]) -> None:
-        """Await ``call``; raise TimeoutError if it takes longer than the timeout."""
+    async def run(self, call: Awaitable[T]) -> T:
+        """Await ``call`` and return its result; raise TimeoutError if it takes longer than the timeout."""
         loop = asyncio.get_running_loop()
         if self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(), name="handler-deadlines")
@@ -51,7 +54,7 @@ class CallDeadlines:
         calls = self._calls
         calls[task] = loop.time() + self.timeout_s
         try:
-            await call
+            result = await call
         except asyncio.CancelledError:
             if task in self._expired:
                 self._expired.discard(task)
@@ -63,6 +66,7 @@ class CallDeadlines:
         if task in self._expired:  # finished after all (it swallowed the cancellation)
             self._expired.discard(task)
             task.uncancel()
+        return result
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()

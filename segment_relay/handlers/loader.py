@@ -4,7 +4,7 @@ Specs, tried in this order:
 
 * ``log`` - one JSON line per change on stdout
 * ``jsonl:PATH`` - append JSON lines to PATH
-* ``webhook:URL`` - POST each change to URL
+* ``webhook:URL`` - POST each change to URL; ``webhook:URL#batch=N``: arrays of up to N changes
 * ``NAME[:ARG]`` - an installed plug-in: an entry point named NAME in the
   ``segment_relay.handlers`` group; ARG, if given, is its one constructor argument
 * ``module.path:attr`` - import ``module.path`` and take ``attr`` (dotted allowed)
@@ -22,7 +22,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from .api import FunctionHandler, Handler
-from .builtin import JsonlHandler, LogHandler, WebhookHandler, redact_url
+from .builtin import JsonlHandler, LogHandler, WebhookBatchHandler, WebhookHandler, redact_url
 
 __all__ = ["ENTRY_POINT_GROUP", "HandlerSpecError", "load_handler", "available_handlers"]
 
@@ -31,7 +31,7 @@ ENTRY_POINT_GROUP = "segment_relay.handlers"
 _BUILTINS: dict[str, str] = {
     "log": "one JSON line per change on stdout (spec: log)",
     "jsonl": "append one JSON line per change to a file (spec: jsonl:PATH)",
-    "webhook": "POST each change as JSON to a URL (spec: webhook:URL)",
+    "webhook": "POST each change as JSON to a URL (spec: webhook:URL, or webhook:URL#batch=N for arrays)",
 }
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -74,7 +74,7 @@ def load_handler(spec: str) -> Handler:
                 f"handler spec {_shown(spec)!r}: webhook needs a URL, e.g. webhook:https://example.com/hook"
             )
         try:
-            return WebhookHandler(arg)
+            return _webhook(arg)
         except ValueError as exc:  # WebhookHandler's messages already redact the URL
             raise HandlerSpecError(f"handler spec {_shown(spec)!r}: {exc}") from None
 
@@ -119,6 +119,18 @@ def load_handler(spec: str) -> Handler:
             owner = f"module {module_name!r}" if depth == 0 else repr(f"{module_name}:{'.'.join(parts[:depth])}")
             raise HandlerSpecError(f"handler spec {_shown(spec)!r}: {owner} has no attribute {part!r}") from None
     return _to_handler(target, spec, what=f"{module_name}:{attr_path}", arg=None, default_name=spec)
+
+
+def _webhook(arg: str) -> Handler:
+    """``URL`` or ``URL#batch=N``. Options ride in the fragment because a fragment is never sent:
+    they cannot clash with the receiver's own query parameters or a signed query string."""
+    url, _, options = arg.partition("#")
+    if not options:
+        return WebhookHandler(url)
+    name, _, value = options.partition("=")
+    if name != "batch" or not value.isdigit():
+        raise ValueError("unknown webhook option after '#': the one option is #batch=N (changes per POST)")
+    return WebhookBatchHandler(url, batch=int(value))
 
 
 def _to_handler(obj: object, spec: str, *, what: str, arg: str | None, default_name: str) -> Handler:

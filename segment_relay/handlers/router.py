@@ -1,69 +1,78 @@
-"""Routes each change to the handlers that want it, with retries, then the dead letter."""
+"""Routes each change to the handlers that want it; each handler's dispatcher delivers it.
+
+The router is the pipeline's ``ChangeSink`` (segment_relay.model): ``deliver`` takes one
+pipeline step's changes, one ordered sequence per profile, splits each profile's sequence by
+handler (a change goes to every handler whose routes match it), hands the pieces to the
+handlers' dispatchers (dispatch.py) and returns when every piece is done: handled,
+dead-lettered, or dropped because its partition was revoked.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
-from ..consumer.deadletter import DeadLetter
-from ..consumer.membership import ChangeType
-from ..ops.stats import RelayStats
-from .api import Handler, HandlerRetry, PermanentHandlerError, SegmentChange
-from .deadlines import CallDeadlines
+from ..model import ChangeType, PendingChange, SegmentChange
+from .api import Handler
+from .circuit import CircuitSettings
+from .dispatch import BatchSettings, Chain, Delivery, Dispatcher, FailedChangeSink, HandlerSnapshot, RetryPolicy
+
+__all__ = ["BatchSettings", "CircuitSettings", "RetryPolicy", "Router"]
+
+
+class _NeverRevoked:
+    revoked = False
+
+
+_NEVER_REVOKED = _NeverRevoked()
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Attempts per handler and change; backoff doubles from ``initial_backoff_s`` up to
-    ``max_backoff_s`` with jitter. A handler's own Retry-After (``HandlerRetry.after``)
-    wins over the backoff, up to ``max_retry_after_s``."""
-
-    max_attempts: int = 5
-    initial_backoff_s: float = 0.2
-    max_backoff_s: float = 30.0
-    max_retry_after_s: float = 300.0
-    handler_timeout_s: float = 30.0  # one call; a timeout is a failed attempt
-
-    def delay(self, attempt: int, after: float | None) -> float:
-        if after is not None:
-            return min(max(after, 0.0), self.max_retry_after_s)
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
-        return ceiling * random.uniform(0.5, 1.0)
 
 
 class Router:
     def __init__(
         self,
         handlers: Sequence[Handler],
-        dead_letter: DeadLetter,
+        dead_letter: FailedChangeSink,
         *,
         retry: RetryPolicy | None = None,
-        stats: RelayStats | None = None,
+        batch: BatchSettings | None = None,
+        circuit: CircuitSettings | None = None,
+        concurrency: int = 64,
     ) -> None:
+        """``concurrency``: calls in flight per single-change handler (profiles handled at once)."""
         names = [handler.name for handler in handlers]
         duplicates = {name for name in names if names.count(name) > 1}
         if duplicates:
             raise ValueError(f"handler names must be unique, got {sorted(duplicates)} more than once")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self.handlers = tuple(handlers)
-        self.dead_letter = dead_letter
         self.retry = retry or RetryPolicy()
-        self.stats = stats or RelayStats()
-        self._routes: dict[tuple[ChangeType, str], tuple[Handler, ...]] = {}
-        self._deadlines = CallDeadlines(self.retry.handler_timeout_s)
+        self._dispatchers = tuple(
+            Dispatcher(handler, dead_letter, policy=self.retry, circuit=circuit or CircuitSettings(),
+                       concurrency=concurrency, batch=batch or BatchSettings())
+            for handler in self.handlers
+        )
+        self._by_handler = {id(d.handler): d for d in self._dispatchers}
+        self._routes: dict[tuple[ChangeType, str], tuple[Dispatcher, ...]] = {}
+        everything = len(self._dispatchers) == 1 and any(
+            route.changes == frozenset(ChangeType) and not route.segments for route in self.handlers[0].routes)
+        self._everything = self._dispatchers[0] if everything else None
+        self._started = False
 
     def handlers_for(self, change: ChangeType, segment_id: str) -> tuple[Handler, ...]:
+        return tuple(dispatcher.handler for dispatcher in self._dispatchers_for(change, segment_id))
+
+    def _dispatchers_for(self, change: ChangeType, segment_id: str) -> tuple[Dispatcher, ...]:
         key = (change, segment_id)
         selected = self._routes.get(key)
         if selected is None:
             selected = tuple(
-                handler for handler in self.handlers
-                if any(route.matches(change, segment_id) for route in handler.routes)
+                dispatcher for dispatcher in self._dispatchers
+                if any(route.matches(change, segment_id) for route in dispatcher.handler.routes)
             )
             if len(self._routes) < 100_000:  # segments are few; the bound only guards odd streams
                 self._routes[key] = selected
@@ -72,78 +81,71 @@ class Router:
     async def start(self) -> None:
         for handler in self.handlers:
             await handler.start()
+        for dispatcher in self._dispatchers:
+            dispatcher.start()
+        self._started = True
 
-    async def dispatch(self, change: SegmentChange) -> None:
-        """Returns when every matching handler has succeeded or the change is dead-lettered for it."""
-        for handler in self.handlers_for(change.change, change.segment_id):
-            # The first attempt inline (the hot path: one coroutine less per change), retries apart.
-            started = time.perf_counter()
-            try:
-                await self._deadlines.run(handler.handle(change))
-            except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
-                await self._after_failure(handler, change, exc, time.perf_counter() - started)
-            else:
-                self.stats.handler_succeeded(handler.name, time.perf_counter() - started)
+    def deliver(self, profiles: Sequence[Sequence[PendingChange]], done: Callable[[int], None]) -> None:
+        """Hand over the changes of ``profiles``; ``done(i)`` is called once every change of
+        profile ``i`` was handled by every handler that wants it, dead-lettered, or dropped
+        (revoked). A profile no handler wants is done at once."""
+        delivery = Delivery(done, time.monotonic(), len(profiles))
+        chains: list[tuple[Dispatcher, Chain]] = []
+        idle: list[int] = []
+        everything = self._everything
+        routes = self._dispatchers_for
+        for profile, pending in enumerate(profiles):
+            if everything is not None:  # one handler that takes every change: no routing needed
+                if pending:
+                    chains.append((everything, Chain(delivery, profile, pending)))
+                else:
+                    idle.append(profile)
+                continue
+            by_dispatcher: dict[Dispatcher, list[PendingChange]] = {}
+            for item in pending:
+                change = item[0]
+                for dispatcher in routes(change.change, change.segment_id):
+                    part = by_dispatcher.get(dispatcher)
+                    if part is None:
+                        by_dispatcher[dispatcher] = [item]
+                    else:
+                        part.append(item)
+            if not by_dispatcher:
+                idle.append(profile)
+            for dispatcher, part in by_dispatcher.items():
+                chains.append((dispatcher, Chain(delivery, profile, part)))
+        remaining = delivery.remaining
+        for _, chain in chains:
+            remaining[chain.profile] += 1
+        for profile in idle:
+            done(profile)
+        for dispatcher, chain in chains:
+            dispatcher.submit(chain)
 
-    async def _after_failure(self, handler: Handler, change: SegmentChange, exc: Exception, took_s: float) -> None:
-        """Attempt 1 failed with ``exc``: retry with backoff until success, a permanent error or
-        ``max_attempts``; then the dead letter."""
-        policy = self.retry
-        attempt = 1
-        while True:
-            self.stats.handler_failed(handler.name, took_s)
-            if isinstance(exc, PermanentHandlerError):
-                await self._give_up(handler, change, attempt, "handler_rejected", exc)
-                return
-            if attempt >= policy.max_attempts:
-                await self._give_up(handler, change, attempt, "handler_failed", exc)
-                return
-            delay = policy.delay(attempt, exc.after if isinstance(exc, HandlerRetry) else None)
-            log.warning(
-                "handler failed, will retry",
-                extra={"handler": handler.name, "change_id": change.change_id, "attempt": attempt,
-                       "retry_in_s": round(delay, 3), "error": _describe(exc)},
-            )
-            await asyncio.sleep(delay)
-            attempt += 1
-            started = time.perf_counter()
-            try:
-                await self._deadlines.run(handler.handle(change))
-            except Exception as failure:  # noqa: BLE001
-                exc, took_s = failure, time.perf_counter() - started
-            else:
-                self.stats.handler_succeeded(handler.name, time.perf_counter() - started)
-                return
-
-    async def _give_up(
-        self, handler: Handler, change: SegmentChange, attempts: int, reason: str, exc: BaseException
-    ) -> None:
-        log.error(
-            "handler gave up, change sent to the dead letter",
-            extra={"handler": handler.name, "change_id": change.change_id, "attempts": attempts,
-                   "error": _describe(exc)},
-        )
-        await self.dead_letter.failed_change(
-            change.to_dict(), handler=handler.name, attempts=attempts, reason=reason,
-            detail=_describe(exc), partition=change.partition, position=change.position,
-        )
-        self.stats.dead_lettered("failed_change")
+    async def dispatch(self, *changes: SegmentChange) -> None:
+        """Deliver ``changes`` as one profile's, in order, and wait until they are done: for tools,
+        tests and embedding the router without a pipeline (the claim is never revoked)."""
+        finished = asyncio.get_running_loop().create_future()
+        self.deliver([[(change, _NEVER_REVOKED) for change in changes]], lambda _: finished.set_result(None))
+        await finished
 
     async def flush(self) -> None:
         for handler in self.handlers:
             await handler.flush()
 
     async def close(self) -> None:
-        await self._deadlines.close()
+        for dispatcher in self._dispatchers:
+            await dispatcher.close()
         for handler in self.handlers:
             try:
                 await handler.close()
             except Exception:  # noqa: BLE001 - one bad close must not keep the others open
                 log.exception("handler close failed", extra={"handler": handler.name})
 
+    # --- what operations see ---------------------------------------------------------------------
+    def snapshot(self) -> tuple[HandlerSnapshot, ...]:
+        return tuple(dispatcher.snapshot() for dispatcher in self._dispatchers)
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    def held_handlers(self) -> list[str]:
+        """Handlers whose circuit is open (their changes are kept, not delivered, until a probe succeeds)."""
+        return [dispatcher.name for dispatcher in self._dispatchers if dispatcher.held]

@@ -46,9 +46,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from .stats import RelayStats
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +57,16 @@ class Health:
     """Started/stopping flags for readiness, an event-loop heartbeat for liveness.
 
     ``extra_ready`` is an optional callback that must also return True for the daemon to be
-    ready, e.g. "the source owns work or is waiting for it". If it raises, the daemon is
-    reported not ready (and the exception is logged). A stalled event loop is never ready.
+    ready, e.g. "the source owns work or is waiting for it"; it may return a non-empty string
+    instead, meaning not ready for that reason ("handler circuit open: crm"). If it raises, the
+    daemon is reported not ready (and the exception is logged). A stalled event loop is never ready.
     """
 
     def __init__(
         self,
         *,
         stall_after_s: float = 30.0,
-        extra_ready: Callable[[], bool] | None = None,
+        extra_ready: Callable[[], bool | str] | None = None,
     ) -> None:
         if stall_after_s <= 0:
             raise ValueError("stall_after_s must be > 0")
@@ -96,12 +95,14 @@ class Health:
             return False, reason
         if self.extra_ready is not None:
             try:
-                ok = bool(self.extra_ready())
+                verdict = self.extra_ready()
+                # True/False, or a non-empty string: not ready, for that reason.
+                ok, reason = (False, verdict) if isinstance(verdict, str) and verdict else (bool(verdict), "")
             except Exception as exc:  # a broken check means "not ready", not a 500
                 log.warning("readiness check raised", exc_info=True)
                 return False, f"readiness check raised {type(exc).__name__}"
             if not ok:
-                return False, "readiness check failed"
+                return False, reason or "readiness check failed"
         return True, "ok"
 
     @property
@@ -163,8 +164,8 @@ class OpsServer:
     Usable as ``async with OpsServer(...) as server:``.
     """
 
-    def __init__(self, stats: RelayStats, health: Health, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.stats = stats
+    def __init__(self, registry: CollectorRegistry, health: Health, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.registry = registry
         self.health = health
         self.host = host
         self.port = port
@@ -208,7 +209,7 @@ class OpsServer:
 
     # --- handlers -------------------------------------------------------------
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.stats.registry)
+        body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:

@@ -77,6 +77,9 @@ class StreamSpec:
     include_names: bool = True
     include_timestamps: bool = True  # createdAt/updatedAt/mappingCreatedAt/mappingUpdatedAt
     target_record_bytes: int = 1500
+    # Memberships one new event flips: None is the realistic mix (mostly one, sometimes two, of the
+    # profile's usual segments); a number flips that many of all segments (a change-heavy stream).
+    flips_per_event: int | None = None
 
     def __post_init__(self) -> None:
         if self.profiles < 1 or self.records < 0:
@@ -270,8 +273,12 @@ class _Generator:
                 # entered and left between two exports: the stream only ever sees the exit
                 segments[rng.choice(unseen)] = [False, t]
             else:
-                pool = profile.affinity if rng.random() < 0.92 else list(range(len(self.spec.segments)))
-                for index in rng.sample(pool, min(len(pool), 2 if rng.random() < 0.2 else 1)):
+                if self.spec.flips_per_event is None:
+                    pool = profile.affinity if rng.random() < 0.92 else list(range(len(self.spec.segments)))
+                    count = 2 if rng.random() < 0.2 else 1
+                else:
+                    pool, count = list(range(len(self.spec.segments))), self.spec.flips_per_event
+                for index in rng.sample(pool, min(len(pool), count)):
                     current = segments.get(index)
                     if current is None:
                         segments[index] = [True, t]

@@ -25,12 +25,19 @@ from typing import Any
 from ..consumer.deadletter import DeadLetter, MemoryDeadLetter
 from ..consumer.pipeline import Pipeline, PipelineSettings
 from ..consumer.profile_key import ProfileKeyRule
-from ..consumer.sources.base import SourceRecord
+from ..consumer.sources.base import Batch, PartitionListener, SourceRecord, SourceSnapshot
 from ..consumer.state.base import MembershipStore
 from ..consumer.state.memory import MemoryStore
-from ..handlers.api import FunctionHandler, Handler, SegmentChange
-from ..handlers.router import RetryPolicy, Router
-from ..ops.stats import RelayStats
+from ..handlers.api import (
+    BatchResult,
+    FunctionHandler,
+    Handler,
+    SegmentChange,
+    batch_call,
+    change_call,
+    is_batch_handler,
+)
+from ..handlers.router import BatchSettings, CircuitSettings, RetryPolicy, Router
 
 __all__ = ["FAST_RETRY", "RecordsSource", "run_exports"]
 
@@ -53,22 +60,23 @@ class RecordsSource:
         self._records = records
         self._stopping = False
 
-    async def start(self) -> None:
+    async def start(self, listener: PartitionListener) -> None:
         self._stopping = False
+        listener.assigned(self.partition, 0)
 
-    async def batches(self) -> AsyncIterator[Sequence[SourceRecord]]:
-        batch: list[SourceRecord] = []
+    async def batches(self) -> AsyncIterator[Batch[int]]:
+        batch: list[SourceRecord[int]] = []
         for position, data in enumerate(self._records, start=1):
             if self._stopping:
                 return
-            batch.append(SourceRecord(self.partition, position, data.encode() if isinstance(data, str) else data))
+            batch.append(SourceRecord(position, data.encode() if isinstance(data, str) else data))
             if len(batch) >= self.batch_size:
-                yield batch
+                yield Batch(self.partition, 0, batch)
                 batch = []
         if batch and not self._stopping:
-            yield batch
+            yield Batch(self.partition, 0, batch)
 
-    async def commit(self, partition: str, position: Any) -> None:
+    async def commit(self, partition: str, position: int) -> None:
         self.committed = position
 
     def stop(self) -> None:
@@ -77,21 +85,27 @@ class RecordsSource:
     async def close(self) -> None:
         pass
 
+    def snapshot(self) -> SourceSnapshot:
+        return SourceSnapshot()
+
 
 class _Recording(Handler):
-    """Delegates to a handler and notes each change it handled without raising."""
+    """Delegates to a handler and notes each change it handled without failing."""
 
     def __init__(self, inner: Handler, seen: list[SegmentChange]) -> None:
         self.inner = inner
         self.name = inner.name
         self.routes = inner.routes  # the router selects by these, exactly as for the handler itself
+        self.batch_max_changes = inner.batch_max_changes
         self._seen = seen
+        # The wrapper always takes a context; the inner handler gets one only if it asks.
+        self._inner_call, self._inner_context = batch_call(inner) if is_batch_handler(inner) else change_call(inner)
 
     async def start(self) -> None:
         await self.inner.start()
 
-    async def handle(self, change: SegmentChange) -> None:
-        await self.inner.handle(change)
+    async def handle(self, change: SegmentChange, context: Any = None) -> None:  # type: ignore[override]
+        await (self._inner_call(change, context) if self._inner_context else self._inner_call(change))
         self._seen.append(change)
 
     async def flush(self) -> None:
@@ -99,6 +113,16 @@ class _Recording(Handler):
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+class _RecordingBatches(_Recording):
+    """The same for a batch handler: every change of a call not reported failed counts as handled."""
+
+    async def handle_batch(self, changes: Sequence[SegmentChange], context: Any = None) -> BatchResult | None:
+        result = await (self._inner_call(changes, context) if self._inner_context else self._inner_call(changes))
+        failed = result.failures if isinstance(result, BatchResult) else {}
+        self._seen.extend(change for change in changes if change.change_id not in failed)
+        return result
 
 
 def _as_handler(handler: HandlerLike) -> Handler:
@@ -118,41 +142,41 @@ async def run_exports(
     store: MembershipStore | None = None,
     dead_letter: DeadLetter | None = None,
     retry: RetryPolicy = FAST_RETRY,
+    batch: BatchSettings | None = None,
+    circuit: CircuitSettings | None = None,
     concurrency: int = 64,
-    stats: RelayStats | None = None,
     partition: str = "exports",
 ) -> dict[str, list[SegmentChange]]:
     """Feed ``records`` (JSON export records, one per item) through the pipeline to ``handlers``
     and return, by handler name, the changes each one handled successfully.
 
-    A handler is a ``Handler`` or an ``async def fn(change)``; names must be unique. Each list
-    is in the order the handler finished the changes: one profile's changes in stream order,
-    different profiles interleaved (``concurrency=1`` makes the whole list follow the stream).
-    A change a handler failed on after ``retry.max_attempts`` is not listed; it went to
-    ``dead_letter`` (pass a ``MemoryDeadLetter`` to look at it), as do invalid records.
-    ``segments`` keeps only those segment ids, like the ``segments`` setting; pass a ``store``
-    to start from, or keep, membership state across runs; ``stats`` receives the counters.
+    A handler is a ``Handler`` (single-change or batch) or an ``async def fn(change)``; names
+    must be unique. Each list is in the order the handler finished the changes: one profile's
+    changes in stream order, different profiles interleaved (``concurrency=1`` makes the whole
+    list of a single-change handler follow the stream). A change a handler gave up on is not
+    listed; it went to ``dead_letter`` (pass a ``MemoryDeadLetter`` to look at it), as do
+    invalid records. ``segments`` keeps only those segment ids, like the ``segments`` setting;
+    pass a ``store`` to start from, or keep, membership state across runs.
     """
     seen: dict[str, list[SegmentChange]] = {}
     recording: list[Handler] = []
     for handler in map(_as_handler, handlers):
         if handler.name in seen:
             raise ValueError(f"two handlers are named {handler.name!r}; give them distinct names")
-        recording.append(_Recording(handler, seen.setdefault(handler.name, [])))
+        wrapper = _RecordingBatches if is_batch_handler(handler) else _Recording
+        recording.append(wrapper(handler, seen.setdefault(handler.name, [])))
     dead = dead_letter if dead_letter is not None else MemoryDeadLetter()
-    stats = stats if stats is not None else RelayStats()
     pipeline = Pipeline(
         RecordsSource(records, partition=partition),
         store if store is not None else MemoryStore(),
-        Router(recording, dead, retry=retry, stats=stats),
+        Router(recording, dead, retry=retry, batch=batch, circuit=circuit, concurrency=concurrency),
         dead,
         key_rule=key_rule,
         settings=PipelineSettings(
-            concurrency=concurrency,
             checkpoint_interval_s=3600.0,  # one final checkpoint is all a test needs
             segment_filter=frozenset(segments) if segments else None,
         ),
-        stats=stats,
     )
     await pipeline.run()
     return seen
+

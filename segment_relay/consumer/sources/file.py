@@ -1,8 +1,8 @@
 """A JSONL file (or stdin) as a source: one record per line, position = line number.
 
-With a checkpoint file, a rerun skips the lines already finished. The checkpoint
-is written atomically (temp file + rename), so a crash leaves the old or the new
-one, never half of one.
+The file is one partition, assigned once at start and never revoked. With a checkpoint
+file, a rerun skips the lines already finished. The checkpoint is written atomically
+(temp file + rename), so a crash leaves the old or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -12,19 +12,22 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, NewType
 
 import orjson
 
-from .base import SourceRecord, get_unless_stopped
+from .base import Batch, PartitionListener, SourceRecord, SourceSnapshot, get_unless_stopped
 
 log = logging.getLogger(__name__)
 
 _WHITESPACE = frozenset(b" \t\r\n\f\v")
 _STDIN_CHUNK = 1 << 16
 _STDIN_QUEUED_CHUNKS = 8  # bounds what the reader thread holds ahead of the pipeline
+
+#: A position in a file: its 1-based line number (blank lines count).
+LineNumber = NewType("LineNumber", int)
 
 
 class FileSource:
@@ -46,7 +49,7 @@ class FileSource:
         checkpoint = str(self.checkpoint_path) if self.checkpoint_path else None
         return f"FileSource({self.path!r}, checkpoint={checkpoint!r})"
 
-    async def start(self) -> None:
+    async def start(self, listener: PartitionListener) -> None:
         self._stopping = asyncio.Event()
         if self.path != "-" and not Path(self.path).is_file():
             raise FileNotFoundError(f"source file {self.path!r} does not exist")
@@ -61,8 +64,9 @@ class FileSource:
             log.info("resuming after checkpoint", extra={"source": self.partition, "line": self.resume_after})
         if self.path != "-":
             self._stream = open(self.path, "rb")
+        listener.assigned(self.partition, 0)
 
-    def _records(self, lines: list[bytes]) -> list[SourceRecord]:
+    def _records(self, lines: list[bytes]) -> list[SourceRecord[LineNumber]]:
         """Number the lines; drop blank ones and those an earlier run finished."""
         batch = []
         for line in lines:
@@ -72,15 +76,15 @@ class FileSource:
             data = line.rstrip(b"\r\n")
             # JSON lines start with "{"; only a line starting with white space needs the copy strip() makes.
             if data and (data[0] not in _WHITESPACE or data.strip()):
-                batch.append(SourceRecord(self.partition, self._line, data))
+                batch.append(SourceRecord(LineNumber(self._line), data))
         return batch
 
-    async def batches(self) -> AsyncIterator[Sequence[SourceRecord]]:
+    async def batches(self) -> AsyncIterator[Batch[LineNumber]]:
         chunks = self._stdin_chunks() if self.path == "-" else self._file_chunks()
         async for lines in chunks:
-            batch = self._records(lines)
-            if batch:
-                yield batch
+            records = self._records(lines)
+            if records:
+                yield Batch(self.partition, 0, records)
 
     async def _file_chunks(self) -> AsyncIterator[list[bytes]]:
         assert self._stream is not None and self._stopping is not None
@@ -117,7 +121,7 @@ class FileSource:
             return
         _hand_over(loop, queue, None)
 
-    async def commit(self, partition: str, position: Any) -> None:
+    async def commit(self, partition: str, position: LineNumber) -> None:
         if self.checkpoint_path is None:
             return
         await asyncio.to_thread(self._write_checkpoint, int(position))
@@ -144,6 +148,9 @@ class FileSource:
         if self._stream is not None:
             self._stream.close()
         self._stream = None
+
+    def snapshot(self) -> SourceSnapshot:
+        return SourceSnapshot()
 
 
 def _hand_over(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[list[bytes] | None],

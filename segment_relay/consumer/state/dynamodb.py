@@ -12,21 +12,28 @@ Namespaces and segment ids are arbitrary strings, so the range key escapes the n
 no ``/``, so the first ``/`` of the range key ends it and everything after it is the segment id,
 verbatim (it may contain ``/`` and ``%``). Usual keys stay readable: ``ups/5f9c...``.
 
-Every ``save`` is an UpdateItem per segment whose ConditionExpression is ``supersedes`` in
-DynamoDB terms, so the table itself refuses to go back in time, whichever replica writes::
+``save_many`` writes one UpdateItem per (profile, segment) whose ConditionExpression is ``supersedes``
+in DynamoDB terms, so the table itself refuses to go back in time, whichever replica writes::
 
     attribute_not_exists(qualifiedAtUs) OR qualifiedAtUs < :t OR (qualifiedAtUs = :t AND status <> :s)
 
-A failed condition means a newer (or the same) value is already stored: not an error. Writes are
-synchronous, so ``flush`` has nothing to do and ``load`` (a strongly consistent Query) sees every
-completed ``save``.
+A failed condition means a newer (or the same) value is already stored: not an error. BatchWriteItem
+cannot carry conditions (its PutRequest has no ConditionExpression), which is why writes stay one
+UpdateItem each; the writes of one call go out concurrently (at most ``concurrency`` at once).
+
+``load_many`` reads the segments it is told about with strongly consistent BatchGetItem requests
+(100 keys each; UnprocessedKeys are asked again, with the backoff below, until none are left) and
+whole profiles with a strongly consistent, paginated Query, all the requests of one call concurrently
+(at most ``concurrency`` at once). Writes are synchronous, so ``flush`` has nothing to do and
+``load_many`` sees every completed ``save_many``.
 
 Throttling (and 5xx or connection errors) is retried here, a few times with full-jitter
 exponential backoff, then raised: the pipeline retries the record anyway. A client this store
 creates has botocore's own retries turned off so that backoff lives in one place; an injected
 client keeps whatever retry configuration it was built with (retried here on top of it).
 
-IAM: dynamodb:DescribeTable, Query, UpdateItem on the table, and CreateTable if it may be missing.
+IAM: dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem on the table, and CreateTable if it may be
+missing.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ import os
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -46,9 +54,9 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ...errors import StartupError
-from ..export import SegmentStatus
+from ...model import SegmentStatus
 from ..membership import SegmentKey, StoredMembership
-from .base import ProfileState
+from .base import ProfileState, SingleProfileAccess, Updates, Wanted
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,9 @@ RANGE_KEY = "segment"
 _NAMES = {"#pk": HASH_KEY, "#sk": RANGE_KEY, "#status": "status", "#at": "qualifiedAtUs"}
 _UPDATE = "SET #status = :s, #at = :t"
 _SUPERSEDES = "attribute_not_exists(#at) OR #at < :t OR (#at = :t AND #status <> :s)"
+# BatchGetItem answers items of many profiles in one list: the hash key tells them apart.
+_BATCH_PROJECTION = "#pk, #sk, #status, #at"
+BATCH_GET_MAX_KEYS = 100  # DynamoDB's limit per BatchGetItem request
 
 THROTTLING_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"})
 _TRANSIENT_CODES = THROTTLING_CODES | {"InternalServerError", "ServiceUnavailable"}
@@ -105,7 +116,11 @@ def _without_userinfo(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=host))
 
 
-class DynamoDBStore:
+def _decode_item(item: Mapping[str, Any]) -> tuple[SegmentKey, StoredMembership]:
+    return decode_segment(item[RANGE_KEY]["S"]), StoredMembership(_STATUS[item["status"]["S"]], int(item["qualifiedAtUs"]["N"]))
+
+
+class DynamoDBStore(SingleProfileAccess):
     """Membership state in a DynamoDB table (see the module docstring for the item layout).
 
     ``region`` and ``endpoint_url`` default to the standard AWS environment: ``AWS_REGION``, then
@@ -139,7 +154,8 @@ class DynamoDBStore:
         self.max_backoff_s = max_backoff_s
         self.concurrency = concurrency
         self.open_timeout_s = open_timeout_s
-        self.retries = 0  # calls repeated after throttling or a transient error (for metrics and tests)
+        # Calls repeated after throttling or a transient error, or for UnprocessedKeys (for metrics and tests).
+        self.retries = 0
         self._client: Any = client
         self._owns_client = client is None
         self._exit_stack: contextlib.AsyncExitStack | None = None
@@ -243,8 +259,25 @@ class DynamoDBStore:
             await stack.aclose()
 
     # --- reads and writes ----------------------------------------------------------------
-    async def load(self, profile_key: str) -> ProfileState:
+    async def load_many(self, profiles: Wanted) -> dict[str, ProfileState]:
         assert self._client is not None, "store not opened"
+        states: dict[str, ProfileState] = {}
+        jobs: list[Callable[[], Awaitable[None]]] = []
+        keys: list[dict[str, Any]] = []
+        for profile_key, segments in profiles.items():
+            if segments is None:
+                jobs.append(partial(self._query, profile_key, states))
+                continue
+            # A set: BatchGetItem refuses a request that names one key twice.
+            for encoded in {encode_segment(*key) for key in segments}:
+                keys.append({HASH_KEY: {"S": profile_key}, RANGE_KEY: {"S": encoded}})
+        for start in range(0, len(keys), BATCH_GET_MAX_KEYS):
+            jobs.append(partial(self._batch_get, keys[start:start + BATCH_GET_MAX_KEYS], states))
+        await self._run_bounded(jobs)
+        return states
+
+    async def _query(self, profile_key: str, states: dict[str, ProfileState]) -> None:
+        """Every segment of one profile into ``states`` (nothing when it has none)."""
         query = self._client.query
         request: dict[str, Any] = {
             "TableName": self.table,
@@ -258,33 +291,83 @@ class DynamoDBStore:
         while True:
             page = await self._call(query, **request)
             for item in page.get("Items", ()):
-                key = decode_segment(item[RANGE_KEY]["S"])
-                state[key] = StoredMembership(_STATUS[item["status"]["S"]], int(item["qualifiedAtUs"]["N"]))
+                key, value = _decode_item(item)
+                state[key] = value
             last = page.get("LastEvaluatedKey")
             if not last:
-                return state
+                break
             request["ExclusiveStartKey"] = last
+        if state:
+            states[profile_key] = state
 
-    async def save(self, profile_key: str, updates: Mapping[SegmentKey, StoredMembership]) -> None:
+    async def _batch_get(self, keys: list[dict[str, Any]], states: dict[str, ProfileState]) -> None:
+        """The items of ``keys`` (at most 100) that exist into ``states``, following UnprocessedKeys."""
+        get = self._client.batch_get_item
+        rounds = 0
+        while True:
+            page = await self._call(
+                get,
+                RequestItems={
+                    self.table: {
+                        "Keys": keys,
+                        "ConsistentRead": True,
+                        "ProjectionExpression": _BATCH_PROJECTION,
+                        "ExpressionAttributeNames": _NAMES,
+                    }
+                },
+            )
+            for items in page.get("Responses", {}).values():  # one table asked: whatever name it is keyed by
+                for item in items:
+                    key, value = _decode_item(item)
+                    states.setdefault(item[HASH_KEY]["S"], {})[key] = value
+            # Only the keys are taken from UnprocessedKeys; the request around them is rebuilt, so the
+            # projection and consistency never depend on what the answer echoes back.
+            keys = [key for pending in page.get("UnprocessedKeys", {}).values() for key in pending.get("Keys", ())]
+            if not keys:
+                return
+            # Not bounded by max_attempts: DynamoDB answers UnprocessedKeys only when it served some keys
+            # of the request (it raises ProvisionedThroughputExceeded, retried by _call, when it served
+            # none), so every round makes progress and the loop ends.
+            rounds += 1
+            delay = self._backoff(rounds)
+            self.retries += 1
+            log.debug(
+                "DynamoDB BatchGetItem left keys unprocessed",
+                extra={"table": self.table, "unprocessed": len(keys), "round": rounds, "delay_s": round(delay, 3)},
+            )
+            await asyncio.sleep(delay)
+
+    async def save_many(self, updates: Updates) -> None:
         assert self._client is not None, "store not opened"
-        if len(updates) <= 1:
-            for key, value in updates.items():
-                await self._write(profile_key, key, value)
+        # Each (profile, segment) appears once in a call, so its writes are independent and may go out
+        # together; the condition orders each one against every other writer.
+        await self._run_bounded(
+            partial(self._write, profile_key, key, value)
+            for profile_key, changes in updates.items()
+            for key, value in changes.items()
+        )
+
+    async def _run_bounded(self, jobs: Iterable[Callable[[], Awaitable[None]]]) -> None:
+        """Run ``jobs``, at most ``concurrency`` at once; let every one finish, then raise the first failure."""
+        queue = list(jobs)
+        if len(queue) <= 1:  # the common single request: no workers to start
+            for job in queue:
+                await job()
             return
-        # The profile's lane orders its saves, so the segments of one save may go out together.
-        items = iter(updates.items())
+        shared = iter(queue)
+        failures: list[Exception] = []
 
         async def worker() -> None:
-            for key, value in items:  # one iterator shared by the workers: each item is written once
-                await self._write(profile_key, key, value)
+            for job in shared:  # one iterator shared by the workers: each job runs once
+                try:
+                    await job()
+                except Exception as exc:  # noqa: BLE001 - raised once the other jobs are done
+                    failures.append(exc)
 
-        results = await asyncio.gather(
-            *(worker() for _ in range(min(self.concurrency, len(updates)))), return_exceptions=True
-        )
-        # Let every write finish (a retried save repeats them harmlessly), then report the first failure.
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(queue)))))
+        # Finishing the others first leaves less to redo: a retried call repeats jobs harmlessly.
+        if failures:
+            raise failures[0]
 
     async def _write(self, profile_key: str, key: SegmentKey, value: StoredMembership) -> None:
         try:
@@ -302,6 +385,10 @@ class DynamoDBStore:
                 raise
             # A newer value (or this very one) is already stored: the condition did its job.
 
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter under a ceiling that doubles per attempt (1-based), capped at ``max_backoff_s``."""
+        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+
     async def _call(self, method: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
         """``method(**kwargs)``, retried on throttling and transient errors with full-jitter backoff."""
         attempt = 1
@@ -311,7 +398,7 @@ class DynamoDBStore:
             except (ClientError, BotoConnectionError, HTTPClientError) as exc:
                 if attempt >= self.max_attempts or not _is_retryable(exc):
                     raise
-                delay = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+                delay = self._backoff(attempt)
                 self.retries += 1
                 log.debug(
                     "DynamoDB call retried",
@@ -326,7 +413,7 @@ def _describe_aws_error(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         message = str(error.get("Message", "")).splitlines()[0] if error.get("Message") else ""
-        hint = " (grant dynamodb:DescribeTable, Query, UpdateItem and CreateTable)" if "AccessDenied" in str(
+        hint = " (grant dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem and CreateTable)" if "AccessDenied" in str(
             error.get("Code")) else ""
         return f"{exc.operation_name} gave {error.get('Code')}: {message}{hint}"
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

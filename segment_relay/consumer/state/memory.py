@@ -1,12 +1,9 @@
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from ..membership import SegmentKey, StoredMembership, supersedes
-from .base import ProfileState
+from .base import ProfileState, SingleProfileAccess, Updates, Wanted
 
 
-class MemoryStore:
+class MemoryStore(SingleProfileAccess):
     """State in a dict: for tests, the demo and runs that may start from nothing."""
 
     def __init__(self) -> None:
@@ -15,14 +12,23 @@ class MemoryStore:
     async def open(self) -> None:
         pass
 
-    async def load(self, profile_key: str) -> ProfileState:
-        return self._profiles.get(profile_key, {})
+    async def load_many(self, profiles: Wanted) -> dict[str, ProfileState]:
+        stored = self._profiles
+        # The stored dicts themselves, not copies: the pipeline only reads them.
+        return {key: state for key in profiles if (state := stored.get(key)) is not None}
 
-    async def save(self, profile_key: str, updates: Mapping[SegmentKey, StoredMembership]) -> None:
-        state = self._profiles.setdefault(profile_key, {})
-        for key, new in updates.items():
-            if supersedes(new, state.get(key)):
-                state[key] = new
+    async def save_many(self, updates: Updates) -> None:
+        profiles = self._profiles
+        for profile_key, changes in updates.items():
+            state = profiles.get(profile_key)
+            if state is None:
+                profiles[profile_key] = dict(changes)
+                continue
+            for key, new in changes.items():
+                old = state.get(key)  # supersedes(), inlined: this runs per saved segment
+                if old is None or new.qualified_at_us > old.qualified_at_us or (
+                        new.qualified_at_us == old.qualified_at_us and new.status is not old.status):
+                    state[key] = new
 
     async def flush(self) -> None:
         pass

@@ -8,28 +8,31 @@ Layout::
                                                    ends it and the segment id follows verbatim
     value  STATUS + "|" + QUALIFIED_AT_US          e.g. ``realized|1700000000123456``
 
-``save`` runs one Lua script per profile (EVALSHA of the script loaded by ``open``; EVAL when the server
-answers NOSCRIPT, after a restart or a SCRIPT FLUSH). The script applies ``supersedes`` to every field
+``save_many`` runs one Lua script per profile, all in one pipeline (one round trip): EVALSHA of the script
+loaded by ``open``. When the server answers NOSCRIPT (after a restart, a failover or a SCRIPT FLUSH) the
+script is loaded again and the whole batch re-sent once: the script is idempotent per field, so applying
+it again where it already ran is harmless. The script applies ``supersedes`` to every field
 server-side, atomically: a field is replaced only by a newer qualification time, or the same time with
 another status, so no writer can move a membership back in time. Times are compared as decimal integer
 strings, never as Lua numbers (doubles), so any int is exact. A script touches one key only, so this
 also works on Redis Cluster.
 
-Writes are synchronous, so ``flush`` has nothing to do and ``load`` (HGETALL) sees every completed save.
+``load_many`` is one pipeline too: HMGET of the named fields of a profile, HGETALL of a profile asked
+for whole. Writes are synchronous, so ``flush`` has nothing to do and ``load_many`` sees every
+completed ``save_many``.
 Durability is the server's (AOF/RDB, replication): configure it there.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ...errors import StartupError
-from ..export import SegmentStatus
+from ...model import SegmentStatus
 from ..membership import SegmentKey, StoredMembership
-from .base import ProfileState
+from .base import ProfileState, SingleProfileAccess, Updates, Wanted
 from .dynamodb import decode_segment, encode_segment
 
 SCHEMES = ("redis", "rediss")
@@ -117,7 +120,7 @@ def decode_value(raw: str) -> StoredMembership:
     return StoredMembership(_STATUS[status], int(at))
 
 
-class RedisStore:
+class RedisStore(SingleProfileAccess):
     """Membership state in Redis (see the module docstring for the layout), for replicas on many hosts.
 
     ``url`` is a redis-py URL: ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, or ``rediss://`` for TLS.
@@ -166,23 +169,66 @@ class RedisStore:
             await client.aclose()  # closes the connection pool it created from the URL (redis-py >= 5.0.1)
 
     # --- reads and writes ----------------------------------------------------------------
-    async def load(self, profile_key: str) -> ProfileState:
+    async def load_many(self, profiles: Wanted) -> dict[str, ProfileState]:
         assert self._client is not None, "store not opened"
-        raw: dict[str, str] = await self._client.hgetall(self.key(profile_key))
-        return {decode_segment(field): decode_value(value) for field, value in raw.items()}
+        # What each queued command answers for: (profile, None) for HGETALL, (profile, keys) for HMGET.
+        asked: list[tuple[str, list[SegmentKey] | None]] = []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for profile_key, segments in profiles.items():
+                if segments is None:
+                    pipe.hgetall(self.key(profile_key))
+                    asked.append((profile_key, None))
+                elif segments:  # HMGET of no field is an error, and there is nothing to read
+                    keys = list(segments)
+                    pipe.hmget(self.key(profile_key), [encode_segment(*key) for key in keys])
+                    asked.append((profile_key, keys))
+            if not asked:
+                return {}
+            replies = await pipe.execute()
+        states: dict[str, ProfileState] = {}
+        for (profile_key, named), reply in zip(asked, replies, strict=True):
+            if named is None:
+                state = {decode_segment(field): decode_value(value) for field, value in reply.items()}
+            else:  # HMGET answers in the order asked, None for a missing field
+                state = {key: decode_value(value) for key, value in zip(named, reply, strict=True) if value is not None}
+            if state:
+                states[profile_key] = state
+        return states
 
-    async def save(self, profile_key: str, updates: Mapping[SegmentKey, StoredMembership]) -> None:
+    async def save_many(self, updates: Updates) -> None:
         assert self._client is not None, "store not opened"
-        if not updates:
-            return
         from redis.exceptions import NoScriptError
 
-        args: list[str] = []
-        for key, value in updates.items():
-            args += (encode_segment(*key), str(value.qualified_at_us), value.status.value)
-        name = self.key(profile_key)
+        batch: list[tuple[str, list[str]]] = []
+        for profile_key, changes in updates.items():
+            if not changes:
+                continue
+            args: list[str] = []
+            for key, value in changes.items():
+                args += (encode_segment(*key), str(value.qualified_at_us), value.status.value)
+            batch.append((self.key(profile_key), args))
+        if not batch:
+            return
         try:
-            await self._client.evalsha(self._sha, 1, name, *args)
+            await self._run_scripts(batch)
         except NoScriptError:
-            # The server lost its script cache (restart, failover, SCRIPT FLUSH): EVAL caches it again.
-            await self._client.eval(SAVE_SCRIPT, 1, name, *args)
+            # The server lost its script cache (restart, failover, SCRIPT FLUSH). Load the script again and
+            # re-send the whole batch once: where a script did run, running it again changes nothing.
+            self._sha = await self._client.script_load(SAVE_SCRIPT)
+            await self._run_scripts(batch)
+
+    async def _run_scripts(self, batch: list[tuple[str, list[str]]]) -> None:
+        """One EVALSHA per (key, args) of ``batch``, in one pipeline; raises the first error.
+
+        A NOSCRIPT answer anywhere in the batch is raised first, so the caller can recover from it even
+        when another command failed too.
+        """
+        from redis.exceptions import NoScriptError
+
+        async with self._client.pipeline(transaction=False) as pipe:
+            for name, args in batch:
+                pipe.evalsha(self._sha, 1, name, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if errors:
+            raise next((error for error in errors if isinstance(error, NoScriptError)), errors[0])

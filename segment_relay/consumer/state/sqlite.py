@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Mapping
 from pathlib import Path
 
-from ..export import SegmentStatus
+from ...model import SegmentStatus
 from ..membership import SegmentKey, StoredMembership, supersedes
-from .base import ProfileState
+from .base import ProfileState, SingleProfileAccess, Updates, Wanted
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS membership (
@@ -40,14 +39,15 @@ WHERE excluded.qualified_at_us > membership.qualified_at_us
    OR (excluded.qualified_at_us = membership.qualified_at_us AND excluded.status <> membership.status)
 """
 
-_SELECT = "SELECT namespace, segment_id, status, qualified_at_us FROM membership WHERE profile_key = ?"
+_SELECT = "SELECT profile_key, namespace, segment_id, status, qualified_at_us FROM membership WHERE profile_key IN "
+_SELECT_CHUNK = 500  # profile keys per query (well under SQLite's limit on bound parameters)
 
 _STATUS = {status.value: status for status in SegmentStatus}
 
 Pending = dict[str, dict[SegmentKey, StoredMembership]]
 
 
-class SqliteStore:
+class SqliteStore(SingleProfileAccess):
     def __init__(self, path: str | Path, *, max_pending: int = 20_000, busy_timeout_s: float = 30.0) -> None:
         self.path = str(path)
         self.max_pending = max_pending
@@ -77,28 +77,45 @@ class SqliteStore:
         self._writer.execute(_SCHEMA)
         self._reader = sqlite3.connect(target, timeout=5.0, isolation_level=None, uri=uri)
 
-    async def load(self, profile_key: str) -> ProfileState:
-        assert self._reader is not None, "store not opened"
-        rows = self._reader.execute(_SELECT, (profile_key,)).fetchall()
-        state: ProfileState = {
-            (namespace, segment_id): StoredMembership(_STATUS[status], qualified_at_us)
-            for namespace, segment_id, status, qualified_at_us in rows
-        }
-        for overlay in (self._flushing, self._pending):
-            unflushed = overlay.get(profile_key)
-            if unflushed:
-                for key, value in unflushed.items():
-                    if supersedes(value, state.get(key)):
-                        state[key] = value
-        return state
+    async def load_many(self, profiles: Wanted) -> dict[str, ProfileState]:
+        reader = self._reader
+        assert reader is not None, "store not opened"
+        keys = list(profiles)
+        states: dict[str, ProfileState] = {}
+        status_of = _STATUS
+        for start in range(0, len(keys), _SELECT_CHUNK):
+            chunk = keys[start:start + _SELECT_CHUNK]
+            query = _SELECT + "(" + ",".join("?" * len(chunk)) + ")"
+            for profile_key, namespace, segment_id, status, qualified_at_us in reader.execute(query, chunk):
+                state = states.get(profile_key)
+                if state is None:
+                    state = states[profile_key] = {}
+                state[(namespace, segment_id)] = StoredMembership(status_of[status], qualified_at_us)
+        for overlay in (self._flushing, self._pending):  # saved, not yet committed
+            if not overlay:
+                continue
+            for profile_key in keys:
+                unflushed = overlay.get(profile_key)
+                if unflushed:
+                    state = states.setdefault(profile_key, {})
+                    for key, value in unflushed.items():
+                        if supersedes(value, state.get(key)):
+                            state[key] = value
+        return states
 
-    async def save(self, profile_key: str, updates: Mapping[SegmentKey, StoredMembership]) -> None:
-        pending = self._pending.setdefault(profile_key, {})
-        for key, value in updates.items():
-            if supersedes(value, pending.get(key)):
-                if key not in pending:
-                    self._pending_rows += 1
-                pending[key] = value
+    async def save_many(self, updates: Updates) -> None:
+        pending_of = self._pending
+        for profile_key, changes in updates.items():
+            pending = pending_of.get(profile_key)
+            if pending is None:
+                pending_of[profile_key] = dict(changes)
+                self._pending_rows += len(changes)
+                continue
+            for key, value in changes.items():
+                if supersedes(value, pending.get(key)):
+                    if key not in pending:
+                        self._pending_rows += 1
+                    pending[key] = value
         if self._pending_rows >= self.max_pending and not self._flush_lock.locked():
             await self.flush()  # bound memory: a long stretch without checkpoints still commits
 

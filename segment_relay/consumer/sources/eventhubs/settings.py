@@ -10,15 +10,12 @@ from typing import Any, NamedTuple
 class EventPosition(NamedTuple):
     """Where an event sits in its partition, as the pipeline tracks it.
 
-    A checkpoint needs both the sequence number and the offset. ``generation`` counts how
-    often this replica has taken the partition: a position read under an earlier ownership
-    must never be checkpointed under a later one (another replica may have moved on since).
-    Printed (dead letters, handler changes) and graphed, it is the sequence number.
+    A checkpoint needs both the sequence number and the offset. Printed (dead letters,
+    handler changes) and graphed, it is the sequence number.
     """
 
     sequence_number: int
     offset: str
-    generation: int
 
     def __str__(self) -> str:
         return str(self.sequence_number)
@@ -63,6 +60,9 @@ class EventHubsSettings:
     load_balancing_interval_s: float = 10.0
     ownership_expiration_s: float | None = None  # None: 6 x load_balancing_interval_s (the SDK's rule)
     load_balancing_strategy: str = "greedy"  # greedy | balanced
+    # Events read ahead of the pipeline, across partitions (the relay sets it to
+    # pipeline.max_in_flight_records), on top of the SDK's prefetch per partition.
+    read_ahead_events: int = 10_000
     # For embedding and tests: an azure.core AsyncTokenCredential used instead of azure-identity's
     # DefaultAzureCredential, and extra keyword arguments for the SDK clients.
     credential: Any = field(default=None, repr=False, compare=False)

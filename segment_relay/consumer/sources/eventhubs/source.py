@@ -1,8 +1,13 @@
 """The Event Hubs source: the SDK receives, the pipeline decides what is done.
 
     EventHubConsumerClient.receive_batch (one task per owned partition, load balanced across
-    replicas through ownership blobs) -> on_event_batch -> bounded queue -> Pipeline
+    replicas through ownership blobs) -> on_event_batch -> queue (bounded by the read-ahead)
+    -> Pipeline
     Pipeline.commit(partition, position) -> checkpoint blob (only while the partition is ours)
+
+A partition claimed (``on_partition_initialize``) is an assignment with a new epoch; a
+partition closed (``on_partition_close``: ownership lost, or shutdown) is a revoke, told to the
+pipeline at once, which drops whatever of it is still queued or not yet handed to a handler.
 
 The SDK's own pattern (``update_checkpoint`` per event or per batch) writes a blob per call
 and checkpoints events before they are handled. Here the pipeline commits the low watermark
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,15 +27,13 @@ import orjson
 from azure.eventhub.amqp import AmqpMessageBodyType
 
 from ....errors import StartupError
-from ....ops.stats import RelayStats
-from ..base import SourceRecord, get_unless_stopped
+from ..base import Batch, PartitionListener, ReadAhead, SourceRecord, SourceSnapshot, get_unless_stopped
 from .connection import Clients, explain, open_clients
 from .settings import EventHubsSettings, EventPosition, StartingPosition
 
 log = logging.getLogger(__name__)
 
 _DATA = AmqpMessageBodyType.DATA
-_READ_AHEAD_EVENTS = 10_000  # per replica, across partitions, on top of the SDK's prefetch
 
 
 @dataclass(slots=True)
@@ -38,7 +41,7 @@ class _Owned:
     """A partition this replica reads now."""
 
     context: Any  # the SDK's PartitionContext: names the checkpoint blob
-    generation: int
+    epoch: int
     committed: int | None = None  # sequence number of our last checkpoint in this ownership
 
 
@@ -58,16 +61,17 @@ def event_body(event: Any) -> bytes:
 
 
 class EventHubsSource:
-    def __init__(self, settings: EventHubsSettings, *, stats: RelayStats | None = None) -> None:
+    def __init__(self, settings: EventHubsSettings) -> None:
         self.settings = settings
-        self.stats = stats
         self.name = f"eventhubs:{settings.hub}"
         self._clients: Clients | None = None
-        self._queue: asyncio.Queue[list[SourceRecord]] = asyncio.Queue(
-            max(2, _READ_AHEAD_EVENTS // settings.max_batch_size)
-        )
+        self._listener: PartitionListener | None = None
+        self._read_ahead = ReadAhead(settings.read_ahead_events)
+        self._queue: asyncio.Queue[Batch[EventPosition]] = asyncio.Queue()  # bounded by the read-ahead
         self._owned: dict[str, _Owned] = {}
-        self._generations: dict[str, int] = {}
+        self._epoch = 0  # one per partition claimed, across partitions
+        self._lag_ms: dict[str, float] = {}
+        self._lag_events: dict[str, int] = {}
         self._stopping = asyncio.Event()
         self._receiving: asyncio.Task[None] | None = None
         self._failure: Exception | None = None
@@ -77,7 +81,8 @@ class EventHubsSource:
         return f"EventHubsSource({self.settings.hub!r}, consumer_group={self.settings.consumer_group!r})"
 
     # --- lifecycle ------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, listener: PartitionListener) -> None:
+        self._listener = listener
         clients = self._clients = await open_clients(self.settings)
         starting = StartingPosition.for_sdk(self.settings.starting_position)
         # Receiving starts at once, beside the check: the check's management call opens a
@@ -158,19 +163,18 @@ class EventHubsSource:
     # --- SDK callbacks ------------------------------------------------------------------
     async def _on_initialize(self, context: Any) -> None:
         pid = context.partition_id
-        generation = self._generations[pid] = self._generations.get(pid, 0) + 1
-        self._owned[pid] = _Owned(context, generation)
+        self._epoch += 1
+        self._owned[pid] = _Owned(context, self._epoch)
+        assert self._listener is not None
+        self._listener.assigned(pid, self._epoch)
         log.info("partition claimed", extra={"partition": pid})
 
     async def _on_close(self, context: Any, reason: Any) -> None:
         pid = context.partition_id
-        self._owned.pop(pid, None)
-        # Events of the old ownership still queued are dropped in batches(); those already
-        # admitted finish, but are never checkpointed (see commit()).
-        self._generations[pid] = self._generations.get(pid, 0) + 1
-        if self.stats is not None:
-            self.stats.partition_lag_ms.pop(pid, None)
-            self.stats.partition_lag_events.pop(pid, None)
+        if self._owned.pop(pid, None) is not None and self._listener is not None:
+            self._listener.revoked(pid)  # its queued events are dropped, nothing more is committed
+        self._lag_ms.pop(pid, None)
+        self._lag_events.pop(pid, None)
         level = logging.INFO if self._stopping.is_set() else logging.WARNING
         log.log(level, "partition closed", extra={"partition": pid, "reason": getattr(reason, "name", str(reason))})
 
@@ -186,58 +190,54 @@ class EventHubsSource:
         owned = self._owned.get(pid)
         if owned is None:
             return
-        generation = owned.generation
-        batch = [
-            SourceRecord(pid, EventPosition(event.sequence_number, event.offset, generation), event_body(event))
-            for event in events
+        records = [
+            SourceRecord(EventPosition(event.sequence_number, event.offset), event_body(event)) for event in events
         ]
         self._record_lag(context, events[-1])
-        queue = self._queue
-        if not queue.full():
-            queue.put_nowait(batch)
-            return
-        # Back-pressure: this partition's receive task waits (its prefetch fills, then the
-        # service stops sending); a stop request must not leave it waiting forever.
-        putting = asyncio.ensure_future(queue.put(batch))
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait((putting, stopping), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-            if not putting.done():
-                putting.cancel()
+        read_ahead = self._read_ahead
+        if read_ahead.held and read_ahead.held + len(records) > read_ahead.max_records:
+            # Back-pressure: this partition's receive task waits (its prefetch fills, then the
+            # service stops sending); a stop request must not leave it waiting forever.
+            reserving = asyncio.ensure_future(read_ahead.reserve(len(records)))
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait((reserving, stopping), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                if not reserving.done():
+                    reserving.cancel()
+            if not reserving.done() or reserving.cancelled():
+                return  # stopping: not checkpointed, read again by whoever owns the partition next
+        else:
+            await read_ahead.reserve(len(records))  # room: returns at once
+        self._queue.put_nowait(Batch(pid, owned.epoch, records))
 
     def _record_lag(self, context: Any, last: Any) -> None:
-        if self.stats is None:
-            return
         latest = context.last_enqueued_event_properties
         if not latest or latest.get("sequence_number") is None:
             return
         pid = context.partition_id
         behind = max(0, latest["sequence_number"] - last.sequence_number)
-        self.stats.partition_lag_events[pid] = behind
+        self._lag_events[pid] = behind
         newest, read = latest.get("enqueued_time"), last.enqueued_time
         if behind == 0 or newest is None or read is None:
-            self.stats.partition_lag_ms[pid] = 0
+            self._lag_ms[pid] = 0
         else:
-            self.stats.partition_lag_ms[pid] = max(0.0, (newest - read).total_seconds() * 1000)
+            self._lag_ms[pid] = max(0.0, (newest - read).total_seconds() * 1000)
 
     # --- reading ----------------------------------------------------------------------
-    async def batches(self) -> AsyncIterator[Sequence[SourceRecord]]:
-        generations = self._generations
+    async def batches(self) -> AsyncIterator[Batch[EventPosition]]:
         while (batch := await get_unless_stopped(self._queue, self._stopping)) is not None:
-            first = batch[0]
-            if first.position.generation != generations.get(first.partition):
-                continue  # read under an ownership that has ended: its new owner reads it again
+            self._read_ahead.release(len(batch.records))  # the pipeline has it now: its own bound applies
             yield batch
         if self._failure is not None:
             raise self._failure
 
     # --- checkpoints ------------------------------------------------------------------
-    async def commit(self, partition: str, position: Any) -> None:
+    async def commit(self, partition: str, position: EventPosition) -> None:
         owned = self._owned.get(partition)
-        if owned is None or position.generation != owned.generation:
-            return  # not ours any more, or read under an earlier ownership: the owner checkpoints
+        if owned is None:
+            return  # not ours any more: the new owner checkpoints (the pipeline checks the epoch first)
         if owned.committed is not None and position.sequence_number <= owned.committed:
             return
         context = owned.context
@@ -255,3 +255,7 @@ class EventHubsSource:
     @property
     def owned_partitions(self) -> list[str]:
         return sorted(self._owned)
+
+    def snapshot(self) -> SourceSnapshot:
+        return SourceSnapshot(owned=tuple(self.owned_partitions), lag_ms=dict(self._lag_ms),
+                              lag_events=dict(self._lag_events))

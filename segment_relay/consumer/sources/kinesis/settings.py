@@ -37,6 +37,9 @@ class KinesisSettings:
     shard_sync_interval_s: float = 60.0  # how often ListShards looks for new shards
     max_backoff_s: float = 10.0  # ceiling of the backoff on throttling and network errors
     deaggregate: bool = False  # KPL aggregated records (needs aws-kinesis-agg)
+    # Records read ahead of the pipeline, across shards (the relay sets it to
+    # pipeline.max_in_flight_records); a GetRecords call never asks for more than this.
+    read_ahead_records: int = 10_000
 
     @property
     def stream_name(self) -> str:

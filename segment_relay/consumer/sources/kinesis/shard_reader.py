@@ -1,7 +1,11 @@
 """Reads ONE Kinesis shard with GetRecords and yields batches of SourceRecords.
 
-Positions are Kinesis sequence numbers (decimal strings). Compare them with ``int()``,
-never as strings: their length is not guaranteed to be the same across shards or services.
+Positions are Kinesis sequence numbers (``SequenceNumber``, decimal strings). Compare them with
+``int()``, never as strings: their length is not guaranteed to be the same across shards or services.
+
+Memory: with a ``ReadAhead``, room for ``get_records_limit`` records is reserved before every
+GetRecords call and what the call did not use is given back at once; the rest is released by
+whoever takes the batch. So no response waits in memory for room, whatever the limit.
 
 Retries (the client makes one attempt per call, see ``aws.py``):
 
@@ -36,13 +40,16 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, NewType
 
-from ..base import SourceRecord
+from ..base import ReadAhead, SourceRecord
 from .aws import Backoff, KinesisClient, error_code, explain, is_expired_iterator, is_retryable, is_throttle
 from .settings import SHARD_END, InitialPosition, KinesisSettings
 
-__all__ = ["ShardReader"]
+__all__ = ["SequenceNumber", "ShardReader"]
+
+#: A Kinesis sequence number: a decimal string of up to 128 digits (compare as int, never as text).
+SequenceNumber = NewType("SequenceNumber", str)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,7 @@ class ShardReader:
         start_after: str | None,
         start_at: InitialPosition | None = None,
         on_lag: Callable[[str, int], None] | None = None,
+        read_ahead: ReadAhead | None = None,
     ) -> None:
         if start_after == SHARD_END:
             raise ValueError(f"shard {shard_id} is checkpointed at SHARD_END: there is nothing left to read")
@@ -75,6 +83,7 @@ class ShardReader:
         self.shard_id = shard_id
         self.start_after = start_after
         self.on_lag = on_lag
+        self.read_ahead = read_ahead
         self.ended = False  # the shard is closed and every record of it was yielded
         self.last_sequence: str | None = None  # sequence number of the last record yielded
         self.calls = 0  # successful GetRecords calls
@@ -101,9 +110,14 @@ class ShardReader:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    async def batches(self) -> AsyncIterator[list[SourceRecord]]:
-        """Non-empty batches in shard order, until the shard ends or ``stop()``."""
+    async def batches(self) -> AsyncIterator[tuple[list[SourceRecord[SequenceNumber]], int]]:
+        """Non-empty batches in shard order, until the shard ends or ``stop()``, each with the
+        number of Kinesis records it came from (KPL aggregates hold several). With a read-ahead,
+        those stay reserved: whoever takes the batch releases them."""
         limit = self.settings.get_records_limit
+        read_ahead = self.read_ahead
+        if read_ahead is not None:
+            limit = min(limit, read_ahead.max_records)  # one call never holds more than the bound
         pace = self.settings.min_get_records_interval_s
         loop = asyncio.get_running_loop()
         last_call = -pace
@@ -120,10 +134,14 @@ class ShardReader:
                 await self._wait_stopping(wait)
                 if self._stopping.is_set():
                     return
+            if read_ahead is not None:
+                await read_ahead.reserve(limit)
             last_call = loop.time()
             try:
                 response = await self._call(self.client.get_records, ShardIterator=iterator, Limit=limit)
             except Exception as exc:
+                if read_ahead is not None:
+                    read_ahead.release(limit)
                 if is_expired_iterator(exc):
                     self.expired += 1
                     log.info("shard iterator expired; taking a new one",
@@ -135,6 +153,12 @@ class ShardReader:
                     continue
                 exc.add_note(f"shard {self.shard_id}: {explain(exc, self.settings)}")
                 raise
+            except BaseException:
+                if read_ahead is not None:
+                    read_ahead.release(limit)
+                raise
+            if read_ahead is not None:  # give back at once what the call did not fill
+                read_ahead.release(limit if response is _STOPPED else limit - len(response.get("Records") or ()))
             if response is _STOPPED:
                 return
             self._backoff.reset()
@@ -151,7 +175,9 @@ class ShardReader:
                 self.last_sequence = records[-1]["SequenceNumber"]
                 self.records += len(records)
                 if batch:  # empty only if every record was an empty KPL aggregate
-                    yield batch
+                    yield batch, len(records)
+                elif read_ahead is not None:
+                    read_ahead.release(len(records))
             if self.ended:
                 log.info("shard ended", extra={"shard": self.shard_id, "last_sequence": self.last_sequence})
                 return
@@ -160,13 +186,11 @@ class ShardReader:
                 await self._wait_stopping(self.settings.idle_wait_s)
 
     # --- internals --------------------------------------------------------------------
-    def _batch(self, records: list[dict[str, Any]]) -> list[SourceRecord]:
-        shard_id = self.shard_id
+    def _batch(self, records: list[dict[str, Any]]) -> list[SourceRecord[SequenceNumber]]:
         if self._split is None:
-            return [SourceRecord(shard_id, record["SequenceNumber"], record["Data"]) for record in records]
+            return [SourceRecord(record["SequenceNumber"], record["Data"]) for record in records]
         split = self._split
-        return [SourceRecord(shard_id, record["SequenceNumber"], data)
-                for record in records for data in split(record["Data"])]
+        return [SourceRecord(record["SequenceNumber"], data) for record in records for data in split(record["Data"])]
 
     def _iterator_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"StreamName": self.settings.stream_name, "ShardId": self.shard_id}

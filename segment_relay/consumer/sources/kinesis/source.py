@@ -1,11 +1,14 @@
 """The Kinesis source: shard readers for the leases this replica owns, one stream of batches.
 
     ListShards -> lease per shard (DynamoDB) -> LeaseCoordinator takes this replica's share
-      -> one ShardReader task per owned shard -> bounded queue -> Pipeline
+      -> one ShardReader task per owned shard -> queue (bounded by the read-ahead) -> Pipeline
     Pipeline.commit(shard, seq) -> lease checkpoint (only while the lease is ours)
 
-A shard read to its end is marked SHARD_END once its last record is checkpointed, which
-frees its children for reading (parents first, as KCL does).
+Every lease taken is an assignment with a new epoch (``PartitionListener.assigned``); a lease
+lost, released or finished is a revoke, told to the pipeline before anything else happens, so
+what it still holds of the shard never reaches a handler. A shard read to its end is marked
+SHARD_END once its last record is checkpointed, which frees its children for reading (parents
+first, as KCL does).
 """
 
 from __future__ import annotations
@@ -15,23 +18,19 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ....ops.stats import RelayStats
-from ..base import SourceRecord, get_unless_stopped
+from ..base import Batch, PartitionListener, ReadAhead, SourceSnapshot, get_unless_stopped
 from .aws import AwsError, check_stream, dynamodb_client, error_code, explain, kinesis_client
 from .coordinator import LeaseCoordinator
 from .leases import Lease, LeaseTable
 from .settings import SHARD_END, InitialPosition, KinesisSettings
-from .shard_reader import ShardReader
+from .shard_reader import SequenceNumber, ShardReader
 
 log = logging.getLogger(__name__)
-
-_READ_AHEAD_RECORDS = 10_000  # per replica, across shards: bounds memory whatever get_records_limit is
-
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -42,7 +41,6 @@ class KinesisSource:
         self,
         settings: KinesisSettings,
         *,
-        stats: RelayStats | None = None,
         on_client: Callable[[str, Any], None] | None = None,
     ) -> None:
         """``on_client(service, client)`` sees each aiobotocore client once it exists: the seam
@@ -52,13 +50,17 @@ class KinesisSource:
         self._on_client = on_client
         self.name = f"kinesis:{settings.stream_name}"
         self.worker_id = settings.worker_id or default_worker_id()
-        self.stats = stats
         self._exit = contextlib.AsyncExitStack()
         self._kinesis: Any = None
         self._coordinator: LeaseCoordinator | None = None
-        self._queue: asyncio.Queue[list[SourceRecord]] = asyncio.Queue(
-            max(2, _READ_AHEAD_RECORDS // settings.get_records_limit)
-        )
+        self._listener: PartitionListener | None = None
+        self._epoch = 0  # one per lease taken, across shards
+        self._epochs: dict[str, int] = {}  # shard -> epoch of the lease we hold
+        # Batches read, not yet taken by the pipeline: bounded by the read-ahead (in records),
+        # which every reader reserves before its GetRecords call.
+        self._read_ahead = ReadAhead(settings.read_ahead_records)
+        self._queue: asyncio.Queue[tuple[Batch[SequenceNumber], int]] = asyncio.Queue()
+        self._lag_ms: dict[str, float] = {}
         self._readers: dict[str, ShardReader] = {}
         self._reader_tasks: dict[str, asyncio.Task[None]] = {}
         self._shard_ends: dict[str, str | None] = {}  # shard -> last sequence read, once it ended
@@ -71,7 +73,8 @@ class KinesisSource:
         return f"KinesisSource({self.settings.stream_name!r}, worker={self.worker_id!r})"
 
     # --- lifecycle ------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, listener: PartitionListener) -> None:
+        self._listener = listener
         try:
             await self._start()
         except (ClientError, BotoCoreError) as exc:  # e.g. the lease table: access denied, no credentials
@@ -120,8 +123,10 @@ class KinesisSource:
         await self._exit.aclose()
 
     # --- reading ----------------------------------------------------------------------
-    async def batches(self) -> AsyncIterator[Sequence[SourceRecord]]:
-        while (batch := await get_unless_stopped(self._queue, self._stopping)) is not None:
+    async def batches(self) -> AsyncIterator[Batch[SequenceNumber]]:
+        while (item := await get_unless_stopped(self._queue, self._stopping)) is not None:
+            batch, reserved = item
+            self._read_ahead.release(reserved)  # the pipeline has it now: its own bound applies
             yield batch
 
     async def _on_acquired(self, lease: Lease) -> None:
@@ -140,17 +145,21 @@ class KinesisSource:
         # were read to their ends, so everything after them is in the children.
         start_at = InitialPosition.TRIM_HORIZON if lease.parent_shard_ids else self.settings.initial_position
         reader = ShardReader(self._kinesis, self.settings, shard_id, start_after=start_after, start_at=start_at,
-                             on_lag=self._on_lag)
+                             on_lag=self._on_lag, read_ahead=self._read_ahead)
+        self._epoch += 1
+        epoch = self._epochs[shard_id] = self._epoch
+        assert self._listener is not None
+        self._listener.assigned(shard_id, epoch)
         self._readers[shard_id] = reader
-        self._reader_tasks[shard_id] = asyncio.create_task(self._read_shard(reader), name=f"kinesis-{shard_id}")
+        self._reader_tasks[shard_id] = asyncio.create_task(self._read_shard(reader, epoch), name=f"kinesis-{shard_id}")
         self._shard_ends.pop(shard_id, None)
         log.info("reading shard", extra={"shard": shard_id, "after": start_after or start_at.value})
 
-    async def _read_shard(self, reader: ShardReader) -> None:
+    async def _read_shard(self, reader: ShardReader, epoch: int) -> None:
         shard_id = reader.shard_id
         try:
-            async for batch in reader.batches():
-                await self._queue.put(batch)
+            async for records, reserved in reader.batches():
+                self._queue.put_nowait((Batch(shard_id, epoch, records), reserved))  # bounded by the read-ahead
             if reader.ended:
                 self._shard_ends[shard_id] = reader.last_sequence
                 await self._maybe_finish_shard(shard_id)
@@ -165,6 +174,7 @@ class KinesisSource:
                 await self._coordinator.mark_shard_end(shard_id)
             else:
                 log.exception("shard reader failed; releasing its lease", extra={"shard": shard_id})
+                self._revoke(shard_id)  # first: nothing it read may be handled or committed now
                 await self._coordinator.release(shard_id)
         finally:
             self._readers.pop(shard_id, None)
@@ -172,10 +182,15 @@ class KinesisSource:
 
     async def _on_lost(self, shard_id: str) -> None:
         log.warning("lease lost: no longer reading the shard", extra={"shard": shard_id})
+        self._revoke(shard_id)  # at once, before the reader is even stopped
         await self._cancel_readers([shard_id])
         self._shard_ends.pop(shard_id, None)
-        if self.stats is not None:
-            self.stats.partition_lag_ms.pop(shard_id, None)
+
+    def _revoke(self, shard_id: str) -> None:
+        """Tell the pipeline the shard is no longer ours (once per lease we held)."""
+        if self._epochs.pop(shard_id, None) is not None and self._listener is not None:
+            self._listener.revoked(shard_id)
+        self._lag_ms.pop(shard_id, None)
 
     async def _cancel_readers(self, shard_ids: list[str]) -> None:
         tasks = []
@@ -190,8 +205,7 @@ class KinesisSource:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _on_lag(self, shard_id: str, millis: int) -> None:
-        if self.stats is not None:
-            self.stats.partition_lag_ms[shard_id] = millis
+        self._lag_ms[shard_id] = millis
 
     async def _sync_shards_periodically(self) -> None:
         while True:
@@ -203,7 +217,7 @@ class KinesisSource:
                 log.exception("shard sync failed; will retry")
 
     # --- checkpoints ------------------------------------------------------------------
-    async def commit(self, partition: str, position: Any) -> None:
+    async def commit(self, partition: str, position: SequenceNumber) -> None:
         coordinator = self._coordinator
         if coordinator is None or partition not in coordinator.held:
             return  # the lease moved on: its new owner checkpoints from now on
@@ -227,7 +241,11 @@ class KinesisSource:
             if await self._coordinator.mark_shard_end(shard_id):  # also releases the lease
                 log.info("shard finished", extra={"shard": shard_id})
                 self._shard_ends.pop(shard_id, None)
+                self._revoke(shard_id)  # done: everything of it is committed, the partition goes
 
     @property
     def owned_shards(self) -> list[str]:
         return sorted(self._coordinator.held) if self._coordinator is not None else []
+
+    def snapshot(self) -> SourceSnapshot:
+        return SourceSnapshot(owned=tuple(self.owned_shards), lag_ms=dict(self._lag_ms))

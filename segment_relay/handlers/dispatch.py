@@ -1,0 +1,670 @@
+"""Delivering changes to ONE handler: order per profile, retries, batches, outages, poison.
+
+The router hands each handler *chains*: one profile's changes of one pipeline step, in the
+order they must be handled. A chain is in exactly one place at a time:
+
+    ready (may be called now) -> in flight (a worker calls the handler) -> done
+                    ^                          |
+                    +---- waiting (backoff) <--+  a change failed: the chain waits, in order
+
+Workers are long-lived tasks (``workers`` of them), never one per change: a single-change
+handler gets up to ``workers`` calls in flight, one per profile; a batch handler gets up to
+``workers`` ``handle_batch`` calls in flight, each gathering up to ``max_changes`` changes from
+the chains that are ready, waiting at most ``max_wait_s`` for more. A chain in a batch call
+is not touched by another call until that one returned, so a profile's changes keep their
+order even with several batch calls in flight.
+
+What a failure means is decided with the handler's ``CircuitBreaker`` (see circuit.py):
+
+* while the handler is *healthy* (most of its calls succeed), a failed change is retried with
+  backoff and, after ``max_attempts`` counted failures, dead-lettered: it fails while others
+  succeed, so it is poison. ``PermanentHandlerError`` goes to the dead letter at once;
+* when the handler fails for most of what it is given, its circuit opens: no more calls, every
+  change is kept (the pipeline's in-flight bound then stops reading), and one *probe* change
+  is sent on an exponential schedule. Probes rotate over the waiting profiles, so one poison
+  change cannot keep the circuit open. When a probe succeeds, everything resumes at once, in
+  order. Failures while unhealthy never count toward ``max_attempts``;
+* a change older than ``max_age_s`` (since it was read) that fails, or that is still held by
+  an open circuit, is dead-lettered: the stream may not keep it much longer.
+
+A batch call may report per-change failures (``BatchResult``): only those are retried, and a
+profile's later changes of the same call are sent again after its failed one, so the last
+change a handler sees for a profile is always its latest. A batch call that raises as a whole
+is ambiguous (one bad change, or an outage): it is split in halves, level by level, until the
+failure is pinned on single changes; two failing halves are an outage signal and count for
+the circuit, which stops the splitting once it opens.
+
+A change whose claim was revoked (its partition moved to another replica) is dropped before
+any call, and never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..histogram import LATENCY_BUCKETS, SIZE_BUCKETS, Histogram
+from ..model import Claim, SegmentChange
+from .api import (
+    BatchResult,
+    Handler,
+    HandlerContext,
+    HandlerMetrics,
+    HandlerRetry,
+    PermanentHandlerError,
+    batch_call,
+    change_call,
+    is_batch_handler,
+)
+from .circuit import CircuitBreaker, CircuitSettings, CircuitState
+from .deadlines import CallDeadlines
+
+__all__ = ["BatchSettings", "Delivery", "Dispatcher", "FailedChangeSink", "HandlerSnapshot", "RetryPolicy"]
+
+log = logging.getLogger(__name__)
+
+
+class FailedChangeSink(Protocol):
+    """Where changes a handler gave up on go (the dead letter implements it)."""
+
+    async def failed_change(
+        self, change: dict[str, Any], *, handler: str, attempts: int, reason: str, detail: str,
+        partition: str, position: str,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts per handler and change; backoff doubles from ``initial_backoff_s`` up to
+    ``max_backoff_s`` with jitter. A handler's own Retry-After (``HandlerRetry.after``)
+    wins over the backoff, up to ``max_retry_after_s``. ``max_age_s``: a change read longer
+    ago than this is dead-lettered instead of retried (or held) any further."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 30.0
+    max_retry_after_s: float = 300.0
+    handler_timeout_s: float = 30.0  # one call; a timeout is a failed attempt
+    max_age_s: float = 6 * 3600.0
+
+    def delay(self, attempt: int, after: float | None) -> float:
+        if after is not None:
+            return min(max(after, 0.0), self.max_retry_after_s)
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2 ** min(attempt - 1, 62))
+        return ceiling * random.uniform(0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How a batch handler's calls are gathered."""
+
+    max_changes: int = 500
+    max_wait_s: float = 0.05
+    concurrency: int = 1  # handle_batch calls in flight per handler
+
+    def __post_init__(self) -> None:
+        if self.max_changes < 1 or self.concurrency < 1 or self.max_wait_s < 0:
+            raise ValueError("batch max_changes and concurrency must be >= 1, max_wait_s >= 0")
+
+
+class Delivery:
+    """One ``deliver()`` of the router: tells ``done(i)`` once every chain of profile ``i``, for
+    every handler, is done."""
+
+    __slots__ = ("done", "remaining", "started")
+
+    def __init__(self, done: Callable[[int], None], started: float, profiles: int) -> None:
+        self.done = done
+        self.remaining = [0] * profiles  # chains not done yet, per profile
+        self.started = started  # monotonic time it was handed over: the age of its changes
+
+    def chain_done(self, profile: int) -> None:
+        remaining = self.remaining
+        remaining[profile] -= 1
+        if remaining[profile] == 0:
+            self.done(profile)
+
+
+class Chain:
+    """One profile's changes of one delivery, for one handler, in order.
+
+    ``items[:start]`` are done (handled, dead-lettered or dropped): what is done is always a
+    prefix, because a profile's change is only tried once every earlier one is done. The failure
+    counters belong to the head, ``items[start]``, the only change of the chain that can be
+    waiting for a retry; they start afresh for the next one."""
+
+    __slots__ = ("attempts", "delivery", "items", "profile", "retry_in", "start", "tries")
+
+    def __init__(self, delivery: Delivery, profile: int, items: Sequence[tuple[SegmentChange, Claim]]) -> None:
+        self.delivery = delivery
+        self.profile = profile  # its index in the delivery
+        self.items = items
+        self.start = 0
+        self.attempts = 0  # the head's failures counted toward max_attempts (while the handler was healthy)
+        self.tries = 0  # the head's failed tries (backoff grows with them)
+        self.retry_in: float | None = None  # set by the head's failure: wait this long before the next try
+
+    @property
+    def done(self) -> bool:
+        return self.start >= len(self.items)
+
+    def advance(self) -> None:
+        self.start += 1
+        self.attempts = self.tries = 0
+        self.retry_in = None
+
+
+@dataclass(frozen=True)
+class HandlerSnapshot:
+    """What one handler's dispatcher has done so far (read-only, for metrics and the summary)."""
+
+    name: str
+    batch: bool
+    calls: int
+    failed_calls: int
+    failures: int  # changes that failed a try
+    dead_letters: int
+    dropped: int  # changes of revoked partitions, never handed over
+    pending: int  # changes handed to the dispatcher, not done
+    circuit: str
+    circuit_opened: int
+    latency: dict[str, Histogram] = field(default_factory=dict)  # by outcome: ok, error
+    batch_sizes: Histogram | None = None
+    counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = field(default_factory=dict)
+    gauges: dict[str, dict[tuple[tuple[str, str], ...], float]] = field(default_factory=dict)
+
+
+_Item = tuple[Chain, int]  # a chain and the index of one of its items
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        handler: Handler,
+        dead_letter: FailedChangeSink,
+        *,
+        policy: RetryPolicy,
+        circuit: CircuitSettings,
+        concurrency: int,
+        batch: BatchSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.handler = handler
+        self.name = handler.name
+        self.policy = policy
+        self.batching = is_batch_handler(handler)
+        self.batch = batch
+        self.max_changes = (handler.batch_max_changes or batch.max_changes) if self.batching else 1
+        self.workers = batch.concurrency if self.batching else concurrency
+        self.circuit = CircuitBreaker(circuit, clock=clock)
+        self._clock = clock
+        self._dead_letter = dead_letter
+        self._deadlines = CallDeadlines(policy.handler_timeout_s)
+        self._call: Callable[..., Any]
+        self._call, self._with_context = batch_call(handler) if self.batching else change_call(handler)
+        self.metrics = HandlerMetrics(handler.name)
+        self.log = logging.getLogger(f"segment_relay.handler.{handler.name}")
+        self._ready: deque[Chain] = deque()
+        self._waiting: list[tuple[float, int, Chain]] = []  # (due, tie-breaker, chain): a heap
+        self._sequence = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
+        self._sweeping = False
+        self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for work
+        self._arrived = asyncio.Event()  # a batch being gathered waits on it for more
+        self._tasks: list[asyncio.Task[None]] = []
+        # counters, read through snapshot()
+        self._calls = 0
+        self._failed_calls = 0
+        self._failures = 0
+        self._dead_letters = 0
+        self._dropped = 0
+        self._pending = 0
+        self._latency = {"ok": Histogram(LATENCY_BUCKETS), "error": Histogram(LATENCY_BUCKETS)}
+        self._batch_sizes = Histogram(SIZE_BUCKETS) if self.batching else None
+
+    def __repr__(self) -> str:
+        return f"Dispatcher({self.name!r}, {'batch' if self.batching else 'single'}, circuit={self.circuit.state})"
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        work = self._batch_worker if self.batching else self._single_worker
+        self._tasks = [asyncio.create_task(work(), name=f"handler-{self.name}-{i}") for i in range(self.workers)]
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self._deadlines.close()
+
+    def submit(self, chain: Chain) -> None:
+        self._pending += len(chain.items)
+        self._ready.append(chain)
+        self._wake()
+
+    @property
+    def held(self) -> bool:
+        """True while the circuit is open: changes are kept, not handed to the handler."""
+        return not self.circuit.closed
+
+    def snapshot(self) -> HandlerSnapshot:
+        return HandlerSnapshot(
+            name=self.name, batch=self.batching, calls=self._calls, failed_calls=self._failed_calls,
+            failures=self._failures, dead_letters=self._dead_letters, dropped=self._dropped,
+            pending=self._pending, circuit=self.circuit.state.value, circuit_opened=self.circuit.opened,
+            latency={outcome: histogram.copy() for outcome, histogram in self._latency.items()},
+            batch_sizes=self._batch_sizes.copy() if self._batch_sizes is not None else None,
+            counters={name: dict(series) for name, series in self.metrics.counters.items()},
+            gauges={name: dict(series) for name, series in self.metrics.gauges.items()},
+        )
+
+    # --- scheduling ----------------------------------------------------------------------------
+    def _wake(self) -> None:
+        self._arrived.set()
+        idle = self._idle
+        while idle:
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        for _ in range(len(self._idle)):
+            self._wake()
+
+    def _later(self, chain: Chain, delay: float) -> None:
+        self._sequence += 1
+        due = self._clock() + delay
+        heapq.heappush(self._waiting, (due, self._sequence, chain))
+        self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        """Make sure the timer fires by ``due`` (clock time); an earlier one already set stays."""
+        if self._timer is not None:
+            if self._timer_due <= due:
+                return
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, due - self._clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self._clock()
+        waiting = self._waiting
+        while waiting and waiting[0][0] <= now:
+            self._ready.append(heapq.heappop(waiting)[2])
+            self._wake()
+        if waiting:
+            self._arm(waiting[0][0])
+        if self.circuit.state is CircuitState.OPEN:
+            if self.circuit.probe_due():
+                self._wake()
+            else:
+                self._arm(self.circuit.probe_at)
+
+    def _resume_all(self) -> None:
+        """The circuit closed: what waited out the outage may go at once, in order."""
+        while self._waiting:
+            self._ready.append(heapq.heappop(self._waiting)[2])
+        self._wake_all()
+
+    async def _next(self) -> tuple[Chain, bool]:
+        """The next chain to work on, and whether its call is the circuit's probe."""
+        loop = asyncio.get_running_loop()
+        while True:
+            circuit = self.circuit
+            if circuit.state is CircuitState.CLOSED:
+                if self._ready:
+                    return self._ready.popleft(), False
+            elif circuit.probe_due():
+                await self._sweep_too_old()
+                if self._ready and circuit.probe_due():
+                    circuit.start_probe()
+                    return self._ready.popleft(), True
+            waiter = loop.create_future()
+            self._idle.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+
+    def _opened(self) -> None:
+        log.warning("handler circuit open: holding its changes, probing with one", extra={
+            "handler": self.name, "probe_in_s": round(self.circuit.seconds_to_probe(), 3)})
+        self._arm(self.circuit.probe_at)
+
+    def _probe_finished(self, failed: bool) -> None:
+        self.circuit.probe_result(failed)
+        if failed:
+            self._arm(self.circuit.probe_at)
+        else:
+            log.warning("handler circuit closed: the probe succeeded, resuming", extra={"handler": self.name})
+            self._resume_all()
+
+    def _record(self, failed: bool) -> None:
+        """One call's outcome, for the circuit. Failures count only for calls with a change that
+        was never tried before: a poison change failing on every retry must not look like an
+        outage (at the end of a stream it may be all that is left), while an outage fails the
+        fresh changes too."""
+        if self.circuit.record(failed):
+            self._opened()
+
+    # --- outcomes ------------------------------------------------------------------------------
+    def _advance(self, chain: Chain) -> None:
+        """The chain's head is done."""
+        chain.advance()
+        self._pending -= 1
+
+    def _drop_revoked(self, chain: Chain) -> None:
+        """Drop the head changes whose partition was revoked: never handed over, never retried."""
+        items = chain.items
+        while chain.start < len(items) and items[chain.start][1].revoked:
+            self._dropped += 1
+            self._advance(chain)
+
+    async def _fail(self, chain: Chain, error: BaseException) -> None:
+        """A try of the chain's head failed with ``error``: dead-letter it (the head moves on), or
+        set when to try it again (``chain.retry_in``)."""
+        self._failures += 1
+        chain.tries += 1
+        if isinstance(error, PermanentHandlerError):
+            await self._give_up(chain, "handler_rejected", error)
+            return
+        if self.circuit.healthy:  # failing while others succeed: it counts
+            chain.attempts += 1
+        if chain.attempts >= self.policy.max_attempts:
+            await self._give_up(chain, "handler_failed", error)
+            return
+        if self._clock() - chain.delivery.started >= self.policy.max_age_s:
+            await self._give_up(chain, "max_age", error)
+            return
+        chain.retry_in = self.policy.delay(chain.tries, error.after if isinstance(error, HandlerRetry) else None)
+        log.warning("handler failed, will retry", extra={
+            "handler": self.name, "change_id": chain.items[chain.start][0].change_id, "attempt": chain.tries,
+            "counted": chain.attempts, "retry_in_s": round(chain.retry_in, 3), "error": describe(error)})
+
+    async def _give_up(self, chain: Chain, reason: str, error: BaseException | None) -> None:
+        """The chain's head goes to the dead letter (never dropped, even if writing it fails)."""
+        change = chain.items[chain.start][0]
+        detail = describe(error) if error is not None else "held longer than retry.max_age_s"
+        log.error("handler gave up, change sent to the dead letter", extra={
+            "handler": self.name, "change_id": change.change_id, "attempts": chain.tries, "reason": reason,
+            "error": detail})
+        delay = 0.1
+        while True:
+            try:
+                await self._dead_letter.failed_change(
+                    change.to_dict(), handler=self.name, attempts=chain.tries, reason=reason, detail=detail,
+                    partition=change.partition, position=change.position,
+                )
+                break
+            except Exception:  # noqa: BLE001 - e.g. a full disk: keep the change, try again
+                log.exception("cannot write the dead letter; will retry", extra={"handler": self.name})
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
+        self._dead_letters += 1
+        self._advance(chain)
+
+    async def _sweep_too_old(self) -> None:
+        """While the circuit is open: dead-letter what has been held longer than max_age_s."""
+        if self._sweeping:
+            return
+        now = self._clock()
+        limit = self.policy.max_age_s
+        queued = list(self._ready) + [chain for _, _, chain in self._waiting]
+        if all(now - chain.delivery.started < limit for chain in queued):
+            return
+        self._sweeping = True
+        try:
+            ready, self._ready = self._ready, deque()
+            waiting, self._waiting = self._waiting, []
+            kept = deque(chain for chain in ready if now - chain.delivery.started < limit)
+            still_waiting = [item for item in waiting if now - item[2].delivery.started < limit]
+            for chain in [chain for chain in ready if now - chain.delivery.started >= limit] + [
+                    item[2] for item in waiting if now - item[2].delivery.started >= limit]:
+                while not chain.done:
+                    await self._give_up(chain, "max_age", None)
+                chain.delivery.chain_done(chain.profile)
+            kept.extend(self._ready)  # what was submitted meanwhile comes after the older chains
+            self._ready = kept
+            for item in still_waiting:
+                heapq.heappush(self._waiting, item)
+        finally:
+            self._sweeping = False
+
+    def _settle(self, chain: Chain, *, probe: bool) -> None:
+        """After a call: put the chain where it belongs (done, waiting for a retry, or ready)."""
+        self._drop_revoked(chain)
+        if chain.done:
+            chain.delivery.chain_done(chain.profile)
+            return
+        delay, chain.retry_in = chain.retry_in, None
+        if delay is not None and not probe:
+            self._later(chain, delay)
+        else:
+            self._ready.append(chain)  # a failed probe rotates to the back: the next probe tries another
+            self._wake()
+
+    def _context(self, attempt: int) -> HandlerContext:
+        return HandlerContext(self.name, attempt, time.monotonic() + self.policy.handler_timeout_s, self.log,
+                              self.metrics)
+
+    # --- single-change handlers ------------------------------------------------------------------
+    async def _single_worker(self) -> None:
+        while True:
+            chain, probe = await self._next()
+            await self._run_chain(chain, probe)
+
+    async def _run_chain(self, chain: Chain, probe: bool) -> None:
+        items = chain.items
+        handle = self._call
+        with_context = self._with_context
+        run = self._deadlines.run
+        ok_latency = self._latency["ok"].observe
+        clock = time.perf_counter
+        circuit = self.circuit
+        while chain.start < len(items):
+            change, claim = items[chain.start]
+            if claim.revoked:
+                self._dropped += 1
+                self._advance(chain)
+                continue
+            if not probe and circuit.state is not CircuitState.CLOSED:
+                self._ready.appendleft(chain)  # another call opened the circuit: hold, in order
+                return
+            self._calls += 1
+            fresh = chain.tries == 0
+            started = clock()
+            try:
+                if with_context:
+                    await run(handle(change, self._context(chain.tries + 1)))
+                else:
+                    await run(handle(change))
+            except Exception as error:  # noqa: BLE001 - any handler error is a failed try
+                self._latency["error"].observe(clock() - started)
+                self._failed_calls += 1
+                # A permanent error is the handler's verdict on this change: it is up and answering.
+                outage = not isinstance(error, PermanentHandlerError)
+                if probe:
+                    self._probe_finished(failed=outage)
+                elif fresh or not outage:
+                    self._record(outage)  # a retry failing again tells nothing new (see _record)
+                head = chain.start
+                await self._fail(chain, error)
+                if chain.start == head:  # to be retried: the chain waits (or, a failed probe, rotates)
+                    self._settle(chain, probe=probe)
+                    return
+                probe = False
+                continue
+            ok_latency(clock() - started)
+            self._advance(chain)
+            if probe:
+                self._probe_finished(failed=False)
+                probe = False
+            else:
+                self._record(False)
+        chain.delivery.chain_done(chain.profile)
+
+    # --- batch handlers --------------------------------------------------------------------------
+    async def _batch_worker(self) -> None:
+        while True:
+            taken, probe = await self._gather()
+            try:
+                await self._deliver_batch(taken, probe)
+            finally:
+                for chain in {id(chain): chain for chain, _ in taken}.values():
+                    self._settle(chain, probe=probe)
+
+    async def _gather(self) -> tuple[list[_Item], bool]:
+        """Up to max_changes changes from the ready chains (whole chains where they fit)."""
+        chain, probe = await self._next()
+        if probe:
+            return [(chain, chain.start)], True
+        cap = self.max_changes
+        taken: list[_Item] = []
+        self._take(chain, taken, cap)
+        deadline: float | None = None
+        loop = asyncio.get_running_loop()
+        while len(taken) < cap:
+            if self._ready and self.circuit.state is CircuitState.CLOSED:
+                self._take(self._ready.popleft(), taken, cap)
+                continue
+            wait = self.batch.max_wait_s
+            if wait <= 0:
+                break
+            if deadline is None:
+                deadline = loop.time() + wait
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        return taken, False
+
+    @staticmethod
+    def _take(chain: Chain, taken: list[_Item], cap: int) -> None:
+        end = min(len(chain.items), chain.start + cap - len(taken))
+        taken.extend((chain, index) for index in range(chain.start, end))
+
+    def _eligible(self, part: list[_Item]) -> list[_Item]:
+        """The items of ``part`` that may be called now: each is its chain's head, or follows it
+        in this same call. A head of a revoked partition is dropped here (never handed over)."""
+        out: list[_Item] = []
+        expected: dict[int, int] = {}  # chain -> the index its next item in this call must have
+        for chain, index in part:
+            key = id(chain)
+            wanted = expected.get(key)
+            if wanted is None:
+                self._drop_revoked(chain)
+                wanted = chain.start
+            if index != wanted:
+                expected[key] = -1  # an earlier change of this profile is not done: the rest waits
+                continue
+            if chain.items[index][1].revoked:  # behind its head: drop it once it is the head
+                expected[key] = -1
+                continue
+            out.append((chain, index))
+            expected[key] = index + 1
+        return out
+
+    async def _deliver_batch(self, taken: list[_Item], probe: bool) -> None:
+        level = [taken]
+        top = True
+        fresh = any(index != chain.start or chain.tries == 0 for chain, index in taken)
+        while level:
+            split: list[list[_Item]] = []
+            for group in level:
+                failed_parts = 0
+                parts = [group] if top else _halves(group)
+                for raw in parts:
+                    part = self._eligible(raw)
+                    if not part:
+                        continue
+                    if not top and self.circuit.state is not CircuitState.CLOSED:
+                        return  # the circuit opened while splitting: the rest waits for it
+                    whole = await self._call_batch(part, probe=probe, top=top, fresh=fresh)
+                    if whole is not None and len(part) > 1:
+                        split.append(part)
+                        failed_parts += 1
+                if not top and failed_parts == 2 and fresh:
+                    self._record(True)  # both halves failed: more than one bad change, or an outage
+                    self._record(True)
+            level = split
+            top = False
+
+    async def _call_batch(self, part: list[_Item], *, probe: bool, top: bool, fresh: bool) -> BaseException | None:
+        """One handle_batch call. Returns the exception when the whole call failed and ``part``
+        should be split; settles every other outcome itself."""
+        changes = [chain.items[index][0] for chain, index in part]
+        self._calls += 1
+        assert self._batch_sizes is not None
+        self._batch_sizes.observe(len(changes))
+        started = time.perf_counter()
+        error: BaseException | None = None
+        failures: dict[str, BaseException] = {}
+        try:
+            if self._with_context:
+                attempt = 1 + max(chain.tries for chain, index in part if index == chain.start)
+                result = await self._deadlines.run(self._call(changes, self._context(attempt)))
+            else:
+                result = await self._deadlines.run(self._call(changes))
+            if isinstance(result, BatchResult):
+                failures = result.failures
+            elif result is not None:
+                raise TypeError(f"handle_batch returned {type(result).__name__}; return None or a BatchResult")
+        except Exception as exc:  # noqa: BLE001 - any handler error is a failed try
+            error = exc
+        took = time.perf_counter() - started
+        all_failed = error is not None or len(failures) >= len(part)
+        self._latency["error" if all_failed else "ok"].observe(took)
+        if all_failed:
+            self._failed_calls += 1
+        # A permanent error is the handler's verdict on the change(s): it is up and answering.
+        if error is not None:
+            outage = not isinstance(error, PermanentHandlerError)
+        else:
+            outage = all_failed and not all(isinstance(e, PermanentHandlerError) for e in failures.values())
+        if probe:
+            self._probe_finished(failed=outage)
+        elif not outage or (fresh and (top or error is None or len(part) == 1)):
+            # A split half that failed whole counts only with its sibling (_deliver_batch).
+            self._record(outage)
+        if error is not None and len(part) > 1 and not isinstance(error, HandlerRetry) and not probe:
+            return error  # ambiguous: split it
+        blocked: set[int] = set()
+        for chain, index in part:
+            if id(chain) in blocked or index != chain.start:
+                continue  # after a failed change of its profile: sent again after it
+            failure = error if error is not None else failures.get(chain.items[index][0].change_id)
+            if failure is None:
+                self._advance(chain)
+                continue
+            await self._fail(chain, failure)
+            if chain.start == index:  # to be retried: the rest of this profile waits for it
+                blocked.add(id(chain))
+        return None
+
+
+def _halves(items: list[_Item]) -> list[list[_Item]]:
+    middle = (len(items) + 1) // 2
+    return [items[:middle], items[middle:]]
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
