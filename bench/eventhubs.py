@@ -13,7 +13,7 @@ peak RSS (VmHWM) is its own:
 - ``relay``: segment_relay.app.Relay, source eventhubs:HUB, state memory, a no-op handler (validate,
   key, diff, dispatch), the real BlobCheckpointStore on Azurite in a fresh container per run (load
   balancing and ownership through blobs, checkpoints every 1 s), load_balancing_interval_s 1,
-  starting_position earliest; stops when ``stats.records_finished == N``;
+  starting_position earliest; stops when ``relay.pipeline.records_finished == N``;
 - ``bare``: azure.eventhub.aio.EventHubConsumerClient with no checkpoint store (the SDK's in-memory
   one), ``receive_batch`` from "-1" with a callback that only counts events: the ceiling of the SDK
   on this machine (its pure-Python AMQP client is the limit, not the emulator).

@@ -11,7 +11,7 @@ whole stream is consumed from TRIM_HORIZON three ways, each in a fresh subproces
 
 - ``relay``: segment_relay.app.Relay, source kinesis:STREAM, state memory, a no-op handler,
   checkpoints every 1 s into a fresh DynamoDB lease table (dynalite), idle_wait_s 0.05;
-  stops when ``stats.records_finished == N``;
+  stops when ``relay.pipeline.records_finished == N``;
 - ``async-kinesis``: its Consumer (pip install -e '.[bench]'), TRIM_HORIZON, JSON decoding
   only (its JsonProcessor with orjson as the decoder, so both sides pay the same per-record
   decode), sleep_time_no_records 0.05; stops after N records;
@@ -159,27 +159,27 @@ async def drive_relay(relay: Any, phase: Phase, total: int, timeout_s: float, un
     from segment_relay.ops.runtime import tune_gc
 
     tune_gc()  # what `segment-relay run` does at start
-    stats = relay.stats
+    pipeline = relay.pipeline
     phase.start()
     run = asyncio.create_task(relay.run())
     deadline = time.monotonic() + timeout_s
-    while stats.records_finished < total:
+    while pipeline.records_finished < total:
         if run.done():
             run.result()  # raises what stopped it
-            raise SystemExit(f"relay stopped after {stats.records_finished:,} of {total:,} {unit}")
+            raise SystemExit(f"relay stopped after {pipeline.records_finished:,} of {total:,} {unit}")
         if time.monotonic() > deadline:
-            raise SystemExit(f"relay timed out after {stats.records_finished:,} of {total:,} {unit}")
-        if stats.records_read:
+            raise SystemExit(f"relay timed out after {pipeline.records_finished:,} of {total:,} {unit}")
+        if pipeline.records_read:
             phase.first_record()
         if on_tick is not None:
             on_tick()
         await asyncio.sleep(0.005)
-    result = phase.end(stats.records_finished, records_read=stats.records_read)
+    result = phase.end(pipeline.records_finished, records_read=pipeline.records_read)
     stopping = time.perf_counter()
     relay.stop()
     await asyncio.wait_for(run, 60)
     result["stop_s"] = time.perf_counter() - stopping
-    result["summary"] = stats.summary()
+    result["summary"] = relay.snapshot().summary()
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import socket
@@ -18,15 +19,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from segment_relay.consumer.deadletter import MemoryDeadLetter
-from segment_relay.handlers.api import HandlerRetry, PermanentHandlerError
+from segment_relay.handlers.api import BatchResult, HandlerRetry, PermanentHandlerError
 from segment_relay.handlers.builtin import (
     JsonlHandler,
     LogHandler,
+    WebhookBatchHandler,
     WebhookHandler,
     parse_retry_after,
     redact_url,
 )
-from segment_relay.handlers.router import RetryPolicy, Router
+from segment_relay.handlers.router import BatchSettings, RetryPolicy, Router
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
@@ -131,7 +133,7 @@ class Hook:
 
     def __init__(self) -> None:
         self.requests: list[Received] = []
-        self.script: list[tuple[int, dict[str, str]]] = []
+        self.script: list[tuple[int, dict[str, str]] | tuple[int, dict[str, str], bytes]] = []
         self.app = web.Application()
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
         self.server: TestServer | None = None
@@ -140,8 +142,8 @@ class Hook:
         self.requests.append(Received(
             request.method, request.path, request.query_string, request.raw_path, dict(request.headers), await request.read(),
         ))
-        status, headers = self.script.pop(0) if self.script else (200, {})
-        return web.Response(status=status, headers=headers, text="ok")
+        status, headers, *body = self.script.pop(0) if self.script else (200, {})
+        return web.Response(status=status, headers=headers, body=body[0] if body else b"ok")
 
     def url(self, path: str = "/hook", *, userinfo: str = "", query: str = "") -> str:
         assert self.server is not None
@@ -398,3 +400,95 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("Wed, 01 May 2024 11:59:00 GMT", now=now) == 0  # in the past: now
     for value in (None, "", "-1", "soon", "1e3", "²"):
         assert parse_retry_after(value, now=now) is None
+
+
+# --- webhook arrays (webhook:URL#batch=N) ------------------------------------------------------------
+async def test_webhook_batch_posts_an_array_with_a_stable_idempotency_key(
+    hook: Hook, webhooks: list[WebhookHandler]
+) -> None:
+    handler = WebhookBatchHandler(hook.url(), batch=10)
+    webhooks.append(handler)
+    await handler.start()
+    changes = [make_change(profile_key=f"ecid:{i}") for i in range(3)]
+    assert await handler.handle_batch(changes) is None  # "ok" is not a failure report: all done
+    assert await handler.handle_batch(changes) is None
+    first, second = hook.requests
+    assert orjson.loads(first.body) == [change.to_dict() for change in changes]
+    assert first.headers["Content-Type"] == "application/json"
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"]  # same changes, same key
+    assert handler.batch_max_changes == 10 and "arrays of up to 10" in handler.description
+
+
+async def test_webhook_batch_reads_the_changes_the_receiver_names_as_failed_or_rejected(
+    hook: Hook, webhooks: list[WebhookHandler]
+) -> None:
+    handler = WebhookBatchHandler(hook.url(), batch=10)
+    webhooks.append(handler)
+    await handler.start()
+    changes = [make_change(profile_key=f"ecid:{i}") for i in range(4)]
+    report = {"failed": [changes[1].change_id, "not-in-this-batch"], "rejected": [changes[3].change_id]}
+    hook.script.append((207, {}, orjson.dumps(report)))
+    result = await handler.handle_batch(changes)
+    assert isinstance(result, BatchResult)
+    assert set(result.failures) == {changes[1].change_id, changes[3].change_id}
+    assert isinstance(result.failures[changes[1].change_id], HandlerRetry)
+    assert isinstance(result.failures[changes[3].change_id], PermanentHandlerError)
+    hook.script.append((503, {"Retry-After": "1"}))  # the whole array: retried as a whole, after the wait
+    with pytest.raises(HandlerRetry) as retry:
+        await handler.handle_batch(changes)
+    assert retry.value.after == 1.0
+    hook.script.append((400, {}))
+    with pytest.raises(PermanentHandlerError):  # the relay splits the array to find the refused change
+        await handler.handle_batch(changes)
+
+
+async def test_webhook_batch_through_the_router_retries_the_failed_and_dead_letters_the_rejected(
+    hook: Hook, webhooks: list[WebhookHandler]
+) -> None:
+    handler = WebhookBatchHandler(hook.url(), batch=10)
+    webhooks.append(handler)
+    changes = [make_change(profile_key=f"ecid:{i}") for i in range(4)]
+    hook.script.append((200, {}, orjson.dumps({"failed": [changes[1].change_id],
+                                                "rejected": [changes[3].change_id]})))
+    dead = MemoryDeadLetter()
+    router = Router([handler], dead, retry=RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.02),
+                    batch=BatchSettings(max_changes=10, max_wait_s=0.05))
+    await router.start()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(router.dispatch(change) for change in changes)), 10)
+    finally:
+        await router.close()
+    posted = [[c["change_id"] for c in orjson.loads(request.body)] for request in hook.requests]
+    assert posted == [[c.change_id for c in changes], [changes[1].change_id]]  # only the failed one again
+    assert [(entry["reason"], entry["change"]["change_id"]) for entry in dead.entries] == [
+        ("handler_rejected", changes[3].change_id)]
+
+
+def test_webhook_spec_options() -> None:
+    from segment_relay.handlers.loader import HandlerSpecError, load_handler
+
+    plain = load_handler("webhook:https://example.com/hook?sig=abc")
+    arrays = load_handler("webhook:https://example.com/hook?sig=abc#batch=25")
+    assert type(plain) is WebhookHandler
+    assert isinstance(arrays, WebhookBatchHandler) and arrays.batch_max_changes == 25
+    for bad in ("webhook:https://example.com/hook#batch=0", "webhook:https://example.com/hook#batch=x",
+                "webhook:https://example.com/hook#token=SECRET"):
+        with pytest.raises(HandlerSpecError) as caught:
+            load_handler(bad)
+        assert "SECRET" not in str(caught.value)
+
+
+async def test_jsonl_writes_a_batch_in_one_write_and_skips_fsync_for_a_device(tmp_path: Path) -> None:
+    path = tmp_path / "changes.jsonl"
+    handler = JsonlHandler(path)
+    await handler.start()
+    changes = [make_change(profile_key=f"ecid:{i}") for i in range(5)]
+    await handler.handle_batch(changes)
+    await handler.flush()
+    await handler.close()
+    assert [orjson.loads(line) for line in path.read_bytes().splitlines()] == [c.to_dict() for c in changes]
+    device = JsonlHandler("/dev/null")  # jsonl:/dev/stdout and pipes cannot be fsynced: they are not files
+    await device.start()
+    await device.handle_batch(changes)
+    await device.flush()
+    await device.close()

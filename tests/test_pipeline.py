@@ -88,7 +88,7 @@ def make_pipeline(
     source = FileSource(str(path), checkpoint_path=str(checkpoint) if checkpoint else None, batch_size=batch_size)
     settings.setdefault("checkpoint_interval_s", 3600.0)
     router = Router([FunctionHandler(handler, name="recorder")], dead, retry=retry, concurrency=concurrency)
-    pipeline = Pipeline(source, store or MemoryStore(), router, dead, settings=PipelineSettings(**settings))
+    pipeline = Pipeline(source, store if store is not None else MemoryStore(), router, dead, settings=PipelineSettings(**settings))
     return pipeline, dead
 
 

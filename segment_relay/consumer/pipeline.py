@@ -620,6 +620,10 @@ class Pipeline:
     def records_finished(self) -> int:
         return self._records_finished
 
+    @property
+    def records_read(self) -> int:
+        return self._records_read
+
     def snapshot(self) -> PipelineSnapshot:
         return PipelineSnapshot(
             records_read=self._records_read,

@@ -32,7 +32,12 @@ profile's later changes of the same call are sent again after its failed one, so
 change a handler sees for a profile is always its latest. A batch call that raises as a whole
 is ambiguous (one bad change, or an outage): it is split in halves, level by level, until the
 failure is pinned on single changes; two failing halves are an outage signal and count for
-the circuit, which stops the splitting once it opens.
+the circuit, which stops the splitting once it opens. A whole batch that asks for an explicit
+wait (``HandlerRetry(after=...)``, a 429 or 503 with Retry-After) is retried whole instead.
+
+Only calls with a change never tried before feed the circuit's failures: a poison change
+failing on each retry must not look like an outage (at the end of a stream it may be all that
+is left), while an outage fails the fresh changes too.
 
 A change whose claim was revoked (its partition moved to another replica) is dropped before
 any call, and never retried.
@@ -212,7 +217,11 @@ class Dispatcher:
         self._call, self._with_context = batch_call(handler) if self.batching else change_call(handler)
         self.metrics = HandlerMetrics(handler.name)
         self.log = logging.getLogger(f"segment_relay.handler.{handler.name}")
+        # Ready chains, in two queues: heads never tried, and heads that failed before. A batch
+        # is gathered from one of them only, so a change that keeps failing a whole batch does not
+        # take fresh changes down with it on every retry.
         self._ready: deque[Chain] = deque()
+        self._retry: deque[Chain] = deque()
         self._waiting: list[tuple[float, int, Chain]] = []  # (due, tie-breaker, chain): a heap
         self._sequence = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -252,6 +261,13 @@ class Dispatcher:
         self._pending += len(chain.items)
         self._ready.append(chain)
         self._wake()
+
+    def _queue(self, chain: Chain, *, front: bool = False) -> None:
+        queue = self._retry if chain.tries else self._ready
+        if front:
+            queue.appendleft(chain)
+        else:
+            queue.append(chain)
 
     @property
     def held(self) -> bool:
@@ -303,7 +319,7 @@ class Dispatcher:
         now = self._clock()
         waiting = self._waiting
         while waiting and waiting[0][0] <= now:
-            self._ready.append(heapq.heappop(waiting)[2])
+            self._queue(heapq.heappop(waiting)[2])
             self._wake()
         if waiting:
             self._arm(waiting[0][0])
@@ -316,7 +332,7 @@ class Dispatcher:
     def _resume_all(self) -> None:
         """The circuit closed: what waited out the outage may go at once, in order."""
         while self._waiting:
-            self._ready.append(heapq.heappop(self._waiting)[2])
+            self._queue(heapq.heappop(self._waiting)[2])
         self._wake_all()
 
     async def _next(self) -> tuple[Chain, bool]:
@@ -325,13 +341,17 @@ class Dispatcher:
         while True:
             circuit = self.circuit
             if circuit.state is CircuitState.CLOSED:
+                if self._retry:  # the older ones first
+                    return self._retry.popleft(), False
                 if self._ready:
                     return self._ready.popleft(), False
             elif circuit.probe_due():
                 await self._sweep_too_old()
-                if self._ready and circuit.probe_due():
+                # Probe with a fresh change where there is one: it is the likeliest to be good.
+                queue = self._ready or self._retry
+                if queue and circuit.probe_due():
                     circuit.start_probe()
-                    return self._ready.popleft(), True
+                    return queue.popleft(), True
             waiter = loop.create_future()
             self._idle.append(waiter)
             try:
@@ -423,24 +443,29 @@ class Dispatcher:
             return
         now = self._clock()
         limit = self.policy.max_age_s
-        queued = list(self._ready) + [chain for _, _, chain in self._waiting]
-        if all(now - chain.delivery.started < limit for chain in queued):
+
+        def old(chain: Chain) -> bool:
+            return now - chain.delivery.started >= limit
+
+        queued = [*self._ready, *self._retry, *(chain for _, _, chain in self._waiting)]
+        if not any(map(old, queued)):
             return
         self._sweeping = True
         try:
-            ready, self._ready = self._ready, deque()
-            waiting, self._waiting = self._waiting, []
-            kept = deque(chain for chain in ready if now - chain.delivery.started < limit)
-            still_waiting = [item for item in waiting if now - item[2].delivery.started < limit]
-            for chain in [chain for chain in ready if now - chain.delivery.started >= limit] + [
-                    item[2] for item in waiting if now - item[2].delivery.started >= limit]:
+            ready, retry, waiting = self._ready, self._retry, self._waiting
+            self._ready, self._retry, self._waiting = deque(), deque(), []
+            for chain in [chain for chain in queued if old(chain)]:
                 while not chain.done:
                     await self._give_up(chain, "max_age", None)
                 chain.delivery.chain_done(chain.profile)
-            kept.extend(self._ready)  # what was submitted meanwhile comes after the older chains
-            self._ready = kept
-            for item in still_waiting:
-                heapq.heappush(self._waiting, item)
+            # What was queued meanwhile comes after the older chains.
+            added_ready, added_retry, added_waiting = self._ready, self._retry, self._waiting
+            self._ready = deque(chain for chain in ready if not old(chain))
+            self._ready.extend(added_ready)
+            self._retry = deque(chain for chain in retry if not old(chain))
+            self._retry.extend(added_retry)
+            self._waiting = [item for item in waiting if not old(item[2])] + added_waiting
+            heapq.heapify(self._waiting)
         finally:
             self._sweeping = False
 
@@ -454,7 +479,7 @@ class Dispatcher:
         if delay is not None and not probe:
             self._later(chain, delay)
         else:
-            self._ready.append(chain)  # a failed probe rotates to the back: the next probe tries another
+            self._queue(chain)  # a failed probe rotates to the back: the next probe tries another
             self._wake()
 
     def _context(self, attempt: int) -> HandlerContext:
@@ -482,7 +507,7 @@ class Dispatcher:
                 self._advance(chain)
                 continue
             if not probe and circuit.state is not CircuitState.CLOSED:
-                self._ready.appendleft(chain)  # another call opened the circuit: hold, in order
+                self._queue(chain, front=True)  # another call opened the circuit: hold, in order
                 return
             self._calls += 1
             fresh = chain.tries == 0
@@ -535,12 +560,15 @@ class Dispatcher:
         cap = self.max_changes
         taken: list[_Item] = []
         self._take(chain, taken, cap)
+        queue = self._retry if chain.tries else self._ready  # fresh and failed heads are not mixed
         deadline: float | None = None
         loop = asyncio.get_running_loop()
         while len(taken) < cap:
-            if self._ready and self.circuit.state is CircuitState.CLOSED:
-                self._take(self._ready.popleft(), taken, cap)
+            if queue and self.circuit.state is CircuitState.CLOSED:
+                self._take(queue.popleft(), taken, cap)
                 continue
+            if queue is self._retry:
+                break  # retries go as soon as they are due, without waiting for company
             wait = self.batch.max_wait_s
             if wait <= 0:
                 break
@@ -642,8 +670,8 @@ class Dispatcher:
         elif not outage or (fresh and (top or error is None or len(part) == 1)):
             # A split half that failed whole counts only with its sibling (_deliver_batch).
             self._record(outage)
-        if error is not None and len(part) > 1 and not isinstance(error, HandlerRetry) and not probe:
-            return error  # ambiguous: split it
+        if error is not None and len(part) > 1 and not probe and not _explicit_wait(error):
+            return error  # ambiguous (one bad change, or an outage): split it
         blocked: set[int] = set()
         for chain, index in part:
             if id(chain) in blocked or index != chain.start:
@@ -656,6 +684,12 @@ class Dispatcher:
             if chain.start == index:  # to be retried: the rest of this profile waits for it
                 blocked.add(id(chain))
         return None
+
+
+def _explicit_wait(error: BaseException) -> bool:
+    """A whole batch asked to come back later (a 429 or 503 with Retry-After): splitting it would
+    only multiply the calls the receiver asked us not to make."""
+    return isinstance(error, HandlerRetry) and error.after is not None
 
 
 def _halves(items: list[_Item]) -> list[list[_Item]]:
