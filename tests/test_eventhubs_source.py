@@ -4,8 +4,9 @@ emulator, with the real Blob checkpoint store on Azurite."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,14 +18,16 @@ from azure.storage.blob.aio import BlobServiceClient
 from prometheus_client import generate_latest
 from support import Collector, poll
 
+from segment_relay import SegmentChange
 from segment_relay.app import Relay
 from segment_relay.config import ConfigError, RelayConfig, load_config
 from segment_relay.errors import StartupError
+from segment_relay.handlers.api import FunctionHandler
 from segment_relay.ops.metrics import metrics_registry
 from segment_relay.testing.azure import Azurite
 from segment_relay.testing.eventhubs.produce import send_exports
 from segment_relay.testing.eventhubs.server import EventHubsEmulator
-from segment_relay.testing.exports import StreamSpec, expected_changes, generate
+from segment_relay.testing.exports import StreamSpec, expected_changes, generate, iso_utc
 
 HUB = "exports"
 
@@ -389,3 +392,81 @@ async def test_a_receive_loop_the_sdk_gave_up_on_fails_the_relay() -> None:
     with pytest.raises(RuntimeError, match="gave up"):
         async for _ in source.batches():
             pass
+
+
+async def test_a_partition_taken_over_while_its_events_are_queued_reaches_no_handler_after_the_loss(
+    emulator: EventHubsEmulator, azurite: Azurite, container: str, tmp_path: Path
+) -> None:
+    """Replica A owns all four partitions and is stuck on a few profiles of each, so events wait in
+    its pipeline; replica B starts and claims its share. Once A's partition closes, nothing of it
+    may reach A's handler or be checkpointed by A, and B delivers what A did not finish."""
+    records = list(generate(StreamSpec(seed=58, profiles=160, records=2000)))
+    truth = expected_changes(records)
+    await send_exports(emulator.connection_string(HUB), HUB, records)
+    gate = asyncio.Event()
+    blocked: dict[str, set[str]] = defaultdict(set)
+    calls: dict[str, list[tuple[float, SegmentChange]]] = {"a": [], "b": []}
+
+    def handler(worker: str) -> FunctionHandler:
+        async def handle(change: SegmentChange) -> None:
+            calls[worker].append((time.monotonic(), change))
+            stuck = blocked[change.partition]
+            if worker == "a" and not gate.is_set() and (len(stuck) < 2 or change.profile_key in stuck):
+                stuck.add(change.profile_key)
+                await gate.wait()
+
+        return FunctionHandler(handle, name="recorder")
+
+    config = relay_config(emulator, azurite, container, tmp_path, max_batch_size=50)
+    config = config.model_copy(update={"state": f"sqlite:{tmp_path / 'state.sqlite'}", "handlers": []})
+    relays = {worker: Relay(config, extra_handlers=[handler(worker)]) for worker in ("a", "b")}
+    revoked: list[tuple[float, str]] = []
+    assigned: list[tuple[float, str]] = []
+    commits: list[tuple[float, str]] = []
+    pipeline_a, source_a = relays["a"].pipeline, relays["a"].source
+    original_revoked, original_assigned, original_commit = pipeline_a.revoked, pipeline_a.assigned, source_a.commit
+
+    def revoked_spy(partition: str) -> None:
+        revoked.append((time.monotonic(), partition))
+        original_revoked(partition)
+
+    def assigned_spy(partition: str, epoch: int) -> None:
+        assigned.append((time.monotonic(), partition))
+        original_assigned(partition, epoch)
+
+    async def commit_spy(partition: str, position: Any) -> None:
+        commits.append((time.monotonic(), partition))
+        await original_commit(partition, position)
+
+    pipeline_a.revoked = revoked_spy  # type: ignore[method-assign]
+    pipeline_a.assigned = assigned_spy  # type: ignore[method-assign]
+    source_a.commit = commit_spy  # type: ignore[method-assign]
+    runs = {"a": asyncio.create_task(relays["a"].run())}
+    try:
+        await poll(lambda: len(relays["a"].snapshot().source.owned or ()) == 4, "A to claim every partition")
+        await poll(lambda: sum(map(len, blocked.values())) == 8 and pipeline_a.snapshot().profiles_waiting > 0,
+                   "events of the stuck profiles to queue up in A")
+        runs["b"] = asyncio.create_task(relays["b"].run())
+        await poll(lambda: bool(revoked), "A to lose a partition to B", timeout_s=30)
+        gate.set()
+        handled = lambda: {_shape(c) for worker in calls for _, c in calls[worker]}  # noqa: E731
+        await poll(lambda: handled() >= set(truth.changes), "every change, from one replica or the other",
+                   timeout_s=60)
+        await asyncio.sleep(0.5)  # checkpoint intervals: A must not checkpoint what it lost in any of them
+    finally:
+        gate.set()
+        for relay in relays.values():
+            relay.stop()
+        await asyncio.wait_for(asyncio.gather(*runs.values()), 60)
+    for lost_at, lost in revoked:
+        # Until A claims it again, if the balancer gives it back (then it reads from the checkpoint anew).
+        back_at = min((at for at, partition in assigned if partition == lost and at > lost_at), default=float("inf"))
+        late = [c for started, c in calls["a"] if c.partition == lost and lost_at < started < back_at]
+        assert late == [], f"{len(late)} changes of partition {lost} reached A's handler after A lost it"
+        assert not [at for at, partition in commits if partition == lost and lost_at < at < back_at]
+    assert pipeline_a.snapshot().records_dropped > 0  # what A still held of the partitions it lost
+    assert handled() == set(truth.changes)  # nothing lost; nothing the rules do not produce
+
+
+def _shape(change: SegmentChange) -> tuple[str, str, str, str]:
+    return change.profile_key, change.segment_id, change.change.value, iso_utc(change.qualified_at)

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiobotocore.session import get_session
 from prometheus_client import generate_latest
 from support import Change, Collector, poll
 
+from segment_relay import SegmentChange
 from segment_relay.app import Relay
 from segment_relay.config import load_config
+from segment_relay.handlers.api import FunctionHandler
 from segment_relay.ops.metrics import metrics_registry
 from segment_relay.testing.aws import Emulator
-from segment_relay.testing.exports import StreamSpec, expected_changes, generate
+from segment_relay.testing.exports import StreamSpec, expected_changes, generate, iso_utc
 from segment_relay.testing.kinesis import create_stream, put_records
 
 
@@ -230,3 +234,89 @@ async def test_get_records_is_paced_per_shard(
     assert len(calls) >= 6  # 300 records, 50 a call
     gaps = [later - earlier for earlier, later in zip(calls, calls[1:], strict=False)]
     assert min(gaps) >= 0.1 - 0.005, gaps
+
+
+async def test_a_lease_lost_while_its_records_are_queued_reaches_no_handler_after_the_loss(
+    kinesalite: Emulator, dynalite: Emulator, stream_name: str, tmp_path: Path
+) -> None:
+    """Replica A holds both shards and is stuck on a few profiles, so records of both shards wait
+    in its pipeline; replica B starts and steals one shard. Once A learns the lease is gone (its
+    renewal fails), nothing of that shard may reach A's handler or be committed by A, and B,
+    reading from A's last checkpoint, delivers what A did not finish."""
+    records = list(generate(StreamSpec(seed=45, profiles=120, records=1500)))
+    truth = expected_changes(records)
+    async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
+        await create_stream(client, stream_name, 2)
+        await put_records(client, stream_name, records, in_flight=1)
+    gate = asyncio.Event()
+    blocked: dict[str, set[str]] = defaultdict(set)  # shard -> its stuck profiles
+    calls: dict[str, list[tuple[float, SegmentChange]]] = {"a": [], "b": []}
+
+    def handler(worker: str) -> FunctionHandler:
+        async def handle(change: SegmentChange) -> None:
+            calls[worker].append((time.monotonic(), change))
+            stuck = blocked[change.partition]
+            if worker == "a" and not gate.is_set() and (len(stuck) < 2 or change.profile_key in stuck):
+                stuck.add(change.profile_key)  # two profiles of each shard hold up their later records
+                await gate.wait()
+
+        return FunctionHandler(handle, name="recorder")
+
+    config = relay_config(stream_name, tmp_path, kinesalite, dynalite, get_records_limit=100)
+    config = config.model_copy(update={"state": f"sqlite:{tmp_path / 'state.sqlite'}", "handlers": []})
+    relays = {
+        worker: Relay(config.model_copy(update={"kinesis": config.kinesis.model_copy(update={"worker_id": worker})}),
+                      extra_handlers=[handler(worker)])
+        for worker in ("a", "b")
+    }
+    revoked: list[tuple[float, str]] = []
+    assigned: list[tuple[float, str]] = []
+    commits: list[tuple[float, str]] = []
+    pipeline_a, source_a = relays["a"].pipeline, relays["a"].source
+    original_revoked, original_assigned, original_commit = pipeline_a.revoked, pipeline_a.assigned, source_a.commit
+
+    def revoked_spy(partition: str) -> None:
+        revoked.append((time.monotonic(), partition))
+        original_revoked(partition)
+
+    def assigned_spy(partition: str, epoch: int) -> None:
+        assigned.append((time.monotonic(), partition))
+        original_assigned(partition, epoch)
+
+    async def commit_spy(partition: str, position: Any) -> None:
+        commits.append((time.monotonic(), partition))
+        await original_commit(partition, position)
+
+    pipeline_a.revoked = revoked_spy  # type: ignore[method-assign]
+    pipeline_a.assigned = assigned_spy  # type: ignore[method-assign]
+    source_a.commit = commit_spy  # type: ignore[method-assign]
+    runs = {"a": asyncio.create_task(relays["a"].run())}
+    try:
+        await poll(lambda: len(relays["a"].snapshot().source.owned or ()) == 2, "A to take both shards")
+        await poll(lambda: sum(map(len, blocked.values())) == 4 and pipeline_a.snapshot().profiles_waiting > 0,
+                   "records of the stuck profiles to queue up in A")
+        runs["b"] = asyncio.create_task(relays["b"].run())
+        await poll(lambda: bool(revoked), "A to learn that B took a shard", timeout_s=30)
+        lost_at, lost = revoked[0]
+        gate.set()
+        handled = lambda: {shape for worker in calls for _, c in calls[worker] for shape in [_shape(c)]}  # noqa: E731
+        await poll(lambda: handled() >= set(truth.changes), "every change, from one replica or the other",
+                   timeout_s=60)
+        await asyncio.sleep(0.5)  # checkpoint intervals: A must not commit the lost shard in any of them
+    finally:
+        gate.set()
+        for relay in relays.values():
+            relay.stop()
+        await asyncio.wait_for(asyncio.gather(*runs.values()), 60)
+    # Until A takes it again, if the balancer ever gives it back (it then reads from the checkpoint anew).
+    back_at = min((at for at, partition in assigned if partition == lost and at > lost_at), default=float("inf"))
+    late = [c for started, c in calls["a"] if c.partition == lost and lost_at < started < back_at]
+    assert late == [], f"{len(late)} changes of the lost shard reached A's handler after the loss"
+    assert not [at for at, partition in commits if partition == lost and lost_at < at < back_at]
+    assert pipeline_a.snapshot().records_dropped > 0  # what A still held of the lost shard
+    assert any(c.partition == lost for _, c in calls["b"])  # the new owner carried on with it
+    assert handled() == set(truth.changes)  # nothing lost; nothing the rules do not produce
+
+
+def _shape(change: SegmentChange) -> Change:
+    return change.profile_key, change.segment_id, change.change.value, iso_utc(change.qualified_at)
