@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from segment_relay.handlers.circuit import CircuitBreaker, CircuitSettings, CircuitState
 
@@ -92,3 +94,19 @@ def test_settings_are_checked(settings: dict[str, float]) -> None:
     values = {"window": 10, "min_calls": 4, "failure_ratio": 0.5, "open_initial_s": 1.0, "open_max_s": 8.0, **settings}
     with pytest.raises(ValueError):
         CircuitSettings(**values)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.booleans(), st.integers(1, 30)), max_size=40))
+def test_successes_told_at_once_count_as_told_one_by_one(script: list[bool | int]) -> None:
+    """record_successes(n) (what a worker says after a run of good calls) == n x record(False)."""
+    at_once, one_by_one = breaker(window=10, min_calls=10)[0], breaker(window=10, min_calls=10)[0]
+    for step in script:
+        if isinstance(step, bool):
+            assert at_once.record(step) == one_by_one.record(step)
+        else:
+            at_once.record_successes(step)
+            for _ in range(step):
+                one_by_one.record(False)
+        assert (at_once.state, at_once.healthy, list(at_once._outcomes), at_once._failed) == (
+            one_by_one.state, one_by_one.healthy, list(one_by_one._outcomes), one_by_one._failed)

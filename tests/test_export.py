@@ -520,7 +520,7 @@ def test_what_orjson_refuses_is_not_json_on_the_fast_path_too(raw: bytes) -> Non
 
 def test_attributes_are_decoded_only_when_asked_for_and_as_the_model_decodes_them() -> None:
     export = parse_export(SAMPLE_CURRENT)
-    assert export._attributes is None  # not decoded yet: most records change nothing and never need them
+    assert export.decoded_attributes is None  # not decoded yet: most records change nothing and never need them
     assert export.attributes == export_from_document(orjson.loads(SAMPLE_CURRENT)).attributes
     big = b'{"identityMap": {"ecid": [{"id": "e1"}]}, "n": 123456789012345678901234567890}'
     assert parse_export(big).attributes == {"n": 123456789012345678901234567890}  # exact, beyond 64 bits

@@ -37,7 +37,7 @@ def stored(segment_id: str, status: SegmentStatus, moment: str) -> dict[tuple[st
 
 
 def changes(diff: Any) -> list[tuple[str, ChangeType]]:
-    return [(t.entry.segment_id, t.change) for t in diff.transitions]
+    return [(entry.segment_id, change) for entry, change in diff.transitions]
 
 
 def test_first_sighting_member_enters() -> None:
@@ -140,7 +140,7 @@ def test_transitions_keep_order_across_namespaces_and_skip_non_changes() -> None
     }})
     state = {("ups", "p"): StoredMembership(REALIZED, us(T1))}  # p: member -> member, no change
     diff = diff_membership(state, parse_export(raw))
-    assert [(t.entry.namespace, t.entry.segment_id, t.change) for t in diff.transitions] == [
+    assert [(entry.namespace, entry.segment_id, change) for entry, change in diff.transitions] == [
         ("ups", "q", ENTER), ("aep", "q", EXIT),
     ]
 

@@ -83,27 +83,20 @@ class SegmentEntry(msgspec.Struct, gc=False):
     name: str | None
 
 
-class ProfileExport:
+class ProfileExport(msgspec.Struct, gc=False):
     """One decoded snapshot. ``attributes`` (every top-level field but the two the relay reads)
-    is decoded from ``raw`` the first time something asks for it."""
+    is decoded from ``raw`` the first time something asks for it. (A Struct: built per record.)"""
 
-    __slots__ = ("_attributes", "identity_map", "raw", "segments")
-
-    def __init__(self, identity_map: dict[str, list[IdentityItem]], segments: tuple[SegmentEntry, ...],
-                 attributes: dict[str, Any] | None = None, *, raw: bytes | None = None) -> None:
-        if attributes is None and raw is None:
-            attributes = {}
-        self.identity_map = identity_map
-        self.segments = segments
-        self._attributes = attributes
-        self.raw = raw
+    identity_map: dict[str, list[IdentityItem]]
+    segments: tuple[SegmentEntry, ...]
+    decoded_attributes: dict[str, Any] | None = None  # the attributes, once decoded
+    raw: bytes | None = None  # the record, for decoding them
 
     @property
     def attributes(self) -> dict[str, Any]:
-        attributes = self._attributes
+        attributes = self.decoded_attributes
         if attributes is None:
-            assert self.raw is not None
-            attributes = self._attributes = _attributes_of(self.raw)
+            attributes = self.decoded_attributes = _attributes_of(self.raw) if self.raw is not None else {}
         return attributes
 
     def __eq__(self, other: object) -> bool:
@@ -111,11 +104,6 @@ class ProfileExport:
             return NotImplemented
         return (self.identity_map, self.segments, self.attributes) == (
             other.identity_map, other.segments, other.attributes)
-
-    __hash__ = None  # type: ignore[assignment] # mutable, like the dataclass it replaces
-
-    def __repr__(self) -> str:
-        return f"ProfileExport(identities={self.identity_map!r}, segments={len(self.segments)})"
 
 
 class LazyAttributes(Mapping[str, Any]):
@@ -177,6 +165,10 @@ def parse_export(raw: bytes | str) -> ProfileExport:
     export = _fast_export(raw)
     if export is not None:
         return export
+    return _reference_export(raw)
+
+
+def _reference_export(raw: bytes | str) -> ProfileExport:
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -221,7 +213,7 @@ def export_from_document(document: Any) -> ProfileExport:
     attributes = dict(document)
     attributes.pop("identityMap", None)
     attributes.pop("segmentMembership", None)
-    return ProfileExport(identity_map, tuple(segments), attributes)
+    return ProfileExport(identity_map, tuple(segments), attributes)  # the reference path decodes them at once
 
 
 # --- the fast path -------------------------------------------------------------------------------
@@ -275,7 +267,7 @@ def _fast_export(raw: bytes | str) -> ProfileExport | None:
             name = membership.name
             append(SegmentEntry(namespace, segment_id, membership.status, moment, moment_us,
                                 name if type(name) is str else None))
-    return ProfileExport(identity_map, tuple(segments), raw=raw if isinstance(raw, bytes) else raw.encode())
+    return ProfileExport(identity_map, tuple(segments), None, raw if isinstance(raw, bytes) else raw.encode())
 
 
 def _attributes_of(raw: bytes) -> dict[str, Any]:

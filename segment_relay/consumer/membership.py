@@ -13,7 +13,8 @@ Per (profile, segment):
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import NamedTuple
+
+import msgspec
 
 from ..model import ChangeType, SegmentStatus
 from .export import ProfileExport, SegmentEntry
@@ -24,9 +25,9 @@ __all__ = ["ChangeType", "MembershipDiff", "SegmentKey", "StoredMembership", "Tr
 SegmentKey = tuple[str, str]  # (namespace, segment_id)
 
 
-class StoredMembership(NamedTuple):
-    # A NamedTuple: immutable like a frozen dataclass, and several times cheaper to build
-    # (one is built per segment of every record).
+class StoredMembership(msgspec.Struct, frozen=True, gc=False):
+    # A frozen Struct: immutable like a frozen dataclass, and several times cheaper to build
+    # (one is built per changed segment of every record).
     status: SegmentStatus
     qualified_at_us: int
 
@@ -44,23 +45,19 @@ def supersedes(new: StoredMembership, old: StoredMembership | None) -> bool:
     return new.status != old.status
 
 
-class Transition(NamedTuple):
-    entry: SegmentEntry
-    change: ChangeType
+#: (the segment entry of the snapshot, enter or exit): a plain tuple, one is built per change
+Transition = tuple[SegmentEntry, ChangeType]
 
 
-class MembershipDiff:
+class MembershipDiff(msgspec.Struct, gc=False):
     """What one snapshot changes: transitions in segment order, the new stored values, and the
-    counts of what it did not change. (A plain slots class: one is built per record.)"""
+    counts of what it did not change. (A Struct: one is built per record.)"""
 
-    __slots__ = ("duplicate", "filtered", "stale", "transitions", "updates")
-
-    def __init__(self) -> None:
-        self.transitions: list[Transition] = []
-        self.updates: dict[SegmentKey, StoredMembership] = {}
-        self.stale = 0
-        self.duplicate = 0
-        self.filtered = 0
+    transitions: list[Transition]
+    updates: dict[SegmentKey, StoredMembership]
+    stale: int = 0
+    duplicate: int = 0
+    filtered: int = 0
 
 
 _EXITED = SegmentStatus.EXITED
@@ -76,9 +73,9 @@ def diff_membership(
     """Compare one snapshot with what is stored. Transitions keep the record's segment order.
 
     ``supersedes`` is inlined below: this runs once per segment of every record."""
-    result = MembershipDiff()
-    transitions = result.transitions
-    updates = result.updates
+    transitions: list[Transition] = []
+    updates: dict[SegmentKey, StoredMembership] = {}
+    result = MembershipDiff(transitions, updates)
     for entry in export.segments:
         if segment_filter is not None and entry.segment_id not in segment_filter:
             result.filtered += 1
@@ -100,7 +97,7 @@ def diff_membership(
         updates[key] = StoredMembership(status, at)
         if status is not _EXITED:
             if not was_member:  # first sighting, or back in
-                transitions.append(Transition(entry, _ENTER))
+                transitions.append((entry, _ENTER))
         elif was_member is not False:  # first sighting of exited, or a member leaving
-            transitions.append(Transition(entry, _EXIT))
+            transitions.append((entry, _EXIT))
     return result

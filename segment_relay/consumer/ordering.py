@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -31,28 +31,37 @@ class PartitionWatermark:
         self.committed: Any = None  # last watermark handed to the source
 
     def register(self, position: Any) -> int:
+        return self.register_many((position,))
+
+    def register_many(self, positions: Sequence[Any]) -> int:
+        """Records read in this order; returns the first one's ticket (the next ones follow)."""
         ticket = self._next_ticket
-        self._next_ticket += 1
-        self._positions.append(position)
+        self._next_ticket += len(positions)
+        self._positions.extend(positions)
         return ticket
 
     def finish(self, ticket: int) -> None:
-        if ticket != self._base:
-            self._finished.add(ticket)
+        self.finish_many((ticket,))
+
+    def finish_many(self, tickets: Iterable[int]) -> None:
+        """These records are finished (in any order); the watermark moves over what is contiguous."""
+        finished = self._finished
+        finished.update(tickets)
+        base = self._base
+        if base not in finished:
             return
         positions = self._positions
-        finished = self._finished
-        self._advance(positions.popleft())
-        while self._base in finished:
-            finished.remove(self._base)
-            self._advance(positions.popleft())
-
-    def _advance(self, position: Any) -> None:
-        self._base += 1
-        # Several records may share a position (the sub-records of one KPL aggregate): the
-        # watermark reaches it only when the last of them is finished.
-        if not self._positions or self._positions[0] != position:
-            self.watermark = position
+        watermark = self.watermark
+        while base in finished:
+            finished.remove(base)
+            base += 1
+            position = positions.popleft()
+            # Several records may share a position (the sub-records of one KPL aggregate): the
+            # watermark reaches it only when the last of them is finished.
+            if not positions or positions[0] != position:
+                watermark = position
+        self._base = base
+        self.watermark = watermark
 
     @property
     def in_flight(self) -> int:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import msgspec
+
 from ..model import ChangeSink, PendingChange, SegmentChange, change_id_for
 from .deadletter import DeadLetter
 from .export import InvalidRecord, LazyAttributes, ProfileExport, parse_export
@@ -105,19 +107,15 @@ class _Partition:
         self.revoked = False
 
 
-class _Item:
-    """One valid record on its way through a step."""
+class _Item(msgspec.Struct, gc=False):
+    """One valid record on its way through a step (a Struct: one is built per record)."""
 
-    __slots__ = ("export", "key", "partition", "record", "size", "ticket")
-
-    def __init__(self, record: SourceRecord[Any], partition: _Partition, ticket: int, export: ProfileExport,
-                 key: str) -> None:
-        self.record = record
-        self.partition = partition
-        self.ticket = ticket
-        self.export = export
-        self.key = key
-        self.size = len(record.data)
+    record: SourceRecord[Any]
+    partition: _Partition
+    ticket: int
+    export: ProfileExport
+    key: str
+    size: int
 
 
 class _Wanted(Mapping[str, "frozenset[SegmentKey] | None"]):
@@ -134,6 +132,32 @@ class _Wanted(Mapping[str, "frozenset[SegmentKey] | None"]):
 
     def __len__(self) -> int:
         return len(self._groups)
+
+
+class _Completion:
+    """The profiles of a step whose changes are all done, as the sink reports them."""
+
+    __slots__ = ("_keys", "_ready", "_waiter")
+
+    def __init__(self, keys: list[str], ready: list[str]) -> None:
+        self._keys = keys  # the sink's profile index -> profile key
+        self._ready = ready
+        self._waiter: asyncio.Future[None] | None = None
+
+    def done(self, index: int) -> None:
+        self._ready.append(self._keys[index])
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self) -> list[str]:
+        ready, self._ready = self._ready, []
+        return ready
+
+    async def wait(self) -> None:
+        if not self._ready:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
 
 
 _EMPTY: ProfileState = {}
@@ -176,7 +200,7 @@ class Pipeline:
         self._records_finished = 0
         self._records_dropped = 0
         self._invalid: Counter[str] = Counter()
-        self._changes: Counter[tuple[str, str]] = Counter()
+        self._changes: dict[tuple[str, str], int] = {}
         self._stale = 0
         self._duplicate = 0
         self._filtered = 0
@@ -315,33 +339,37 @@ class Pipeline:
         """A batch in steps that each fit the in-flight bounds (and step_max_records), with their size."""
         most = min(self.settings.step_max_records, self._limit.max_records)
         max_bytes = self._limit.max_bytes
+        sizes = [len(record.data) for record in records]
+        total = sum(sizes)
+        if len(records) <= most and total <= max_bytes:  # the usual case: the batch is one step
+            yield records, total
+            return
         start = size = 0
-        for index, record in enumerate(records):
-            length = len(record.data)
+        for index, length in enumerate(sizes):
             if index > start and (index - start >= most or size + length > max_bytes):
                 yield records[start:index], size
                 start, size = index, 0
             size += length
         if start < len(records):
-            yield (records if start == 0 else records[start:]), size
+            yield records[start:], size
 
     def _admit(self, records: Sequence[SourceRecord[Any]], part: _Partition) -> None:
         """Decode, validate and key ``records`` (room already taken), and start their step."""
         self._records_read += len(records)
-        register = part.watermark.register
         key_for = self.key_rule.key_for
         admit = self._gate.admit
         groups: dict[str, list[_Item]] = {}
         invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]] = []
-        for record in records:
-            ticket = register(record.position)
+        first = part.watermark.register_many([record.position for record in records])
+        for ticket, record in enumerate(records, first):
+            data = record.data
             try:
-                export = parse_export(record.data)
+                export = parse_export(data)
                 key = key_for(export.identity_map)
             except InvalidRecord as problem:
                 invalid.append((record, ticket, problem))
                 continue
-            item = _Item(record, part, ticket, export, key)
+            item = _Item(record, part, ticket, export, key, len(data))
             group = groups.get(key)
             if group is not None:
                 group.append(item)
@@ -400,26 +428,18 @@ class Pipeline:
                 self._drop_revoked(groups)  # records of a revoked partition not dispatched yet are dropped here
             keys, profiles, saves = self._diff(groups, states)
             changed = set(keys)
-            completed = [key for key in groups if key not in changed]  # nothing to hand over: done now
-            wake = asyncio.Event()
-
-            def done(index: int) -> None:
-                completed.append(keys[index])
-                wake.set()
-
+            completion = _Completion(keys, [key for key in groups if key not in changed])  # nothing to hand over
             if keys:
-                self.sink.deliver(profiles, done)
+                self.sink.deliver(profiles, completion.done)
             while True:
-                if completed:
-                    ready = completed[:]
-                    completed.clear()
+                ready = completion.take()
+                if ready:
                     await self._save_and_finish(ready, groups, saves, seen)
                     released.update(ready)
                     self._continue(ready)
                 if len(released) == len(groups):
                     return
-                await wake.wait()
-                wake.clear()
+                await completion.wait()
         released.update(groups)
         self._continue(list(groups))
 
@@ -513,7 +533,8 @@ class Pipeline:
                             change_id_for(key, entry.namespace, segment_id, status, entry.qualified_at_us),
                             partition.name, position,
                         )
-                        changes_seen[(segment_id, kind)] += 1  # a StrEnum: keys compare as str
+                        counted = (segment_id, kind)  # a StrEnum: keys compare as str
+                        changes_seen[counted] = changes_seen.get(counted, 0) + 1
                         pending.append((change, partition))
             if pending:
                 keys.append(key)
@@ -528,7 +549,8 @@ class Pipeline:
         return keys, profiles, saves
 
     def _finish(self, profiles: Iterable[list[_Item]]) -> None:
-        finished = total = size = 0
+        total = size = 0
+        tickets: dict[_Partition, list[int]] = {}
         for items in profiles:
             total += len(items)
             for item in items:
@@ -536,9 +558,16 @@ class Pipeline:
                 part = item.partition
                 if part.revoked:
                     self._records_dropped += 1  # handled, but not committed: its new owner reads it again
+                    continue
+                mine = tickets.get(part)
+                if mine is None:
+                    tickets[part] = [item.ticket]
                 else:
-                    part.watermark.finish(item.ticket)
-                    finished += 1
+                    mine.append(item.ticket)
+        finished = 0
+        for part, numbers in tickets.items():
+            part.watermark.finish_many(numbers)
+            finished += len(numbers)
         self._limit.release(total, size)
         self._finished(finished)
 

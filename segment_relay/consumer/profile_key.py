@@ -51,18 +51,35 @@ class ProfileKeyRule:
 
     def key_for(self, identity_map: Mapping[str, Sequence[IdentityItem]]) -> str:
         # One pass, smallest (not-primary, rank, namespace, id) wins: this is the rule above,
-        # since any primary beats every non-primary when prefer_primary is on.
-        namespace_of = self._namespace
+        # since any primary beats every non-primary when prefer_primary is on. The comparison is
+        # spelled out field by field instead of building a tuple per identity (this runs per record).
+        namespaces = self._namespaces
         prefer_primary = self.prefer_primary
-        best: tuple[bool, int, str, str] | None = None
+        best_id: str | None = None
+        best_secondary = True  # not primary
+        best_rank = 0
+        best_namespace = ""
         for namespace, items in identity_map.items():
-            namespace_rank, lowered = namespace_of(namespace)
+            known = namespaces.get(namespace)
+            rank, lowered = known if known is not None else self._namespace(namespace)
             for item in items:
-                if not item.id:
+                identity = item.id
+                if not identity:
                     continue
-                candidate = (not (prefer_primary and item.primary), namespace_rank, lowered, item.id)
-                if best is None or candidate < best:
-                    best = candidate
-        if best is None:
+                secondary = not (prefer_primary and item.primary)
+                if best_id is not None:
+                    if secondary != best_secondary:
+                        if secondary:
+                            continue
+                    elif rank != best_rank:
+                        if rank > best_rank:
+                            continue
+                    elif lowered != best_namespace:
+                        if lowered > best_namespace:
+                            continue
+                    elif identity >= best_id:
+                        continue
+                best_id, best_secondary, best_rank, best_namespace = identity, secondary, rank, lowered
+        if best_id is None:
             raise InvalidRecord(InvalidReason.NO_IDENTITY, "identityMap has no usable identity")
-        return f"{best[2]}:{best[3]}"
+        return f"{best_namespace}:{best_id}"

@@ -73,6 +73,9 @@ class CircuitBreaker:
         if self.state is not CircuitState.CLOSED:
             return False
         outcomes = self._outcomes
+        if not failed and not self._failed:  # the usual case, once per call: nothing to count
+            outcomes.append(False)
+            return False
         if len(outcomes) == outcomes.maxlen and outcomes[0]:
             self._failed -= 1
         outcomes.append(failed)
@@ -82,6 +85,20 @@ class CircuitBreaker:
             self._open(settings.open_initial_s)
             return True
         return False
+
+    def record_successes(self, count: int) -> None:
+        """``count`` calls made while closed succeeded: ``record(False)`` that many times, at once."""
+        if self.state is not CircuitState.CLOSED or count <= 0:
+            return
+        outcomes = self._outcomes
+        window = outcomes.maxlen or len(outcomes) + count
+        if not self._failed and len(outcomes) == window:
+            return  # a full window of successes stays one
+        if self._failed:  # failures leaving the window must be uncounted
+            for _ in range(max(0, min(len(outcomes), len(outcomes) + count - window))):
+                if outcomes.popleft():
+                    self._failed -= 1
+        outcomes.extend([False] * min(count, window))
 
     def probe_due(self) -> bool:
         return self.state is CircuitState.OPEN and self._clock() >= self.probe_at

@@ -51,10 +51,13 @@ import heapq
 import logging
 import random
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import msgspec
 
 from ..histogram import LATENCY_BUCKETS, SIZE_BUCKETS, Histogram
 from ..model import Claim, SegmentChange
@@ -138,24 +141,22 @@ class Delivery:
             self.done(profile)
 
 
-class Chain:
-    """One profile's changes of one delivery, for one handler, in order.
+class Chain(msgspec.Struct, gc=False):
+    """One profile's changes of one delivery, for one handler, in order (a Struct: one is built
+    per profile and handler).
 
     ``items[:start]`` are done (handled, dead-lettered or dropped): what is done is always a
     prefix, because a profile's change is only tried once every earlier one is done. The failure
     counters belong to the head, ``items[start]``, the only change of the chain that can be
     waiting for a retry; they start afresh for the next one."""
 
-    __slots__ = ("attempts", "delivery", "items", "profile", "retry_in", "start", "tries")
-
-    def __init__(self, delivery: Delivery, profile: int, items: Sequence[tuple[SegmentChange, Claim]]) -> None:
-        self.delivery = delivery
-        self.profile = profile  # its index in the delivery
-        self.items = items
-        self.start = 0
-        self.attempts = 0  # the head's failures counted toward max_attempts (while the handler was healthy)
-        self.tries = 0  # the head's failed tries (backoff grows with them)
-        self.retry_in: float | None = None  # set by the head's failure: wait this long before the next try
+    delivery: Delivery
+    profile: int  # its index in the delivery
+    items: Sequence[tuple[SegmentChange, Claim]]
+    start: int = 0
+    attempts: int = 0  # the head's failures counted toward max_attempts (while the handler was healthy)
+    tries: int = 0  # the head's failed tries (backoff grows with them)
+    retry_in: float | None = None  # set by the head's failure: wait this long before the next try
 
     @property
     def done(self) -> bool:
@@ -257,10 +258,12 @@ class Dispatcher:
         self._tasks = []
         await self._deadlines.close()
 
-    def submit(self, chain: Chain) -> None:
-        self._pending += len(chain.items)
-        self._ready.append(chain)
-        self._wake()
+    def submit(self, chains: list[Chain]) -> None:
+        """New chains (fresh, never tried): ready now; wakes as many idle workers as they need."""
+        self._pending += sum(len(chain.items) for chain in chains)
+        self._ready.extend(chains)
+        for _ in range(min(len(chains), len(self._idle))):
+            self._wake()
 
     def _queue(self, chain: Chain, *, front: bool = False) -> None:
         queue = self._retry if chain.tries else self._ready
@@ -287,7 +290,8 @@ class Dispatcher:
 
     # --- scheduling ----------------------------------------------------------------------------
     def _wake(self) -> None:
-        self._arrived.set()
+        if self.batching:
+            self._arrived.set()  # a batch being gathered may want this chain
         idle = self._idle
         while idle:
             waiter = idle.popleft()
@@ -488,59 +492,109 @@ class Dispatcher:
 
     # --- single-change handlers ------------------------------------------------------------------
     async def _single_worker(self) -> None:
-        while True:
-            chain, probe = await self._next()
-            await self._run_chain(chain, probe)
-
-    async def _run_chain(self, chain: Chain, probe: bool) -> None:
-        items = chain.items
+        """Take a chain, call the handler with its changes in order until one fails or the circuit
+        opens, take the next. The hot path of single-change handlers: everything it needs per
+        change is bound once per worker, and the circuit hears of successes once per chain."""
+        task = asyncio.current_task()
+        assert task is not None
         handle = self._call
         with_context = self._with_context
-        run = self._deadlines.run
-        ok_latency = self._latency["ok"].observe
+        deadlines = self._deadlines
+        deadlines.start()
+        running, expired, timeout_s = deadlines.running, deadlines.expired, deadlines.timeout_s
+        ok = self._latency["ok"]
+        ok_counts, ok_bounds = ok.counts, ok.bounds
         clock = time.perf_counter
         circuit = self.circuit
-        while chain.start < len(items):
-            change, claim = items[chain.start]
-            if claim.revoked:
-                self._dropped += 1
-                self._advance(chain)
-                continue
-            if not probe and circuit.state is not CircuitState.CLOSED:
-                self._queue(chain, front=True)  # another call opened the circuit: hold, in order
-                return
-            self._calls += 1
-            fresh = chain.tries == 0
-            started = clock()
-            try:
-                if with_context:
-                    await run(handle(change, self._context(chain.tries + 1)))
-                else:
-                    await run(handle(change))
-            except Exception as error:  # noqa: BLE001 - any handler error is a failed try
-                self._latency["error"].observe(clock() - started)
-                self._failed_calls += 1
-                # A permanent error is the handler's verdict on this change: it is up and answering.
-                outage = not isinstance(error, PermanentHandlerError)
-                if probe:
-                    self._probe_finished(failed=outage)
-                elif fresh or not outage:
-                    self._record(outage)  # a retry failing again tells nothing new (see _record)
-                head = chain.start
-                await self._fail(chain, error)
-                if chain.start == head:  # to be retried: the chain waits (or, a failed probe, rotates)
-                    self._settle(chain, probe=probe)
-                    return
-                probe = False
-                continue
-            ok_latency(clock() - started)
-            self._advance(chain)
-            if probe:
-                self._probe_finished(failed=False)
-                probe = False
+        closed = CircuitState.CLOSED
+        ready, retry = self._ready, self._retry
+        while True:
+            if circuit.state is closed and (retry or ready):  # the usual case, without awaiting
+                chain, probe = (retry or ready).popleft(), False
             else:
-                self._record(False)
-        chain.delivery.chain_done(chain.profile)
+                chain, probe = await self._next()
+                ready, retry = self._ready, self._retry  # a sweep may have replaced them
+            items = chain.items
+            successes = 0
+            try:
+                while chain.start < len(items):
+                    change, claim = items[chain.start]
+                    if claim.revoked:
+                        self._dropped += 1
+                        self._advance(chain)
+                        continue
+                    if not probe and circuit.state is not closed:
+                        self._queue(chain, front=True)  # another call opened the circuit: hold, in order
+                        break
+                    self._calls += 1
+                    started = clock()
+                    running[task] = started + timeout_s  # the deadlines' clock is perf_counter too
+                    try:
+                        if with_context:
+                            await handle(change, self._context(chain.tries + 1))
+                        else:
+                            await handle(change)
+                    except asyncio.CancelledError:
+                        del running[task]
+                        if task not in expired:
+                            raise
+                        deadlines.took_back(task)
+                        error: BaseException | None = deadlines.timeout_error()
+                    except Exception as exc:  # noqa: BLE001 - any handler error is a failed try
+                        del running[task]
+                        if task in expired:
+                            deadlines.took_back(task)
+                        error = exc
+                    else:
+                        del running[task]
+                        if task in expired:  # it ran over but returned all the same: done
+                            deadlines.took_back(task)
+                        error = None
+                    took = clock() - started
+                    if error is None:
+                        ok_counts[bisect_left(ok_bounds, took)] += 1
+                        ok.total += took
+                        chain.start += 1
+                        self._pending -= 1
+                        if chain.tries:
+                            chain.attempts = chain.tries = 0
+                            chain.retry_in = None
+                        if probe:
+                            self._probe_finished(failed=False)
+                            probe = False
+                        else:
+                            successes += 1
+                        continue
+                    if successes:
+                        circuit.record_successes(successes)
+                        successes = 0
+                    if not await self._failed_call(chain, error, took, probe):
+                        break  # to be retried: the chain waits (or, a failed probe, rotates)
+                    probe = False
+                else:
+                    chain.delivery.chain_done(chain.profile)
+            finally:
+                if successes:
+                    circuit.record_successes(successes)
+
+    async def _failed_call(self, chain: Chain, error: BaseException, took: float, probe: bool) -> bool:
+        """The chain's head failed: tell the circuit, judge the failure. True if the head is done
+        with (dead-lettered) and the chain goes on; False if the chain was put aside to retry."""
+        self._latency["error"].observe(took)
+        self._failed_calls += 1
+        fresh = chain.tries == 0
+        # A permanent error is the handler's verdict on this change: it is up and answering.
+        outage = not isinstance(error, PermanentHandlerError)
+        if probe:
+            self._probe_finished(failed=outage)
+        elif fresh or not outage:
+            self._record(outage)  # a retry failing again tells nothing new (see _record)
+        head = chain.start
+        await self._fail(chain, error)
+        if chain.start == head:
+            self._settle(chain, probe=probe)
+            return False
+        return True
 
     # --- batch handlers --------------------------------------------------------------------------
     async def _batch_worker(self) -> None:

@@ -90,37 +90,38 @@ class Router:
         profile ``i`` was handled by every handler that wants it, dead-lettered, or dropped
         (revoked). A profile no handler wants is done at once."""
         delivery = Delivery(done, time.monotonic(), len(profiles))
-        chains: list[tuple[Dispatcher, Chain]] = []
-        idle: list[int] = []
+        remaining = delivery.remaining
         everything = self._everything
+        if everything is not None:  # one handler that takes every change: no routing needed
+            chains = [Chain(delivery, profile, pending) for profile, pending in enumerate(profiles) if pending]
+            for chain in chains:
+                remaining[chain.profile] = 1
+            if len(chains) < len(profiles):
+                for profile, pending in enumerate(profiles):
+                    if not pending:
+                        done(profile)
+            everything.submit(chains)
+            return
+        by_handler: dict[Dispatcher, list[Chain]] = {}
         routes = self._dispatchers_for
         for profile, pending in enumerate(profiles):
-            if everything is not None:  # one handler that takes every change: no routing needed
-                if pending:
-                    chains.append((everything, Chain(delivery, profile, pending)))
-                else:
-                    idle.append(profile)
-                continue
-            by_dispatcher: dict[Dispatcher, list[PendingChange]] = {}
+            parts: dict[Dispatcher, list[PendingChange]] = {}
             for item in pending:
                 change = item[0]
                 for dispatcher in routes(change.change, change.segment_id):
-                    part = by_dispatcher.get(dispatcher)
+                    part = parts.get(dispatcher)
                     if part is None:
-                        by_dispatcher[dispatcher] = [item]
+                        parts[dispatcher] = [item]
                     else:
                         part.append(item)
-            if not by_dispatcher:
-                idle.append(profile)
-            for dispatcher, part in by_dispatcher.items():
-                chains.append((dispatcher, Chain(delivery, profile, part)))
-        remaining = delivery.remaining
-        for _, chain in chains:
-            remaining[chain.profile] += 1
-        for profile in idle:
-            done(profile)
-        for dispatcher, chain in chains:
-            dispatcher.submit(chain)
+            remaining[profile] = len(parts)
+            for dispatcher, part in parts.items():
+                by_handler.setdefault(dispatcher, []).append(Chain(delivery, profile, part))
+        for profile, count in enumerate(remaining):
+            if not count:
+                done(profile)  # no handler wants any of its changes
+        for dispatcher, chains in by_handler.items():
+            dispatcher.submit(chains)
 
     async def dispatch(self, *changes: SegmentChange) -> None:
         """Deliver ``changes`` as one profile's, in order, and wait until they are done: for tools,

@@ -68,15 +68,18 @@ class FileSource:
 
     def _records(self, lines: list[bytes]) -> list[SourceRecord[LineNumber]]:
         """Number the lines; drop blank ones and those an earlier run finished."""
-        batch = []
-        for line in lines:
-            self._line += 1
-            if self._line <= self.resume_after:
+        batch: list[SourceRecord[LineNumber]] = []
+        append = batch.append
+        first = self._line + 1
+        self._line += len(lines)
+        skip = self.resume_after
+        for number, line in enumerate(lines, first):
+            if number <= skip:
                 continue
             data = line.rstrip(b"\r\n")
             # JSON lines start with "{"; only a line starting with white space needs the copy strip() makes.
             if data and (data[0] not in _WHITESPACE or data.strip()):
-                batch.append(SourceRecord(LineNumber(self._line), data))
+                append(SourceRecord(number, data))  # type: ignore[arg-type] # a LineNumber: NewType costs a call
         return batch
 
     async def batches(self) -> AsyncIterator[Batch[LineNumber]]:
