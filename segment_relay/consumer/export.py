@@ -20,7 +20,6 @@ import logging
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from functools import lru_cache
 from typing import Annotated, Any, NotRequired
 
 import msgspec
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, String
 from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict on 3.11
 
 from ..model import IdentityItem, SegmentStatus
+from .stored import SegmentKey
 
 __all__ = [
     "IdentityItem",
@@ -81,6 +81,7 @@ class SegmentEntry(msgspec.Struct, gc=False):
     qualified_at: datetime
     qualified_at_us: int  # microseconds since the epoch: the comparison key for stale/duplicate
     name: str | None
+    key: SegmentKey  # (namespace, segment_id), shared by every record of the segment
 
 
 class ProfileExport(msgspec.Struct, gc=False):
@@ -144,13 +145,13 @@ def to_epoch_us(moment: datetime) -> int:
     return (moment - _EPOCH) // _MICROSECOND
 
 
-@lru_cache(maxsize=1 << 17)
 def qualification_time(text: str) -> tuple[datetime, int]:
     """A ``lastQualificationTime`` in UTC (what handlers get) and as epoch microseconds (what is
-    compared). Raises ValueError or OverflowError (e.g. year 1 with a positive offset).
+    compared). Raises ValueError or OverflowError (e.g. year 1 with a positive offset)."""
+    return _SEGMENTS.moment(text)
 
-    Cached: a re-export carries the same times as the export before it, and a batch-segmented
-    audience gives thousands of profiles the same time, so most lookups skip the parse."""
+
+def _parse_time(text: str) -> tuple[datetime, int]:
     moment = datetime.fromisoformat(text)  # reads both "Z" and "+0000"
     if moment.tzinfo is not UTC:
         if moment.tzinfo is None:  # Adobe always sends an offset; a bare time is read as UTC
@@ -158,6 +159,59 @@ def qualification_time(text: str) -> tuple[datetime, int]:
         else:
             moment = moment.astimezone(UTC)
     return moment, (moment - _EPOCH) // _MICROSECOND
+
+
+class _Segments:
+    """What the records of a stream repeat, made once: the parsed times (a re-export carries the
+    times of the export before it, and a batch-segmented audience gives thousands of profiles the
+    same time) and the segment keys (a stream has a few hundred segments at most, and millions
+    of profile states then share their keys instead of holding copies). Both tables are bounded;
+    past the bound, a value is simply made for the one record."""
+
+    MAX_MOMENTS = 1 << 17
+    MAX_KEYS = 1 << 16
+
+    def __init__(self) -> None:
+        self.moments: dict[str, tuple[datetime, int]] = {}
+        self.keys: dict[str, dict[str, SegmentKey]] = {}  # namespace -> segment id -> key
+        self._key_count = 0
+
+    def moment(self, text: str) -> tuple[datetime, int]:
+        """Raises ValueError or OverflowError for a time that does not parse."""
+        moment = self.moments.get(text)
+        if moment is None:
+            moment = _parse_time(text)
+            if len(self.moments) >= self.MAX_MOMENTS:
+                self.moments.clear()  # a stream of ever-new times: start over rather than track age
+            self.moments[text] = moment
+        return moment
+
+    def namespace(self, namespace: str) -> dict[str, SegmentKey]:
+        keys = self.keys.get(namespace)
+        if keys is None:
+            keys = {}
+            if self._key_count < self.MAX_KEYS:
+                self.keys[namespace] = keys
+        return keys
+
+    def key(self, keys: dict[str, SegmentKey], namespace: str, segment_id: str) -> SegmentKey:
+        key = keys.get(segment_id)
+        if key is None:
+            key = (namespace, segment_id)
+            if self._key_count < self.MAX_KEYS:
+                keys[segment_id] = key
+                self._key_count += 1
+        return key
+
+    def entry(self, namespace: str, segment_id: str, status: SegmentStatus, time: str, name: str | None
+              ) -> SegmentEntry:
+        """Raises ValueError or OverflowError for a time that does not parse."""
+        moment, moment_us = self.moment(time)
+        key = self.key(self.namespace(namespace), namespace, segment_id)
+        return SegmentEntry(key[0], key[1], status, moment, moment_us, name, key)
+
+
+_SEGMENTS = _Segments()
 
 
 def parse_export(raw: bytes | str) -> ProfileExport:
@@ -195,17 +249,15 @@ def export_from_document(document: Any) -> ProfileExport:
     for namespace, audiences in body.segmentMembership.items():
         for segment_id, membership in audiences.items():
             try:
-                moment, moment_us = qualification_time(membership["lastQualificationTime"])
+                entry = _SEGMENTS.entry(namespace, segment_id, membership["status"],
+                                        membership["lastQualificationTime"], _text_or_none(membership.get("name")))
             except (ValueError, OverflowError):
                 raise InvalidRecord(
                     InvalidReason.BAD_QUALIFICATION_TIME,
                     f"segmentMembership.{namespace}.{segment_id}.lastQualificationTime: "
                     f"cannot parse {membership['lastQualificationTime']!r} as an ISO-8601 time",
                 ) from None
-            append(SegmentEntry(
-                namespace, segment_id, membership["status"], moment, moment_us,
-                _text_or_none(membership.get("name")),
-            ))
+            append(entry)
     identity_map = {
         namespace: [IdentityItem(item.id, item.primary, item.authenticatedState) for item in items]
         for namespace, items in body.identityMap.items()
@@ -258,15 +310,21 @@ def _fast_export(raw: bytes | str) -> ProfileExport | None:
             return None
     segments: list[SegmentEntry] = []
     append = segments.append
+    shared = _SEGMENTS
+    moments = shared.moments
     for namespace, audiences in body.segmentMembership.items():
+        keys = shared.keys.get(namespace) or shared.namespace(namespace)
         for segment_id, membership in audiences.items():
-            try:
-                moment, moment_us = qualification_time(membership.lastQualificationTime)
-            except (ValueError, OverflowError):
-                return None
+            moment = moments.get(membership.lastQualificationTime)
+            if moment is None:
+                try:
+                    moment = shared.moment(membership.lastQualificationTime)
+                except (ValueError, OverflowError):
+                    return None
+            key = keys.get(segment_id) or shared.key(keys, namespace, segment_id)
             name = membership.name
-            append(SegmentEntry(namespace, segment_id, membership.status, moment, moment_us,
-                                name if type(name) is str else None))
+            append(SegmentEntry(key[0], key[1], membership.status, moment[0], moment[1],
+                                name if type(name) is str else None, key))
     return ProfileExport(identity_map, tuple(segments), None, raw if isinstance(raw, bytes) else raw.encode())
 
 

@@ -18,23 +18,10 @@ import msgspec
 
 from ..model import ChangeType, SegmentStatus
 from .export import ProfileExport, SegmentEntry
+from .stored import SegmentKey, StoredMembership
 
 __all__ = ["ChangeType", "MembershipDiff", "SegmentKey", "StoredMembership", "Transition", "diff_membership",
            "supersedes"]
-
-SegmentKey = tuple[str, str]  # (namespace, segment_id)
-
-
-class StoredMembership(msgspec.Struct, frozen=True, gc=False):
-    # A frozen Struct: immutable like a frozen dataclass, and several times cheaper to build
-    # (one is built per changed segment of every record).
-    status: SegmentStatus
-    qualified_at_us: int
-
-    @property
-    def is_member(self) -> bool:
-        return self.status.is_member
-
 
 def supersedes(new: StoredMembership, old: StoredMembership | None) -> bool:
     """True when ``new`` may replace ``old``: the one ordering every store enforces."""
@@ -80,7 +67,7 @@ def diff_membership(
         if segment_filter is not None and entry.segment_id not in segment_filter:
             result.filtered += 1
             continue
-        key = (entry.namespace, entry.segment_id)
+        key = entry.key
         status = entry.status
         at = entry.qualified_at_us
         old = stored.get(key)

@@ -39,11 +39,12 @@ import msgspec
 from ..model import ChangeSink, PendingChange, SegmentChange, change_id_for
 from .deadletter import DeadLetter
 from .export import InvalidRecord, LazyAttributes, ProfileExport, parse_export
-from .membership import SegmentKey, StoredMembership, diff_membership
+from .membership import diff_membership
 from .ordering import InFlightLimit, PartitionWatermark, ProfileGate
 from .profile_key import ProfileKeyRule
 from .sources.base import Batch, Source, SourceRecord
 from .state.base import MembershipStore, ProfileState
+from .stored import SegmentKey, StoredMembership
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class _Wanted(Mapping[str, "frozenset[SegmentKey] | None"]):
         self._groups = groups
 
     def __getitem__(self, key: str) -> frozenset[SegmentKey]:
-        return frozenset((e.namespace, e.segment_id) for item in self._groups[key] for e in item.export.segments)
+        return frozenset(e.key for item in self._groups[key] for e in item.export.segments)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._groups)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Protocol, runtime_checkable
 
-from ..membership import SegmentKey, StoredMembership
+from ..stored import SegmentKey, StoredMembership
 
 __all__ = ["MembershipStore", "ProfileState", "SingleProfileAccess", "Updates", "Wanted"]
 

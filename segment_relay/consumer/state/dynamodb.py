@@ -55,7 +55,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ...errors import StartupError
 from ...model import SegmentStatus
-from ..membership import SegmentKey, StoredMembership
+from ..stored import SegmentKey, StoredMembership
 from .base import ProfileState, SingleProfileAccess, Updates, Wanted
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ...errors import StartupError
 from ...model import SegmentStatus
-from ..membership import SegmentKey, StoredMembership
+from ..stored import SegmentKey, StoredMembership
 from .base import ProfileState, SingleProfileAccess, Updates, Wanted
 from .dynamodb import decode_segment, encode_segment
 

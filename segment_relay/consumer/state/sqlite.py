@@ -14,7 +14,8 @@ import sqlite3
 from pathlib import Path
 
 from ...model import SegmentStatus
-from ..membership import SegmentKey, StoredMembership, supersedes
+from ..membership import supersedes
+from ..stored import SegmentKey, StoredMembership
 from .base import ProfileState, SingleProfileAccess, Updates, Wanted
 
 _SCHEMA = """
