@@ -390,3 +390,27 @@ async def test_class_handler_failures_use_its_name() -> None:
     dead = MemoryDeadLetter()
     await dispatch(Router([Webhook()], dead, retry=FAST), change(ENTER))
     assert dead.entries[0]["handler"] == "webhook"
+
+
+async def test_every_worker_is_used_when_calls_wait() -> None:
+    """Workers wake one another as work is taken (not all at once per delivery): a handler whose
+    calls wait still gets ``concurrency`` calls in flight."""
+    release = asyncio.Event()
+    in_flight = peak = 0
+
+    async def slow(change: SegmentChange) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await release.wait()
+        in_flight -= 1
+
+    router = Router([FunctionHandler(slow, name="slow")], MemoryDeadLetter(), retry=FAST, concurrency=6)
+    task = asyncio.create_task(dispatch_profiles(router, *[[change(ENTER, profile=f"ecid:{i}")] for i in range(20)]))
+    deadline = time.monotonic() + 5
+    while peak < 6 and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+    assert peak == 6
+    release.set()
+    await task
+    assert handler_stats(router, "slow").calls == 20

@@ -229,6 +229,7 @@ class Dispatcher:
         self._timer_due = 0.0
         self._sweeping = False
         self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for work
+        self._woken = 0  # workers woken that have not run yet: they will take what is ready
         self._arrived = asyncio.Event()  # a batch being gathered waits on it for more
         self._tasks: list[asyncio.Task[None]] = []
         # counters, read through snapshot()
@@ -259,10 +260,16 @@ class Dispatcher:
         await self._deadlines.close()
 
     def submit(self, chains: list[Chain]) -> None:
-        """New chains (fresh, never tried): ready now; wakes as many idle workers as they need."""
+        """New chains (fresh, never tried): ready now. Wakes one idle worker; a worker that takes
+        a chain and leaves more behind wakes the next (see ``_single_worker``), so a handler that
+        never waits is not woken 64 times for one step, and one that does still gets every
+        worker it can use within as many turns of the event loop."""
         self._pending += sum(len(chain.items) for chain in chains)
         self._ready.extend(chains)
-        for _ in range(min(len(chains), len(self._idle))):
+        if self.batching:
+            for _ in range(min(len(chains), len(self._idle))):
+                self._wake()
+        elif chains:
             self._wake()
 
     def _queue(self, chain: Chain, *, front: bool = False) -> None:
@@ -297,6 +304,7 @@ class Dispatcher:
             waiter = idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                self._woken += 1
                 return
 
     def _wake_all(self) -> None:
@@ -361,7 +369,9 @@ class Dispatcher:
             try:
                 await waiter
             finally:
-                if not waiter.done():
+                if waiter.done() and not waiter.cancelled():
+                    self._woken -= 1
+                else:
                     waiter.cancel()
 
     def _opened(self) -> None:
@@ -514,6 +524,8 @@ class Dispatcher:
             else:
                 chain, probe = await self._next()
                 ready, retry = self._ready, self._retry  # a sweep may have replaced them
+            if not self._woken and (ready or retry) and self._idle and not probe:
+                self._wake()  # more to do: the next worker takes it if this one's call waits
             items = chain.items
             successes = 0
             try:
@@ -572,7 +584,11 @@ class Dispatcher:
                         break  # to be retried: the chain waits (or, a failed probe, rotates)
                     probe = False
                 else:
-                    chain.delivery.chain_done(chain.profile)
+                    delivery = chain.delivery  # Delivery.chain_done(), inlined: once per chain
+                    remaining = delivery.remaining
+                    left = remaining[chain.profile] = remaining[chain.profile] - 1
+                    if not left:
+                        delivery.done(chain.profile)
             finally:
                 if successes:
                     circuit.record_successes(successes)
