@@ -109,7 +109,8 @@ class _Partition:
 
 
 class _Item(msgspec.Struct, gc=False):
-    """One valid record on its way through a step (a Struct: one is built per record)."""
+    """One valid record on its way through a step (a Struct: one is built per record).
+    ``record`` and ``export`` are dropped (None) once the step's diff has used them."""
 
     record: SourceRecord[Any]
     partition: _Partition
@@ -423,7 +424,7 @@ class Pipeline:
         """Load, diff, hand over; then, profile by profile as each one's changes are done, save
         its new state and finish its records (a slow profile holds up nobody else)."""
         seen = self._revocations
-        states = await self._retry_store("load", lambda: self.store.load_many(_Wanted(groups)), groups, groups)
+        states = await self._retry_store("load", lambda: self.store.load_many(_Wanted(groups)), groups, groups.keys())
         if states is not _REVOKED:
             if self._revocations != seen:
                 self._drop_revoked(groups)  # records of a revoked partition not dispatched yet are dropped here
@@ -454,8 +455,7 @@ class Pipeline:
             updates = {key: value for key, value in updates.items()
                        if not any(item.partition.revoked for item in groups[key])}
         if updates:
-            subset = {key: groups[key] for key in keys}
-            if await self._retry_store("save", lambda: self.store.save_many(updates), subset, groups) is _REVOKED:
+            if await self._retry_store("save", lambda: self.store.save_many(updates), groups, keys) is _REVOKED:
                 return
         self._finish(groups[key] for key in keys)
 
@@ -468,10 +468,10 @@ class Pipeline:
             self._records_dropped += dropped
             groups[key] = live  # an emptied group stays: its profile is released when it is done
 
-    async def _retry_store(self, what: str, call: Any, subset: dict[str, list[_Item]],
-                           groups: dict[str, list[_Item]]) -> Any:
-        """A store call, retried with backoff until it succeeds (an outage delays records, never
-        drops them); ``_REVOKED`` when every record it was for was revoked meanwhile."""
+    async def _retry_store(self, what: str, call: Any, groups: dict[str, list[_Item]], keys: Iterable[str]) -> Any:
+        """A store call for the profiles ``keys`` of ``groups``, retried with backoff until it
+        succeeds (an outage delays records, never drops them); ``_REVOKED`` when every record it
+        was for was revoked meanwhile."""
         delay = self.settings.record_retry_backoff_s
         attempt = 0
         while True:
@@ -483,9 +483,9 @@ class Pipeline:
                     "call": what, "attempt": attempt, "retry_in_s": round(delay, 3)})
                 await asyncio.sleep(delay)
                 delay = min(30.0, delay * 2)
+                subset = {key: groups[key] for key in keys}
                 self._drop_revoked(subset)
-                for key, items in subset.items():
-                    groups[key] = items
+                groups.update(subset)
                 if not any(subset.values()):
                     return _REVOKED
 
@@ -504,7 +504,11 @@ class Pipeline:
             pending: list[PendingChange] = []
             updates: dict[SegmentKey, StoredMembership] | None = None
             for item in items:
-                diff = diff_membership(state, item.export, segment_filter)
+                export, record = item.export, item.record
+                # Nothing after the diff needs them (a change keeps what it uses): a record is
+                # freed here, while it is still in the CPU cache, not with the whole step.
+                item.export = item.record = None  # type: ignore[assignment]
+                diff = diff_membership(state, export, segment_filter)
                 stale += diff.stale
                 duplicate += diff.duplicate
                 filtered += diff.filtered
@@ -516,8 +520,6 @@ class Pipeline:
                     if len(items) > 1:  # the profile's next record sees this one's outcome
                         state = {**state, **diff.updates}
                 if diff.transitions:
-                    record = item.record
-                    export = item.export
                     partition = item.partition
                     # Read-only views: every change of the record, for every handler, shares them;
                     # the attributes are decoded only if a handler reads them.
