@@ -10,8 +10,9 @@ with MemoryStore, (c) the same with SqliteStore, and (d) ``changes``: a change-h
 built-in ``jsonl`` handler writing to /dev/null. Each pipeline variant runs in a fresh
 subprocess (``--variant NAME``) so its peak RSS is its own; every measurement is pinned to one
 CPU (the pipeline is single-threaded asyncio; SQLite's flush and the file reads use worker
-threads, which then share that CPU). The variants run ``--repeat`` times, interleaved; the
-fastest run counts, and every run is printed.
+threads, which then share that CPU). The variants run ``--repeat`` times, interleaved; each run
+is judged against an orjson floor measured just before and after it in its own process, the
+median ratio counts, and every run is printed.
 
 ``--profile`` runs the memory and changes variants under cProfile instead and prints where the
 time per record goes: the self time of each area of the relay per record, then the top entries.

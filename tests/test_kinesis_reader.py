@@ -33,7 +33,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from segment_relay.consumer.sources.base import SourceRecord
+from segment_relay.consumer.sources.base import ReadAhead, SourceRecord
 from segment_relay.consumer.sources.kinesis.aws import (
     AwsError,
     Backoff,
@@ -239,6 +239,76 @@ async def test_reads_each_shard_of_a_two_shard_stream(kinesis: Any, make_stream:
                   for shard_id in per_shard}
     for shard_id, collector in collectors.items():
         assert triples(await collector.finish(15)) == per_shard[shard_id]
+
+
+class LimitsSeen(FaultyClient):
+    """The real client; notes the Limit of every GetRecords call and the read-ahead held then."""
+
+    def __init__(self, client: Any, read_ahead: ReadAhead) -> None:
+        super().__init__(client)
+        self.read_ahead = read_ahead
+        self.calls: list[tuple[int, int]] = []  # (Limit, records held by the read-ahead)
+
+    async def get_records(self, **kwargs: Any) -> Any:
+        self.calls.append((kwargs["Limit"], self.read_ahead.held))
+        return await super().get_records(**kwargs)
+
+
+async def test_shards_sharing_a_read_ahead_ask_for_their_share(kinesis: Any, make_stream: Any,
+                                                               settings_for: Any) -> None:
+    """With get_records_limit 10,000 and a read-ahead of 400 shared by two shards, a call asks for
+    100 records while both read (half the bound split between the readers), so both keep a call
+    in flight; nothing is lost, and the read-ahead never holds more than its bound."""
+    stream = await make_stream(2)
+    shards = sorted((await kinesis.list_shards(StreamName=stream))["Shards"], key=lambda s: s["ShardId"])
+    read_ahead = ReadAhead(400)
+    client = LimitsSeen(kinesis, read_ahead)
+    wanted: dict[str, list[tuple[str, str, bytes]]] = {}
+    for shard in shards:
+        data = payloads(shard["ShardId"], 250)
+        for start in range(0, len(data), 125):
+            part = data[start:start + 125]
+            puts = await put(kinesis, stream, part, hash_key=shard["HashKeyRange"]["StartingHashKey"])
+            wanted.setdefault(shard["ShardId"], []).extend(expected(puts, part))
+
+    class Releasing(Collector):  # the pipeline's part: give the room back once a batch is taken
+        async def _run(self) -> None:
+            async for batch, kinesis_records in self.reader.batches():
+                self.records.extend((self.reader.shard_id, record) for record in batch)
+                read_ahead.release(kinesis_records)
+
+    settings = settings_for(stream, get_records_limit=10_000)
+    collectors = {shard_id: Releasing(ShardReader(client, settings, shard_id, start_after=None, read_ahead=read_ahead))
+                  for shard_id in wanted}
+    for shard_id, collector in collectors.items():
+        assert triples(await collector.finish(250)) == wanted[shard_id]
+    # 100 while both read; 200 for one reading alone (before the other joined, after it stopped)
+    limits = [limit for limit, _ in client.calls]
+    assert limits.count(100) >= 4 and set(limits) <= {100, 200}
+    assert all(held <= 400 for _, held in client.calls)
+    assert read_ahead.readers == 0 and read_ahead.held == 0
+
+
+async def test_read_ahead_reserves_waits_and_lets_an_oversized_call_through_alone() -> None:
+    read_ahead = ReadAhead(10)
+    assert read_ahead.share() == 5  # no reader joined yet: counts as one
+    read_ahead.join()
+    read_ahead.join()
+    assert read_ahead.share() == 2
+    await read_ahead.reserve(6)
+    waiting = asyncio.create_task(read_ahead.reserve(6))  # 12 > 10: waits for room
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    read_ahead.release(6)
+    await asyncio.wait_for(waiting, 5)
+    assert read_ahead.held == 6
+    read_ahead.release(6)
+    await asyncio.wait_for(read_ahead.reserve(50), 5)  # larger than the bound, nothing held: let through
+    assert read_ahead.held == 50
+    read_ahead.release(50)
+    read_ahead.leave()
+    read_ahead.leave()
+    assert read_ahead.share() == 5 and ReadAhead(1).share() == 1
 
 
 @pytest.mark.parametrize("position", ["TRIM_HORIZON", "LATEST", "AT_TIMESTAMP", "AFTER_CHECKPOINT"])
@@ -554,7 +624,7 @@ async def test_deaggregates_kpl_records(kinesis: Any, make_stream: Any, settings
 
 
 async def test_fast_get_records_parsing_matches_botocores(kinesis: Any, make_stream: Any, kinesalite: Emulator) -> None:
-    # Our client parses successful GetRecords with orjson; a stock aiobotocore client uses
+    # Our client parses successful GetRecords with msgspec; a stock aiobotocore client uses
     # botocore's shape walk. Both read the same iterator (kinesalite allows reuse).
     from aiobotocore.session import get_session
 
@@ -580,3 +650,21 @@ async def test_fast_get_records_parsing_matches_botocores(kinesis: Any, make_str
     with pytest.raises(ClientError) as info:
         await kinesis.get_records(ShardIterator="not-an-iterator", Limit=10)
     assert info.value.response["Error"]["Code"] == "InvalidArgumentException"
+
+
+async def test_a_get_records_body_msgspec_does_not_expect_goes_to_botocore(kinesis: Any) -> None:
+    """The fast parser only takes what it knows; anything else (here ``Records`` that is not a list)
+    is botocore's to parse, as it would be without us (here a MillisBehindLatest sent as a string)."""
+    from aiobotocore.parsers import AioJSONParser
+
+    from segment_relay.consumer.sources.kinesis.aws import _FastGetRecordsParser
+
+    shape = kinesis.meta.service_model.operation_model("GetRecords").output_shape
+    odd = {"body": b'{"Records": [], "MillisBehindLatest": "5"}', "headers": {}, "status_code": 200}
+    stock = await AioJSONParser().parse(dict(odd), shape)
+    ours = await _FastGetRecordsParser().parse(dict(odd), shape)
+    assert ours == stock and ours["MillisBehindLatest"] == "5"
+    good = {"body": b'{"Records": [{"SequenceNumber": "7", "Data": "e30=", "PartitionKey": "p"}]}', "headers": {},
+            "status_code": 200}
+    assert (await _FastGetRecordsParser().parse(good, shape))["Records"] == [
+        {"SequenceNumber": "7", "Data": b"{}", "PartitionKey": "p"}]

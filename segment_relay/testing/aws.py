@@ -43,7 +43,7 @@ class Emulator(LocalServer):
         self.endpoint = endpoint
 
 
-def _node() -> str:
+def node_executable() -> str:
     node = shutil.which("node")
     if node is None:
         raise EmulatorUnavailable("node is not on PATH: install Node.js 20 to run the AWS emulators")
@@ -84,13 +84,13 @@ def _start(name: str, command: list[str], target: str, content_type: str, port: 
 
 def start_kinesalite(port: int | None = None) -> Emulator:
     port = port or free_port()
-    return _start("kinesalite", [_node(), "kinesalite-local.js", str(port)],
+    return _start("kinesalite", [node_executable(), "kinesalite-local.js", str(port)],
                   "Kinesis_20131202.ListStreams", "application/x-amz-json-1.1", port)
 
 
 def start_dynalite(port: int | None = None) -> Emulator:
     port = port or free_port()
-    command = [_node(), "node_modules/dynalite/cli.js", "--host", "127.0.0.1", "--port", str(port),
+    command = [node_executable(), "node_modules/dynalite/cli.js", "--host", "127.0.0.1", "--port", str(port),
                "--createTableMs", "0", "--deleteTableMs", "0", "--updateTableMs", "0"]
     return _start("dynalite", command, "DynamoDB_20120810.ListTables", "application/x-amz-json-1.0", port)
 

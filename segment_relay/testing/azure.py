@@ -14,7 +14,7 @@ import tempfile
 import urllib.error
 import urllib.request
 
-from .aws import EMULATORS, EmulatorUnavailable, _node
+from .aws import EMULATORS, EmulatorUnavailable, node_executable
 from .processes import LocalServer, free_port, running, stderr_of
 
 ACCOUNT_NAME = "devstoreaccount1"
@@ -57,7 +57,7 @@ def _answers(port: int) -> bool:
 
 
 def start_azurite(port: int | None = None, *, timeout_s: float = 30.0) -> Azurite:
-    node = _node()
+    node = node_executable()
     main = EMULATORS / "node_modules" / "azurite" / "dist" / "src" / "blob" / "main.js"
     if not main.is_file():
         raise EmulatorUnavailable(f"azurite is not installed: run `npm ci` in {EMULATORS} (or `make emulators`)")

@@ -93,6 +93,11 @@ class ReadAhead:
     ``release``s a batch's records when the pipeline takes it. With the pipeline's own in-flight
     bound this keeps memory within the configured figures at any GetRecords limit or prefetch.
     One reservation larger than the bound is let through when nothing is held, never refused.
+
+    Readers that size their own calls (Kinesis GetRecords) ``join`` and ask ``share()`` for the
+    most one call should reserve: half the bound split among them, so that every reader can have
+    a call in flight while its previous batch waits for the pipeline. A call sized to the whole
+    bound would leave every other reader waiting, and the emulator or the service idle.
     """
 
     def __init__(self, max_records: int) -> None:
@@ -100,7 +105,17 @@ class ReadAhead:
             raise ValueError("read-ahead must allow at least one record")
         self.max_records = max_records
         self.held = 0
+        self.readers = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def join(self) -> None:
+        self.readers += 1
+
+    def leave(self) -> None:
+        self.readers -= 1
+
+    def share(self) -> int:
+        return max(1, self.max_records // (2 * max(1, self.readers)))
 
     async def reserve(self, records: int) -> None:
         while self.held and self.held + records > self.max_records:

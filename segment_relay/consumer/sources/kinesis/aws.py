@@ -14,16 +14,15 @@ and AWS's own error message only for codes it does not know (AWS never echoes se
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
 import logging
 import os
 import random
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import aiohttp
-import orjson
+import msgspec
 from aiobotocore.config import AioConfig
 from aiobotocore.parsers import AioJSONParser, AioResponseParserFactory
 from aiobotocore.session import AioSession, get_session
@@ -130,22 +129,41 @@ def _raw_timestamp(value: Any) -> Any:
     return value
 
 
+class _GetRecordsRecord(TypedDict):
+    SequenceNumber: str
+    Data: bytes  # msgspec decodes the base64 straight into bytes
+    ApproximateArrivalTimestamp: NotRequired[Any]
+    PartitionKey: NotRequired[str]
+    EncryptionType: NotRequired[str]
+
+
+class _GetRecordsOutput(TypedDict):
+    Records: list[_GetRecordsRecord]
+    NextShardIterator: NotRequired[str]
+    MillisBehindLatest: NotRequired[int]
+    ChildShards: NotRequired[list[Any]]
+
+
+_decode_get_records = msgspec.json.Decoder(_GetRecordsOutput).decode
+
+
 class _FastGetRecordsParser(AioJSONParser):
-    """botocore's JSON parser, except for a successful GetRecords: orjson and base64 directly.
+    """botocore's JSON parser, except for a successful GetRecords: decoded by msgspec in one pass.
 
     botocore walks the output shape field by field for every record, which cost about as much
-    CPU per record as the whole relay pipeline. The result has the same keys and types
-    (``Data`` as bytes, timestamps raw); errors and every other operation take botocore's path.
+    CPU per record as the whole relay pipeline; orjson then base64 per record still cost 12 us
+    per 1.5 KB record, msgspec (JSON and base64 in C, into plain dicts) 3.6 us. The result has
+    the same keys and types (``Data`` as bytes, timestamps raw); errors, every other operation,
+    and a body msgspec does not expect take botocore's path.
     """
 
     async def _do_parse(self, response: dict[str, Any], shape: Any) -> Any:
-        if shape is None or shape.name != "GetRecordsOutput":
+        if shape is None or shape.name != "GetRecordsOutput" or not response["body"]:
             return await super()._do_parse(response, shape)
-        body = response["body"]
-        parsed = orjson.loads(body) if body else {}
-        decode = binascii.a2b_base64
-        for record in parsed.get("Records", ()):
-            record["Data"] = decode(record["Data"])
+        try:
+            parsed: dict[str, Any] = _decode_get_records(response["body"])  # type: ignore[assignment]
+        except msgspec.DecodeError:
+            return await super()._do_parse(response, shape)
         self._inject_response_metadata(parsed, response["headers"])
         return parsed
 
@@ -166,7 +184,7 @@ async def kinesis_client(
     chain, including AWS_ENDPOINT_URL_KINESIS). Closed, with its connection pool, on exit."""
     if session is None:
         session = create_session()
-        # GetRecords is the hot path: parse it with orjson (see _FastGetRecordsParser), and keep
+        # GetRecords is the hot path: parse it with msgspec (see _FastGetRecordsParser), and keep
         # timestamps as received (epoch floats) everywhere: converting every record's arrival time
         # to a local datetime was half of botocore's parsing cost, and nothing here reads it.
         # Both settings belong to the session: this one is ours alone.

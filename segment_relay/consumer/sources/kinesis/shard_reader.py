@@ -3,9 +3,12 @@
 Positions are Kinesis sequence numbers (``SequenceNumber``, decimal strings). Compare them with
 ``int()``, never as strings: their length is not guaranteed to be the same across shards or services.
 
-Memory: with a ``ReadAhead``, room for ``get_records_limit`` records is reserved before every
-GetRecords call and what the call did not use is given back at once; the rest is released by
-whoever takes the batch. So no response waits in memory for room, whatever the limit.
+Memory: with a ``ReadAhead``, room for the records a GetRecords call may return is reserved
+before the call and what the call did not use is given back at once; the rest is released by
+whoever takes the batch. So no response waits in memory for room, whatever the limit. A call
+asks for ``get_records_limit`` records or the reader's share of the read-ahead if that is less
+(``ReadAhead.share``: with 4 shards and the default 10,000, 1,250 each), so that every shard
+keeps a call in flight: a limit of 10,000 does not make the shards take turns.
 
 Retries (the client makes one attempt per call, see ``aws.py``):
 
@@ -52,6 +55,8 @@ __all__ = ["SequenceNumber", "ShardReader"]
 SequenceNumber = NewType("SequenceNumber", str)
 
 log = logging.getLogger(__name__)
+
+FIRST_CALL_RECORDS = 1000
 
 _STOPPED: Any = object()  # a call that stop() interrupted
 
@@ -114,10 +119,21 @@ class ShardReader:
         """Non-empty batches in shard order, until the shard ends or ``stop()``, each with the
         number of Kinesis records it came from (KPL aggregates hold several). With a read-ahead,
         those stay reserved: whoever takes the batch releases them."""
-        limit = self.settings.get_records_limit
         read_ahead = self.read_ahead
-        if read_ahead is not None:
-            limit = min(limit, read_ahead.max_records)  # one call never holds more than the bound
+        if read_ahead is None:
+            async for batch in self._batches(None):
+                yield batch
+            return
+        read_ahead.join()
+        try:
+            async for batch in self._batches(read_ahead):
+                yield batch
+        finally:
+            read_ahead.leave()
+
+    async def _batches(self, read_ahead: ReadAhead | None
+                       ) -> AsyncIterator[tuple[list[SourceRecord[SequenceNumber]], int]]:
+        most = self.settings.get_records_limit
         pace = self.settings.min_get_records_interval_s
         loop = asyncio.get_running_loop()
         last_call = -pace
@@ -134,6 +150,13 @@ class ShardReader:
                 await self._wait_stopping(wait)
                 if self._stopping.is_set():
                     return
+            # A call asks for get_records_limit records, or fewer when the read-ahead is shared by
+            # many shards (see ReadAhead.share): memory stays within it at any limit. The first
+            # call asks for no more than FIRST_CALL_RECORDS: the other shards' readers are still
+            # starting, so the share is not known yet, and the first records come sooner.
+            limit = most if read_ahead is None else min(most, read_ahead.share())
+            if self.calls == 0:
+                limit = min(limit, FIRST_CALL_RECORDS)
             if read_ahead is not None:
                 await read_ahead.reserve(limit)
             last_call = loop.time()
