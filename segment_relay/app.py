@@ -80,6 +80,7 @@ def _eventhubs_source(config: RelayConfig, hub: str) -> Source[Any]:
         load_balancing_interval_s=section.load_balancing_interval_s,
         ownership_expiration_s=section.ownership_expiration_s,
         load_balancing_strategy=section.load_balancing_strategy,
+        lag_interval_s=section.lag_interval_s,
         read_ahead_events=config.pipeline.max_in_flight_records,
     )
     return EventHubsSource(settings)

@@ -151,6 +151,7 @@ class EventHubsConfig(_Section):
     load_balancing_interval_s: float = Field(10.0, gt=0, description="How often a replica checks partition ownership")
     ownership_expiration_s: float | None = Field(None, gt=0, description="Default: 6 x load_balancing_interval_s")
     load_balancing_strategy: Literal["greedy", "balanced"] = "greedy"
+    lag_interval_s: float = Field(10.0, gt=0, description="How often the lag metrics read each owned partition's newest event")
 
     @field_validator("starting_position", mode="before")
     @classmethod

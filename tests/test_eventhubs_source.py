@@ -57,6 +57,7 @@ def relay_config(emulator: EventHubsEmulator, azurite: Azurite, container: str, 
         "checkpoint_connection_string": azurite.connection_string,
         "checkpoint_container": container,
         "load_balancing_interval_s": 0.3,
+        "lag_interval_s": 0.2,
         **eventhubs,
     }
     return load_config(
@@ -289,13 +290,13 @@ class _Context:
         self.fully_qualified_namespace = "ns"
         self.eventhub_name = HUB
         self.consumer_group = "$default"
-        self.last_enqueued_event_properties = None
 
 
 class _Event:
     def __init__(self, seq: int) -> None:
         self.sequence_number = seq
         self.offset = str(seq * 100)
+        self.enqueued_time = None
         self.body = iter([b'{"a":', b"1}"])  # data sections, as the SDK gives them
         self.body_type = AmqpMessageBodyType.DATA
 
@@ -346,6 +347,76 @@ async def test_a_claimed_and_closed_partition_is_an_assignment_and_a_revoke_and_
     await source.commit("0", fresh.records[-1].position)
     assert store.checkpoints == [{"fully_qualified_namespace": "ns", "eventhub_name": HUB, "consumer_group": "$default",
                                   "partition_id": "0", "offset": "700", "sequence_number": 7}]
+
+
+class _Probe:
+    """Stands in for the management client: the newest event of each partition, as set by the test."""
+
+    def __init__(self) -> None:
+        self.newest: dict[str, dict[str, Any]] = {}
+        self.asked = 0
+
+    async def get_partition_properties(self, pid: str) -> dict[str, Any]:
+        self.asked += 1
+        return self.newest[pid]
+
+
+def _at(second: int) -> datetime:
+    return datetime(2026, 12, 1, 12, 0, second, tzinfo=UTC)
+
+
+async def test_lag_figures_come_from_a_periodic_poll_and_fall_as_events_are_read() -> None:
+    from segment_relay.consumer.sources.eventhubs import EventHubsSettings, EventHubsSource
+
+    source = EventHubsSource(EventHubsSettings(hub=HUB, connection_string="x", checkpoint_path="y", lag_interval_s=0.01))
+    source._listener = _Listener()
+    probe = _Probe()
+    probe.newest = {"0": {"last_enqueued_sequence_number": 9, "last_enqueued_time_utc": _at(30), "is_empty": False},
+                    "1": {"last_enqueued_sequence_number": -1, "last_enqueued_time_utc": None, "is_empty": True},
+                    "2": {"last_enqueued_sequence_number": 4, "last_enqueued_time_utc": _at(5), "is_empty": False}}
+    for pid in "012":
+        await source._on_initialize(_Context(pid))
+    event = _Event(6)
+    event.enqueued_time = _at(10)
+    await source._on_batch(_Context("0"), [_Event(5), event])
+    polling = asyncio.create_task(source._poll_lag(type("Clients", (), {"probe": probe})()))  # type: ignore[arg-type]
+    try:
+        await poll(lambda: len(source.snapshot().lag_events) == 2, "figures for the partitions it can judge")
+        snapshot = source.snapshot()
+        # 0: three events behind, 20 s apart; 1: empty; 2: nothing read since the claim, so no figure.
+        assert (snapshot.lag_events, snapshot.lag_ms) == ({"0": 3, "1": 0}, {"0": 20_000.0, "1": 0.0})
+        last = _Event(9)
+        last.enqueued_time = _at(30)
+        await source._on_batch(_Context("0"), [last])
+        assert source.snapshot().lag_events["0"] == 0  # read to the newest: no wait for the next poll
+        await source._on_close(_Context("0"), "OWNERSHIP_LOST")
+        assert "0" not in source.snapshot().lag_events  # not ours: no figure
+        asked = probe.asked
+        await poll(lambda: probe.asked >= asked + 4, "two more polls")
+        assert "0" not in source.snapshot().lag_events
+    finally:
+        polling.cancel()
+        await asyncio.gather(polling, return_exceptions=True)
+
+
+async def test_batches_queued_behind_each_other_are_joined_per_partition_and_epoch_in_order() -> None:
+    from segment_relay.consumer.sources.eventhubs import EventHubsSettings, EventHubsSource
+
+    source = EventHubsSource(EventHubsSettings(hub=HUB, connection_string="x", checkpoint_path="y"))
+    source._listener = _Listener()
+    for pid in "01":
+        await source._on_initialize(_Context(pid))
+    await source._on_batch(_Context("0"), [_Event(1), _Event(2)])
+    await source._on_batch(_Context("1"), [_Event(1)])
+    await source._on_batch(_Context("0"), [_Event(3)])
+    await source._on_close(_Context("1"), "OWNERSHIP_LOST")
+    await source._on_initialize(_Context("1"))  # a new epoch: its batches stay apart from the old one's
+    await source._on_batch(_Context("1"), [_Event(2)])
+    batches = source.batches()
+    joined = [await anext(batches) for _ in range(3)]
+    assert [(b.partition, b.epoch, [str(r.position) for r in b.records]) for b in joined] == [
+        ("0", 1, ["1", "2", "3"]), ("1", 2, ["1"]), ("1", 3, ["2"])]
+    assert source._read_ahead.held == 0  # every joined event was handed over
 
 
 async def test_the_credential_path_names_the_extra_when_azure_identity_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:

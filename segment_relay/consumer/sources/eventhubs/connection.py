@@ -34,7 +34,7 @@ class Clients(contextlib.AsyncExitStack):
     owned credential)."""
 
     consumer: Any
-    probe: Any  # a client for the start-up check only
+    probe: Any  # for management calls (the start-up check, the lag poll): one retry, fails fast
     checkpoint_store: Any
 
 

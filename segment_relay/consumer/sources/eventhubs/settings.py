@@ -60,6 +60,7 @@ class EventHubsSettings:
     load_balancing_interval_s: float = 10.0
     ownership_expiration_s: float | None = None  # None: 6 x load_balancing_interval_s (the SDK's rule)
     load_balancing_strategy: str = "greedy"  # greedy | balanced
+    lag_interval_s: float = 10.0  # how often the lag metrics ask the service for each partition's newest event
     # Events read ahead of the pipeline, across partitions (the relay sets it to
     # pipeline.max_in_flight_records), on top of the SDK's prefetch per partition.
     read_ahead_events: int = 10_000

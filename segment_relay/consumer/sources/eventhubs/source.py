@@ -70,8 +70,9 @@ class EventHubsSource:
         self._queue: asyncio.Queue[Batch[EventPosition]] = asyncio.Queue()  # bounded by the read-ahead
         self._owned: dict[str, _Owned] = {}
         self._epoch = 0  # one per partition claimed, across partitions
-        self._lag_ms: dict[str, float] = {}
-        self._lag_events: dict[str, int] = {}
+        self._last_read: dict[str, tuple[int, datetime | None]] = {}  # sequence number, enqueued time
+        self._newest: dict[str, tuple[int, datetime | None] | None] = {}  # from the lag poll; None: empty
+        self._lag_poll: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._receiving: asyncio.Task[None] | None = None
         self._failure: Exception | None = None
@@ -99,6 +100,7 @@ class EventHubsSource:
             self._clients = None
             raise
         self.running = True
+        self._lag_poll = asyncio.create_task(self._poll_lag(clients), name="eventhubs-lag")
         log.info("event hubs source started", extra={
             "hub": self.settings.hub, "consumer_group": self.settings.consumer_group,
             "checkpoints": self.settings.checkpoint_path or self.settings.checkpoint_container,
@@ -134,7 +136,6 @@ class EventHubsSource:
                 prefetch=settings.prefetch,
                 starting_position=starting,
                 starting_position_inclusive=False,  # also applies to checkpoints: resume after, not at, them
-                track_last_enqueued_event_properties=True,
                 on_partition_initialize=self._on_initialize,
                 on_partition_close=self._on_close,
                 on_error=self._on_error,
@@ -153,6 +154,10 @@ class EventHubsSource:
     async def close(self) -> None:
         self.running = False
         self._stopping.set()
+        if self._lag_poll is not None:
+            self._lag_poll.cancel()
+            await asyncio.gather(self._lag_poll, return_exceptions=True)
+            self._lag_poll = None
         if self._clients is not None:
             # Closing the client releases our ownerships: other replicas take them at their next cycle.
             await self._clients.aclose()
@@ -173,8 +178,8 @@ class EventHubsSource:
         pid = context.partition_id
         if self._owned.pop(pid, None) is not None and self._listener is not None:
             self._listener.revoked(pid)  # its queued events are dropped, nothing more is committed
-        self._lag_ms.pop(pid, None)
-        self._lag_events.pop(pid, None)
+        self._last_read.pop(pid, None)
+        self._newest.pop(pid, None)
         level = logging.INFO if self._stopping.is_set() else logging.WARNING
         log.log(level, "partition closed", extra={"partition": pid, "reason": getattr(reason, "name", str(reason))})
 
@@ -193,7 +198,8 @@ class EventHubsSource:
         records = [
             SourceRecord(EventPosition(event.sequence_number, event.offset), event_body(event)) for event in events
         ]
-        self._record_lag(context, events[-1])
+        last = events[-1]
+        self._last_read[pid] = (last.sequence_number, last.enqueued_time)
         read_ahead = self._read_ahead
         if read_ahead.held and read_ahead.held + len(records) > read_ahead.max_records:
             # Back-pressure: this partition's receive task waits (its prefetch fills, then the
@@ -212,26 +218,68 @@ class EventHubsSource:
             await read_ahead.reserve(len(records))  # room: returns at once
         self._queue.put_nowait(Batch(pid, owned.epoch, records))
 
-    def _record_lag(self, context: Any, last: Any) -> None:
-        latest = context.last_enqueued_event_properties
-        if not latest or latest.get("sequence_number") is None:
-            return
-        pid = context.partition_id
-        behind = max(0, latest["sequence_number"] - last.sequence_number)
-        self._lag_events[pid] = behind
-        newest, read = latest.get("enqueued_time"), last.enqueued_time
-        if behind == 0 or newest is None or read is None:
-            self._lag_ms[pid] = 0
-        else:
-            self._lag_ms[pid] = max(0.0, (newest - read).total_seconds() * 1000)
+    async def _poll_lag(self, clients: Clients) -> None:
+        """Every lag_interval_s, each owned partition's newest event, for the lag figures.
+
+        One management call per partition and interval instead of the SDK's
+        track_last_enqueued_event_properties, which makes the service annotate every event and the
+        SDK decode one more map per event (a few percent of its cost per event). The figures are
+        worked out when they are read (snapshot()), against the last event read by then: they
+        fall as the relay catches up and rise at the next poll."""
+        while True:
+            for pid in list(self._owned):
+                try:
+                    newest = await clients.probe.get_partition_properties(pid)
+                except Exception as exc:  # noqa: BLE001 - a metric: try again next time
+                    log.debug("partition properties not read", extra={"partition": pid, "error": type(exc).__name__})
+                    continue
+                if pid in self._owned:
+                    sequence = newest.get("last_enqueued_sequence_number")
+                    empty = newest.get("is_empty") or sequence is None or sequence < 0
+                    self._newest[pid] = None if empty else (sequence, newest.get("last_enqueued_time_utc"))
+            await asyncio.sleep(self.settings.lag_interval_s)
+
+    def _lag(self) -> tuple[dict[str, float], dict[str, int]]:
+        """Time and events behind the newest event seen by the last poll, per partition. A partition
+        with nothing read since its claim has no figure (where it starts is its checkpoint's business),
+        unless it is empty."""
+        lag_ms: dict[str, float] = {}
+        lag_events: dict[str, int] = {}
+        for pid, newest in self._newest.items():
+            read = self._last_read.get(pid)
+            if newest is None:
+                lag_ms[pid], lag_events[pid] = 0.0, 0
+            elif read is not None:
+                behind = lag_events[pid] = max(0, newest[0] - read[0])
+                newest_time, read_time = newest[1], read[1]
+                lag_ms[pid] = 0.0 if behind == 0 or newest_time is None or read_time is None else \
+                    max(0.0, (newest_time - read_time).total_seconds() * 1000)
+        return lag_ms, lag_events
 
     # --- reading ----------------------------------------------------------------------
     async def batches(self) -> AsyncIterator[Batch[EventPosition]]:
-        while (batch := await get_unless_stopped(self._queue, self._stopping)) is not None:
-            self._read_ahead.release(len(batch.records))  # the pipeline has it now: its own bound applies
-            yield batch
+        while (first := await get_unless_stopped(self._queue, self._stopping)) is not None:
+            for batch in self._with_waiting(first):
+                self._read_ahead.release(len(batch.records))  # the pipeline has it now: its own bound applies
+                yield batch
         if self._failure is not None:
             raise self._failure
+
+    def _with_waiting(self, first: Batch[EventPosition]) -> list[Batch[EventPosition]]:
+        """``first`` and the batches queued behind it, joined per partition and epoch (in order).
+
+        The SDK hands over whatever its buffer holds when its callback task looks, often a few
+        dozen events; when the pipeline falls behind, joining them makes its steps (one store
+        call, one hand-over, one save each) as big as a busy partition would make them anyway."""
+        queue = self._queue
+        if queue.empty():
+            return [first]
+        # All of it: the read-ahead bounds what can be queued, the pipeline splits big batches into steps.
+        joined = {(first.partition, first.epoch): list(first.records)}
+        while not queue.empty():
+            batch = queue.get_nowait()
+            joined.setdefault((batch.partition, batch.epoch), []).extend(batch.records)
+        return [Batch(partition, epoch, records) for (partition, epoch), records in joined.items()]
 
     # --- checkpoints ------------------------------------------------------------------
     async def commit(self, partition: str, position: EventPosition) -> None:
@@ -257,5 +305,5 @@ class EventHubsSource:
         return sorted(self._owned)
 
     def snapshot(self) -> SourceSnapshot:
-        return SourceSnapshot(owned=tuple(self.owned_partitions), lag_ms=dict(self._lag_ms),
-                              lag_events=dict(self._lag_events))
+        lag_ms, lag_events = self._lag()
+        return SourceSnapshot(owned=tuple(self.owned_partitions), lag_ms=lag_ms, lag_events=lag_events)
