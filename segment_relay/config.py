@@ -69,7 +69,7 @@ class RetryConfig(_Section):
     max_retry_after_s: float = Field(300.0, ge=0, description="Cap on a handler's Retry-After")
     handler_timeout_s: float = Field(30.0, gt=0, description="One handler call, at most")
     max_age_s: float = Field(
-        6 * 3600.0, gt=0, description="A change read longer ago than this goes to the dead letter instead of waiting"
+        6 * 3600.0, gt=0, description="A change whose record was read longer ago than this goes to the dead letter instead of waiting"
     )
 
 

@@ -132,13 +132,15 @@ class ChangeSink(Protocol):
     profile ``i`` was handled, dead-lettered, or skipped because its claim was revoked (for a
     profile with no change a handler wants, at once, from within ``deliver``). Profiles are
     handled concurrently; the changes of one profile never overlap and keep their order.
-    ``flush`` makes what was handled durable (the pipeline checkpoints right after it); ``start``
-    and ``close`` bracket the run.
+    ``read_at`` is when the oldest record of the step was read (``time.monotonic()``): the age
+    that ``retry.max_age_s`` limits starts there. ``flush`` makes what was handled durable (the
+    pipeline checkpoints right after it); ``start`` and ``close`` bracket the run.
     """
 
     async def start(self) -> None: ...
 
-    def deliver(self, profiles: Sequence[Sequence[PendingChange]], done: Callable[[int], None]) -> None: ...
+    def deliver(self, profiles: Sequence[Sequence[PendingChange]], done: Callable[[int], None],
+                read_at: float | None = None) -> None: ...
 
     async def flush(self) -> None: ...
 

@@ -110,3 +110,21 @@ def test_successes_told_at_once_count_as_told_one_by_one(script: list[bool | int
                 one_by_one.record(False)
         assert (at_once.state, at_once.healthy, list(at_once._outcomes), at_once._failed) == (
             one_by_one.state, one_by_one.healthy, list(one_by_one._outcomes), one_by_one._failed)
+
+
+def test_a_probe_never_sent_leaves_the_circuit_open_with_the_next_probe_due_at_once() -> None:
+    circuit, clock = breaker()
+    for _ in range(4):
+        circuit.record(True)
+    clock.now += 1.0
+    circuit.start_probe()
+    circuit.probe_result(failed=True)  # the wait doubles to 2 s
+    clock.now += 2.0
+    circuit.start_probe()
+    circuit.probe_abandoned()  # its change was dropped (revoked) before the call: it tells nothing
+    assert circuit.state is CircuitState.OPEN and circuit.probe_due()
+    circuit.start_probe()
+    circuit.probe_result(failed=True)
+    assert circuit.seconds_to_probe() == pytest.approx(4.0)  # the schedule went on where it was
+    with pytest.raises(RuntimeError):
+        circuit.probe_abandoned()  # none in flight

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+from support import poll
 
 from segment_relay import (
     ChangeType,
@@ -22,6 +23,7 @@ from segment_relay import (
 )
 from segment_relay.consumer.deadletter import MemoryDeadLetter
 from segment_relay.handlers.api import FunctionHandler, IdentityItem, change_id_for
+from segment_relay.handlers.circuit import CircuitSettings
 from segment_relay.handlers.dispatch import HandlerSnapshot
 from segment_relay.handlers.router import RetryPolicy, Router
 
@@ -59,7 +61,8 @@ async def dispatch_profiles(router: Router, *profiles: list[SegmentChange]) -> N
     await asyncio.wait_for(delivered(router, [[(c, LIVE) for c in changes] for changes in profiles]), 10)
 
 
-async def delivered(router: Router, profiles: list[list[tuple[SegmentChange, Live]]]) -> None:
+async def delivered(router: Router, profiles: list[list[tuple[SegmentChange, Live]]],
+                    read_at: float | None = None) -> None:
     """router.deliver, until every profile is done."""
     remaining = set(range(len(profiles)))
     finished = asyncio.Event()
@@ -69,7 +72,7 @@ async def delivered(router: Router, profiles: list[list[tuple[SegmentChange, Liv
         if not remaining:
             finished.set()
 
-    router.deliver(profiles, done)
+    router.deliver(profiles, done, read_at)
     if remaining:
         await finished.wait()
 
@@ -265,6 +268,74 @@ async def test_a_change_failing_while_others_succeed_is_dead_lettered_after_max_
     assert entry["change"] == the_change.to_dict()
     assert entry["change"]["change_id"] == the_change.change_id
     assert handler_stats(router, "broken").dead_letters == 1
+
+
+async def test_the_age_that_max_age_limits_starts_when_the_record_was_read() -> None:
+    """A change whose record was read longer ago than max_age_s is dead-lettered at its first
+    failure, even if it was handed to the router just now (it waited for its profile meanwhile)."""
+    calls = 0
+
+    async def broken(c: SegmentChange) -> None:
+        nonlocal calls
+        if c.segment_id == "gold":
+            calls += 1
+            raise RuntimeError("boom")
+
+    dead = MemoryDeadLetter()
+    policy = RetryPolicy(max_attempts=4, initial_backoff_s=0.0005, max_backoff_s=0.001, max_age_s=60.0)
+    router = Router([FunctionHandler(broken, name="broken")], dead, retry=policy)
+    await router.start()
+    _STARTED.append(router)
+    profiles = [[(change(EXIT, "gold"), LIVE)], *[[(c, LIVE) for c in p] for p in good_traffic()]]
+    await asyncio.wait_for(delivered(router, profiles, read_at=time.monotonic() - 61), 10)
+    assert calls == 1
+    assert [(e["reason"], e["attempts"]) for e in dead.entries] == [("max_age", 1)]
+
+    calls = 0
+    await asyncio.wait_for(delivered(router, profiles, read_at=time.monotonic() - 1), 10)  # young: retried
+    assert calls == policy.max_attempts and dead.entries[-1]["reason"] == "handler_failed"
+
+
+class Claim:
+    """The claim of a partition that the test takes away."""
+
+    revoked = False
+
+
+class DownInBatches(Handler):
+    name = "down"
+
+    async def handle_batch(self, changes: list[SegmentChange]) -> None:
+        raise RuntimeError("503")
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+async def test_changes_held_past_max_age_are_dead_lettered_unless_their_partition_was_revoked(batch: bool) -> None:
+    """While the circuit is open, a revoked partition's changes are dropped, not dead-lettered,
+    and a probe whose change was dropped before its call does not leave the circuit stuck."""
+    async def down(c: SegmentChange) -> None:
+        raise RuntimeError("503")
+
+    dead = MemoryDeadLetter()
+    policy = RetryPolicy(max_attempts=4, initial_backoff_s=0.0005, max_backoff_s=0.001, max_age_s=0.5)
+    handler = DownInBatches() if batch else FunctionHandler(down, name="down")
+    router = Router([handler], dead, retry=policy,
+                    circuit=CircuitSettings(open_initial_s=0.05, open_max_s=0.1))
+    await router.start()
+    _STARTED.append(router)
+    kept, lost = Claim(), Claim()
+    profiles = [[(change(ENTER, profile=f"ecid:{i}"), kept if i % 2 else lost)] for i in range(30)]
+    delivering = asyncio.create_task(delivered(router, profiles))
+    try:
+        await poll(lambda: handler_stats(router, "down").circuit != "closed", "the circuit to open")
+        lost.revoked = True  # its changes are now another replica's
+        await asyncio.wait_for(asyncio.shield(delivering), 10)  # every profile done: swept or dropped
+    finally:
+        delivering.cancel()
+    lost_ids = {profile[0][0].change_id for profile in profiles if profile[0][1] is lost}
+    assert dead.entries and not {e["change"]["change_id"] for e in dead.entries} & lost_ids
+    assert {e["reason"] for e in dead.entries} <= {"max_age", "handler_failed"}
+    assert handler_stats(router, "down").dropped == len(lost_ids)
 
 
 async def test_one_failing_handler_does_not_stop_the_others() -> None:

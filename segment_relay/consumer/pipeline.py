@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class _Item(msgspec.Struct, gc=False):
     export: ProfileExport
     key: str
     size: int
+    read_at: float  # time.monotonic() when it was admitted: where the age of its changes starts
 
 
 class _Wanted(Mapping[str, "frozenset[SegmentKey] | None"]):
@@ -363,6 +365,7 @@ class Pipeline:
         groups: dict[str, list[_Item]] = {}
         invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]] = []
         first = part.watermark.register_many([record.position for record in records])
+        now = time.monotonic()
         for ticket, record in enumerate(records, first):
             data = record.data
             try:
@@ -371,7 +374,7 @@ class Pipeline:
             except InvalidRecord as problem:
                 invalid.append((record, ticket, problem))
                 continue
-            item = _Item(record, part, ticket, export, key, len(data))
+            item = _Item(record, part, ticket, export, key, len(data), now)
             group = groups.get(key)
             if group is not None:
                 group.append(item)
@@ -432,7 +435,10 @@ class Pipeline:
             changed = set(keys)
             completion = _Completion(keys, [key for key in groups if key not in changed])  # nothing to hand over
             if keys:
-                self.sink.deliver(profiles, completion.done)
+                # The age retry.max_age_s limits starts at the oldest record's admission (a group
+                # lists its profile's records in read order).
+                read_at = min(groups[key][0].read_at for key in keys)
+                self.sink.deliver(profiles, completion.done, read_at)
             while True:
                 ready = completion.take()
                 if ready:

@@ -121,6 +121,14 @@ class CircuitBreaker:
             self._failed = 0
             self._wait_s = self.settings.open_initial_s
 
+    def probe_abandoned(self) -> None:
+        """The probe was never sent (its change was dropped: its partition was revoked): open
+        again with the probe due at once and the wait unchanged; it tells nothing either way."""
+        if self.state is not CircuitState.PROBING:
+            raise RuntimeError(f"no probe in flight (state {self.state})")
+        self.state = CircuitState.OPEN
+        self.probe_at = self._clock()
+
     def _open(self, wait_s: float) -> None:
         if self.state is CircuitState.CLOSED:
             self.opened += 1

@@ -24,8 +24,9 @@ What a failure means is decided with the handler's ``CircuitBreaker`` (see circu
   is sent on an exponential schedule. Probes rotate over the waiting profiles, so one poison
   change cannot keep the circuit open. When a probe succeeds, everything resumes at once, in
   order. Failures while unhealthy never count toward ``max_attempts``;
-* a change older than ``max_age_s`` (since it was read) that fails, or that is still held by
-  an open circuit, is dead-lettered: the stream may not keep it much longer.
+* a change older than ``max_age_s`` (since the oldest record of its pipeline step was read)
+  that fails, or that is still held by an open circuit, is dead-lettered: the stream may not
+  keep it much longer. A change whose partition was revoked is dropped instead, as always.
 
 A batch call may report per-change failures (``BatchResult``): only those are retried, and a
 profile's later changes of the same call are sent again after its failed one, so the last
@@ -132,7 +133,7 @@ class Delivery:
     def __init__(self, done: Callable[[int], None], started: float, profiles: int) -> None:
         self.done = done
         self.remaining = [0] * profiles  # chains not done yet, per profile
-        self.started = started  # monotonic time it was handed over: the age of its changes
+        self.started = started  # monotonic time its oldest record was read: the age of its changes
 
     def chain_done(self, profile: int) -> None:
         remaining = self.remaining
@@ -379,6 +380,11 @@ class Dispatcher:
             "handler": self.name, "probe_in_s": round(self.circuit.seconds_to_probe(), 3)})
         self._arm(self.circuit.probe_at)
 
+    def _probe_not_sent(self) -> None:
+        """The probe's change was dropped before the call (revoked): another change probes now."""
+        self.circuit.probe_abandoned()
+        self._arm(self.circuit.probe_at)
+
     def _probe_finished(self, failed: bool) -> None:
         self.circuit.probe_result(failed)
         if failed:
@@ -469,7 +475,10 @@ class Dispatcher:
             ready, retry, waiting = self._ready, self._retry, self._waiting
             self._ready, self._retry, self._waiting = deque(), deque(), []
             for chain in [chain for chain in queued if old(chain)]:
-                while not chain.done:
+                while True:
+                    self._drop_revoked(chain)  # a revoked partition's changes are its new owner's
+                    if chain.done:
+                        break
                     await self._give_up(chain, "max_age", None)
                 chain.delivery.chain_done(chain.profile)
             # What was queued meanwhile comes after the older chains.
@@ -534,6 +543,9 @@ class Dispatcher:
                     if claim.revoked:
                         self._dropped += 1
                         self._advance(chain)
+                        if probe:
+                            self._probe_not_sent()
+                            probe = False
                         continue
                     if not probe and circuit.state is not closed:
                         self._queue(chain, front=True)  # another call opened the circuit: hold, in order
@@ -618,6 +630,8 @@ class Dispatcher:
             taken, probe = await self._gather()
             try:
                 await self._deliver_batch(taken, probe)
+                if probe and self.circuit.state is CircuitState.PROBING:
+                    self._probe_not_sent()  # its only change was dropped (revoked) before the call
             finally:
                 for chain in {id(chain): chain for chain, _ in taken}.values():
                     self._settle(chain, probe=probe)

@@ -85,11 +85,13 @@ class Router:
             dispatcher.start()
         self._started = True
 
-    def deliver(self, profiles: Sequence[Sequence[PendingChange]], done: Callable[[int], None]) -> None:
+    def deliver(self, profiles: Sequence[Sequence[PendingChange]], done: Callable[[int], None],
+                read_at: float | None = None) -> None:
         """Hand over the changes of ``profiles``; ``done(i)`` is called once every change of
         profile ``i`` was handled by every handler that wants it, dead-lettered, or dropped
-        (revoked). A profile no handler wants is done at once."""
-        delivery = Delivery(done, time.monotonic(), len(profiles))
+        (revoked). A profile no handler wants is done at once. ``read_at`` (monotonic; default
+        now): when the oldest of their records was read, where their age starts."""
+        delivery = Delivery(done, time.monotonic() if read_at is None else read_at, len(profiles))
         remaining = delivery.remaining
         everything = self._everything
         if everything is not None:  # one handler that takes every change: no routing needed
