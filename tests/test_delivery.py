@@ -334,7 +334,7 @@ async def test_a_handler_that_asks_for_it_gets_a_context_with_attempts_deadline_
 
     async def with_context(change: SegmentChange, context: HandlerContext) -> None:
         seen.append((context.attempt, context.time_left(), context.log.name))
-        context.metrics.count("calls", outcome="first" if context.attempt == 1 else "retry")
+        context.metrics.count("tries", outcome="first" if context.attempt == 1 else "retry")
         if change.change_id not in failed_once and change.change_id.startswith(("0", "1", "2")):
             failed_once.add(change.change_id)
             raise RuntimeError("once")
@@ -347,5 +347,5 @@ async def test_a_handler_that_asks_for_it_gets_a_context_with_attempts_deadline_
     assert attempts[2] == len(failed_once) and set(attempts) == {1, 2}
     assert all(0 < left <= FAST.handler_timeout_s for _, left, _ in seen)
     assert {name for _, _, name in seen} == {"segment_relay.handler.ctx"}
-    counters = router.snapshot()[0].counters["calls"]
+    counters = router.snapshot()[0].counters["tries"]
     assert counters == {(("outcome", "first"),): len(seen) - len(failed_once), (("outcome", "retry"),): len(failed_once)}

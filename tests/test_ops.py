@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import aiohttp
 import orjson
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from segment_relay.consumer.pipeline import PipelineSnapshot
 from segment_relay.consumer.sources.base import SourceSnapshot
@@ -148,8 +148,6 @@ def test_readiness_reason_from_the_check() -> None:
 
 
 def test_handler_metrics_of_a_handler_are_exported_with_its_name() -> None:
-    from prometheus_client import generate_latest
-
     from segment_relay.handlers.api import HandlerMetrics
 
     metrics = HandlerMetrics("crm")
@@ -166,6 +164,41 @@ def test_handler_metrics_of_a_handler_are_exported_with_its_name() -> None:
     assert 'segment_relay_handler_responses_total{handler="crm",status="429"} 1.0' in text
     assert 'segment_relay_handler_responses_total{handler="crm",status="200"} 2.0' in text
     assert 'segment_relay_handler_quota_left{handler="crm"} 17.0' in text
+
+
+def test_a_handler_metric_cannot_take_a_name_the_relay_uses_and_every_built_in_is_reserved() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from segment_relay.handlers.api import RELAY_HANDLER_METRICS, HandlerMetrics
+
+    metrics = HandlerMetrics("crm")
+    for taken in ("calls", "calls_total", "latency_seconds_count", "circuit_open", "dropped_changes"):
+        with pytest.raises(ValueError, match="relay's own"):
+            metrics.count(taken)
+    metrics.count("calls_by_status", status="200")  # a name of its own is fine
+    stats = Snapshots()
+    stats.handlers = (handler_snapshot("crm", counters=metrics.counters),)
+    text = generate_latest(metrics_registry(stats)).decode()
+    built_in = {family.name.removeprefix("segment_relay_handler_") for family in text_string_to_metric_families(text)
+                if family.name.startswith("segment_relay_handler_") and family.name != "segment_relay_handler_calls_by_status"}
+    assert built_in and built_in <= RELAY_HANDLER_METRICS  # a new built-in must be added to the reserved names
+
+
+def test_handlers_using_one_metric_name_with_different_labels_keep_every_label() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from segment_relay.handlers.api import HandlerMetrics
+
+    crm, mail = HandlerMetrics("crm"), HandlerMetrics("mail")
+    crm.count("responses", status="429")
+    mail.count("responses", provider="ses")
+    stats = Snapshots()
+    stats.handlers = (handler_snapshot("crm", counters=crm.counters), handler_snapshot("mail", counters=mail.counters))
+    text = generate_latest(metrics_registry(stats)).decode()
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "segment_relay_handler_responses"]
+    samples = {(s.labels["handler"], s.labels["status"], s.labels["provider"]) for s in family.samples
+               if s.name.endswith("_total")}
+    assert samples == {("crm", "429", ""), ("mail", "", "ses")}
 
 
 async def test_ready_false_when_extra_ready_raises() -> None:

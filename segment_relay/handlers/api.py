@@ -88,6 +88,16 @@ class BatchResult:
 
 
 _METRIC_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+# The relay's own segment_relay_handler_* families (ops/metrics.py) and the sample names they
+# expose: a handler's metric may not take any of them, or /metrics would show one name twice.
+_RELAY_COUNTERS = ("calls", "failures", "circuit_opened", "dropped_changes")
+_RELAY_GAUGES = ("pending_changes", "circuit_open")
+_RELAY_HISTOGRAMS = ("latency_seconds", "batch_size")
+RELAY_HANDLER_METRICS = frozenset(
+    [*_RELAY_COUNTERS, *_RELAY_GAUGES, *_RELAY_HISTOGRAMS]
+    + [f"{name}{suffix}" for name in _RELAY_COUNTERS for suffix in ("_total", "_created")]
+    + [f"{name}{suffix}" for name in _RELAY_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count", "_created")]
+)
 
 
 class HandlerMetrics:
@@ -96,7 +106,8 @@ class HandlerMetrics:
     ``metrics.count("crm_responses", status="429")`` becomes
     ``segment_relay_handler_crm_responses_total{handler="crm-sync",status="429"}``;
     ``metrics.set("crm_quota_left", 120)`` becomes ``segment_relay_handler_crm_quota_left``.
-    A name keeps the label names it was first used with."""
+    A name keeps the label names it was first used with, and may not be one of the relay's own
+    (``calls``, ``failures``, ... see RELAY_HANDLER_METRICS)."""
 
     def __init__(self, handler: str) -> None:
         self.handler = handler
@@ -122,6 +133,9 @@ class HandlerMetrics:
             raise ValueError(f"metric and label names are lower-case letters, digits and _: {name!r} {names}")
         if "handler" in names:
             raise ValueError("the label 'handler' is set by the relay")
+        if name in RELAY_HANDLER_METRICS or name.removesuffix("_total") in RELAY_HANDLER_METRICS:
+            raise ValueError(f"metric {name!r} is one of the relay's own segment_relay_handler_* metrics: "
+                             "choose another name")
         if known != names:
             raise ValueError(f"metric {name!r} was first used with labels {known}, now with {names}")
         return name
@@ -220,7 +234,7 @@ class Handler:
     name: str = ""
     #: Used when neither the class nor its methods declare routes.
     routes: tuple[Route, ...] = (Route(),)
-    #: For a batch handler: at most this many changes per call (default: handlers.batch_max_changes).
+    #: For a batch handler: at most this many changes per call (default: batch.max_changes).
     batch_max_changes: int | None = None
 
     _method_routes: tuple[tuple[str, Route, bool], ...] = ()  # (method name, route, wants a context)

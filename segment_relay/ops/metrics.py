@@ -157,7 +157,9 @@ def _handler_metrics(handlers: tuple[HandlerSnapshot, ...]) -> Iterator[Any]:
     dropped = CounterMetricFamily("segment_relay_handler_dropped_changes",
                                   "Changes never handed to the handler because their partition was revoked",
                                   labels=["handler"])
-    custom: dict[tuple[str, str], Any] = {}
+    # Handlers' own metrics: one family per kind and name across handlers, with every label name
+    # any of them used (a label a handler does not set is empty), so that none is lost or mislabelled.
+    custom: dict[tuple[str, str], list[tuple[str, dict[str, str], float]]] = {}
     for h in handlers:
         for outcome, histogram in h.latency.items():
             if histogram.count:
@@ -172,18 +174,17 @@ def _handler_metrics(handlers: tuple[HandlerSnapshot, ...]) -> Iterator[Any]:
         dropped.add_metric([h.name], h.dropped)
         for kind, series_by_name in (("counter", h.counters), ("gauge", h.gauges)):
             for name, series in series_by_name.items():
-                for labels, value in series.items():
-                    family = custom.get((kind, name))
-                    if family is None:
-                        label_names = ["handler", *(label for label, _ in labels)]
-                        documentation = f"Reported by handlers through HandlerContext.metrics ({name})"
-                        family = custom[(kind, name)] = (
-                            CounterMetricFamily(f"segment_relay_handler_{name}", documentation, labels=label_names)
-                            if kind == "counter" else
-                            GaugeMetricFamily(f"segment_relay_handler_{name}", documentation, labels=label_names))
-                    family.add_metric([h.name, *(v for _, v in labels)], value)
+                samples = custom.setdefault((kind, name), [])
+                samples.extend((h.name, dict(labels), value) for labels, value in series.items())
     yield from (latency, sizes, failures, calls, pending, circuit, opened, dropped)
-    yield from custom.values()
+    for (kind, name), samples in custom.items():
+        label_names = sorted({label for _, labels, _ in samples for label in labels})
+        documentation = f"Reported by handlers through HandlerContext.metrics ({name})"
+        family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        family = family_type(f"segment_relay_handler_{name}", documentation, labels=["handler", *label_names])
+        for handler, labels, value in samples:
+            family.add_metric([handler, *(labels.get(label, "") for label in label_names)], value)
+        yield family
 
 
 def _source_metrics(source: SourceSnapshot) -> Iterator[Any]:
