@@ -14,7 +14,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 from hypothesis import given
 from hypothesis import strategies as st
-from state_cases import AWKWARD_KEYS
+from state_cases import AWKWARD_KEYS, check_save_many_keeps_the_conditional_rules
 
 from segment_relay.consumer.export import SegmentStatus
 from segment_relay.consumer.membership import StoredMembership
@@ -472,24 +472,12 @@ async def test_throttled_batch_get_item_is_retried(client: Any, table: str) -> N
 
 
 async def test_save_many_keeps_the_conditional_rules(store: DynamoDBStore, dynalite: Emulator) -> None:
-    other = ("aep", "seg-2")
-    await store.save_many({"p": {K: m(REALIZED, 20), other: m(REALIZED, 20)}, "q": {K: m(EXITED, 5)}})
-    # One call: older values are refused while the newer ones beside them, in the same call, are applied.
-    await store.save_many({
-        "p": {K: m(EXITED, 10), other: m(EXITED, 30)},
-        "q": {K: m(EXISTING, 5)},  # same time, another status: replaces
-        "r": {K: m(REALIZED, 1)},
-    })
-    expected = {"p": {K: m(REALIZED, 20), other: m(EXITED, 30)}, "q": {K: m(EXISTING, 5)}, "r": {K: m(REALIZED, 1)}}
-    assert await store.load_many(dict.fromkeys(expected)) == expected
-    # Across calls, and from another client of the table (another replica): still refused.
-    replica = DynamoDBStore(store.table, endpoint_url=dynalite.endpoint)
-    await replica.open()
-    try:
-        await replica.save_many({"p": {K: m(EXISTING, 19), other: m(REALIZED, 29)}, "r": {K: m(REALIZED, 1)}})
-    finally:
-        await replica.close()
-    assert await store.load_many({"p": [K, other], "q": None, "r": [K]}) == expected
+    async def replica() -> DynamoDBStore:  # another client of the table: another replica
+        other = DynamoDBStore(store.table, endpoint_url=dynalite.endpoint)
+        await other.open()
+        return other
+
+    await check_save_many_keeps_the_conditional_rules(store, replica)
 
 
 async def test_a_failing_write_does_not_stop_the_others_of_its_save_many(client: Any, table: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from state_cases import AWKWARD_KEYS
+from state_cases import AWKWARD_KEYS, check_save_many_keeps_the_conditional_rules
 
 from segment_relay.config import ConfigError, load_config, secrets_in
 from segment_relay.consumer.export import SegmentStatus
@@ -316,24 +316,12 @@ async def test_batch_calls_of_nothing_send_nothing(store: RedisStore, recording:
 
 
 async def test_save_many_keeps_the_conditional_rules(store: RedisStore, redis_server: RedisServer, prefix: str) -> None:
-    other = ("aep", "seg-2")
-    await store.save_many({"p": {K: m(REALIZED, 20), other: m(REALIZED, 20)}, "q": {K: m(EXITED, 5)}})
-    # One call: older values are refused while the newer ones beside them, in the same call, are applied.
-    await store.save_many({
-        "p": {K: m(EXITED, 10), other: m(EXITED, 30)},
-        "q": {K: m(EXISTING, 5)},  # same time, another status: replaces
-        "r": {K: m(REALIZED, 1)},
-    })
-    expected = {"p": {K: m(REALIZED, 20), other: m(EXITED, 30)}, "q": {K: m(EXISTING, 5)}, "r": {K: m(REALIZED, 1)}}
-    assert await store.load_many(dict.fromkeys(expected)) == expected
-    # Across calls, and from another client of the server (another replica): still refused.
-    replica = RedisStore(redis_server.url, key_prefix=prefix)
-    await replica.open()
-    try:
-        await replica.save_many({"p": {K: m(EXISTING, 19), other: m(REALIZED, 29)}, "r": {K: m(REALIZED, 1)}})
-    finally:
-        await replica.close()
-    assert await store.load_many({"p": [K, other], "q": None, "r": [K]}) == expected
+    async def replica() -> RedisStore:  # another client of the server: another replica
+        other = RedisStore(redis_server.url, key_prefix=prefix)
+        await other.open()
+        return other
+
+    await check_save_many_keeps_the_conditional_rules(store, replica)
 
 
 async def test_save_many_recovers_from_a_flushed_script_cache(store: RedisStore, recording: RecordingClient,
