@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from segment_relay import SegmentChange
 from segment_relay.handlers.api import FunctionHandler
@@ -102,3 +103,53 @@ class ReplicaProcesses:
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=10)
+
+
+class PartitionSpy:
+    """Records, with monotonic times, what a pipeline is told about its partitions
+    (assigned, revoked), what it commits, and each checkpoint round, to check that nothing of a
+    lost partition is handled or committed after the loss."""
+
+    def __init__(self, pipeline: Any, source: Any) -> None:
+        self.assigned: list[tuple[float, str]] = []
+        self.revoked: list[tuple[float, str]] = []
+        self.commits: list[tuple[float, str]] = []
+        self.checkpoint_rounds = 0
+        assigned, revoked, commit, checkpoint = pipeline.assigned, pipeline.revoked, source.commit, pipeline.checkpoint
+
+        def assigned_spy(partition: str, epoch: int) -> None:
+            self.assigned.append((time.monotonic(), partition))
+            assigned(partition, epoch)
+
+        def revoked_spy(partition: str) -> None:
+            self.revoked.append((time.monotonic(), partition))
+            revoked(partition)
+
+        async def commit_spy(partition: str, position: Any) -> None:
+            self.commits.append((time.monotonic(), partition))
+            await commit(partition, position)
+
+        async def checkpoint_spy() -> None:
+            await checkpoint()
+            self.checkpoint_rounds += 1
+
+        pipeline.assigned, pipeline.revoked, pipeline.checkpoint = assigned_spy, revoked_spy, checkpoint_spy
+        source.commit = commit_spy
+
+    async def checkpoint_rounds_pass(self, rounds: int = 2) -> None:
+        """Until ``rounds`` more checkpoint rounds ran: each one had its chance to commit wrongly."""
+        target = self.checkpoint_rounds + rounds
+        await poll(lambda: self.checkpoint_rounds >= target, f"{rounds} more checkpoint rounds")
+
+    def after_loss(self, handled: list[tuple[float, SegmentChange]]) -> tuple[list[SegmentChange], list[float]]:
+        """The changes in ``handled`` (start time, change) and the commits of a partition that
+        came after it was lost and before it was assigned here again (if the balancer gave it back,
+        it is read from its checkpoint anew)."""
+        late: list[SegmentChange] = []
+        commits: list[float] = []
+        for lost_at, lost in self.revoked:
+            back_at = min((at for at, partition in self.assigned if partition == lost and at > lost_at),
+                          default=float("inf"))
+            late += [c for started, c in handled if c.partition == lost and lost_at < started < back_at]
+            commits += [at for at, partition in self.commits if partition == lost and lost_at < at < back_at]
+        return late, commits

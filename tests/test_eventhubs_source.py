@@ -16,7 +16,7 @@ import pytest
 from azure.eventhub.amqp import AmqpMessageBodyType
 from azure.storage.blob.aio import BlobServiceClient
 from prometheus_client import generate_latest
-from support import Collector, poll
+from support import Collector, PartitionSpy, poll
 
 from segment_relay import SegmentChange
 from segment_relay.app import Relay
@@ -491,50 +491,28 @@ async def test_a_partition_taken_over_while_its_events_are_queued_reaches_no_han
     config = relay_config(emulator, azurite, container, tmp_path, max_batch_size=50)
     config = config.model_copy(update={"state": f"sqlite:{tmp_path / 'state.sqlite'}", "handlers": []})
     relays = {worker: Relay(config, extra_handlers=[handler(worker)]) for worker in ("a", "b")}
-    revoked: list[tuple[float, str]] = []
-    assigned: list[tuple[float, str]] = []
-    commits: list[tuple[float, str]] = []
-    pipeline_a, source_a = relays["a"].pipeline, relays["a"].source
-    original_revoked, original_assigned, original_commit = pipeline_a.revoked, pipeline_a.assigned, source_a.commit
-
-    def revoked_spy(partition: str) -> None:
-        revoked.append((time.monotonic(), partition))
-        original_revoked(partition)
-
-    def assigned_spy(partition: str, epoch: int) -> None:
-        assigned.append((time.monotonic(), partition))
-        original_assigned(partition, epoch)
-
-    async def commit_spy(partition: str, position: Any) -> None:
-        commits.append((time.monotonic(), partition))
-        await original_commit(partition, position)
-
-    pipeline_a.revoked = revoked_spy  # type: ignore[method-assign]
-    pipeline_a.assigned = assigned_spy  # type: ignore[method-assign]
-    source_a.commit = commit_spy  # type: ignore[method-assign]
+    spy = PartitionSpy(relays["a"].pipeline, relays["a"].source)
+    pipeline_a = relays["a"].pipeline
     runs = {"a": asyncio.create_task(relays["a"].run())}
     try:
         await poll(lambda: len(relays["a"].snapshot().source.owned or ()) == 4, "A to claim every partition")
         await poll(lambda: sum(map(len, blocked.values())) == 8 and pipeline_a.snapshot().profiles_waiting > 0,
                    "events of the stuck profiles to queue up in A")
         runs["b"] = asyncio.create_task(relays["b"].run())
-        await poll(lambda: bool(revoked), "A to lose a partition to B", timeout_s=30)
+        await poll(lambda: bool(spy.revoked), "A to lose a partition to B", timeout_s=30)
         gate.set()
         handled = lambda: {_shape(c) for worker in calls for _, c in calls[worker]}  # noqa: E731
         await poll(lambda: handled() >= set(truth.changes), "every change, from one replica or the other",
                    timeout_s=60)
-        await asyncio.sleep(0.5)  # checkpoint intervals: A must not checkpoint what it lost in any of them
+        await spy.checkpoint_rounds_pass()  # A must not checkpoint what it lost in any of them
     finally:
         gate.set()
         for relay in relays.values():
             relay.stop()
         await asyncio.wait_for(asyncio.gather(*runs.values()), 60)
-    for lost_at, lost in revoked:
-        # Until A claims it again, if the balancer gives it back (then it reads from the checkpoint anew).
-        back_at = min((at for at, partition in assigned if partition == lost and at > lost_at), default=float("inf"))
-        late = [c for started, c in calls["a"] if c.partition == lost and lost_at < started < back_at]
-        assert late == [], f"{len(late)} changes of partition {lost} reached A's handler after A lost it"
-        assert not [at for at, partition in commits if partition == lost and lost_at < at < back_at]
+    late, commits = spy.after_loss(calls["a"])
+    assert late == [], f"{len(late)} changes of a lost partition reached A's handler after A lost it"
+    assert commits == []
     assert pipeline_a.snapshot().records_dropped > 0  # what A still held of the partitions it lost
     assert handled() == set(truth.changes)  # nothing lost; nothing the rules do not produce
 

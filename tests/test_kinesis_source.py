@@ -8,12 +8,11 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiobotocore.session import get_session
 from prometheus_client import generate_latest
-from support import Change, Collector, poll
+from support import Change, Collector, PartitionSpy, poll
 
 from segment_relay import SegmentChange
 from segment_relay.app import Relay
@@ -269,50 +268,29 @@ async def test_a_lease_lost_while_its_records_are_queued_reaches_no_handler_afte
                       extra_handlers=[handler(worker)])
         for worker in ("a", "b")
     }
-    revoked: list[tuple[float, str]] = []
-    assigned: list[tuple[float, str]] = []
-    commits: list[tuple[float, str]] = []
-    pipeline_a, source_a = relays["a"].pipeline, relays["a"].source
-    original_revoked, original_assigned, original_commit = pipeline_a.revoked, pipeline_a.assigned, source_a.commit
-
-    def revoked_spy(partition: str) -> None:
-        revoked.append((time.monotonic(), partition))
-        original_revoked(partition)
-
-    def assigned_spy(partition: str, epoch: int) -> None:
-        assigned.append((time.monotonic(), partition))
-        original_assigned(partition, epoch)
-
-    async def commit_spy(partition: str, position: Any) -> None:
-        commits.append((time.monotonic(), partition))
-        await original_commit(partition, position)
-
-    pipeline_a.revoked = revoked_spy  # type: ignore[method-assign]
-    pipeline_a.assigned = assigned_spy  # type: ignore[method-assign]
-    source_a.commit = commit_spy  # type: ignore[method-assign]
+    spy = PartitionSpy(relays["a"].pipeline, relays["a"].source)
+    pipeline_a = relays["a"].pipeline
     runs = {"a": asyncio.create_task(relays["a"].run())}
     try:
         await poll(lambda: len(relays["a"].snapshot().source.owned or ()) == 2, "A to take both shards")
         await poll(lambda: sum(map(len, blocked.values())) == 4 and pipeline_a.snapshot().profiles_waiting > 0,
                    "records of the stuck profiles to queue up in A")
         runs["b"] = asyncio.create_task(relays["b"].run())
-        await poll(lambda: bool(revoked), "A to learn that B took a shard", timeout_s=30)
-        lost_at, lost = revoked[0]
+        await poll(lambda: bool(spy.revoked), "A to learn that B took a shard", timeout_s=30)
+        lost = spy.revoked[0][1]
         gate.set()
         handled = lambda: {shape for worker in calls for _, c in calls[worker] for shape in [_shape(c)]}  # noqa: E731
         await poll(lambda: handled() >= set(truth.changes), "every change, from one replica or the other",
                    timeout_s=60)
-        await asyncio.sleep(0.5)  # checkpoint intervals: A must not commit the lost shard in any of them
+        await spy.checkpoint_rounds_pass()  # A must not commit the lost shard in any of them
     finally:
         gate.set()
         for relay in relays.values():
             relay.stop()
         await asyncio.wait_for(asyncio.gather(*runs.values()), 60)
-    # Until A takes it again, if the balancer ever gives it back (it then reads from the checkpoint anew).
-    back_at = min((at for at, partition in assigned if partition == lost and at > lost_at), default=float("inf"))
-    late = [c for started, c in calls["a"] if c.partition == lost and lost_at < started < back_at]
+    late, commits = spy.after_loss(calls["a"])
     assert late == [], f"{len(late)} changes of the lost shard reached A's handler after the loss"
-    assert not [at for at, partition in commits if partition == lost and lost_at < at < back_at]
+    assert commits == []
     assert pipeline_a.snapshot().records_dropped > 0  # what A still held of the lost shard
     assert any(c.partition == lost for _, c in calls["b"])  # the new owner carried on with it
     assert handled() == set(truth.changes)  # nothing lost; nothing the rules do not produce

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-from support import poll
+from support import PartitionSpy, poll
 
 from segment_relay import SegmentChange
 from segment_relay.consumer.deadletter import MemoryDeadLetter
@@ -119,6 +119,7 @@ async def test_a_revoked_partition_reaches_no_handler_after_the_revoke_and_its_n
     store = MemoryStore()  # shared with the new owner, as replicas share a membership store
     old = Pipeline(old_source, store, Router([FunctionHandler(handler, name="h")], dead, retry=FAST, concurrency=8),
                    dead, settings=PipelineSettings(checkpoint_interval_s=0.05))
+    spy = PartitionSpy(old, old_source)
     run = asyncio.create_task(old.run())
     try:
         old_source.push_all("p0")
@@ -132,7 +133,7 @@ async def test_a_revoked_partition_reaches_no_handler_after_the_revoke_and_its_n
         revoked_at = old_source.revoke("p0")
         gate.set()  # the calls in flight at the revoke finish; nothing else of p0 may start
         await poll(lambda: old.in_flight == 0, "the old owner to let go of p0")
-        await asyncio.sleep(0.2)  # several checkpoint intervals: none may commit p0
+        await spy.checkpoint_rounds_pass(3)  # none of them may commit p0
     finally:
         gate.set()
         old.stop()
