@@ -51,6 +51,11 @@ def changes_in(paths: list[Path]) -> Counter[Change]:
     return found
 
 
+def shape(change: SegmentChange) -> Change:
+    """A change in the reference model's shape."""
+    return change.profile_key, change.segment_id, change.change.value, iso_utc(change.qualified_at)
+
+
 class Collector:
     """A handler that keeps every change it is given, in the reference model's shape."""
 
@@ -59,8 +64,7 @@ class Collector:
 
     def handler(self) -> FunctionHandler:
         async def collect(change: SegmentChange) -> None:
-            self.changes.append((change.profile_key, change.segment_id, change.change.value,
-                                 iso_utc(change.qualified_at)))
+            self.changes.append(shape(change))
 
         return FunctionHandler(collect, name="collector")
 

@@ -16,7 +16,7 @@ import pytest
 from azure.eventhub.amqp import AmqpMessageBodyType
 from azure.storage.blob.aio import BlobServiceClient
 from prometheus_client import generate_latest
-from support import Collector, PartitionSpy, poll
+from support import Collector, PartitionSpy, poll, shape
 
 from segment_relay import SegmentChange
 from segment_relay.app import Relay
@@ -27,7 +27,7 @@ from segment_relay.ops.metrics import metrics_registry
 from segment_relay.testing.azure import Azurite
 from segment_relay.testing.eventhubs.produce import send_exports
 from segment_relay.testing.eventhubs.server import EventHubsEmulator
-from segment_relay.testing.exports import StreamSpec, expected_changes, generate, iso_utc
+from segment_relay.testing.exports import StreamSpec, expected_changes, generate
 
 HUB = "exports"
 
@@ -501,7 +501,7 @@ async def test_a_partition_taken_over_while_its_events_are_queued_reaches_no_han
         runs["b"] = asyncio.create_task(relays["b"].run())
         await poll(lambda: bool(spy.revoked), "A to lose a partition to B", timeout_s=30)
         gate.set()
-        handled = lambda: {_shape(c) for worker in calls for _, c in calls[worker]}  # noqa: E731
+        handled = lambda: {shape(c) for worker in calls for _, c in calls[worker]}  # noqa: E731
         await poll(lambda: handled() >= set(truth.changes), "every change, from one replica or the other",
                    timeout_s=60)
         await spy.checkpoint_rounds_pass()  # A must not checkpoint what it lost in any of them
@@ -516,6 +516,3 @@ async def test_a_partition_taken_over_while_its_events_are_queued_reaches_no_han
     assert pipeline_a.snapshot().records_dropped > 0  # what A still held of the partitions it lost
     assert handled() == set(truth.changes)  # nothing lost; nothing the rules do not produce
 
-
-def _shape(change: SegmentChange) -> tuple[str, str, str, str]:
-    return change.profile_key, change.segment_id, change.change.value, iso_utc(change.qualified_at)

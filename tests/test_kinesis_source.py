@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiobotocore.session import get_session
 from prometheus_client import generate_latest
-from support import Change, Collector, PartitionSpy, poll
+from support import Change, Collector, PartitionSpy, poll, shape
 
 from segment_relay import SegmentChange
 from segment_relay.app import Relay
@@ -20,7 +20,7 @@ from segment_relay.config import load_config
 from segment_relay.handlers.api import FunctionHandler
 from segment_relay.ops.metrics import metrics_registry
 from segment_relay.testing.aws import Emulator
-from segment_relay.testing.exports import StreamSpec, expected_changes, generate, iso_utc
+from segment_relay.testing.exports import StreamSpec, expected_changes, generate
 from segment_relay.testing.kinesis import create_stream, put_records
 
 
@@ -279,7 +279,7 @@ async def test_a_lease_lost_while_its_records_are_queued_reaches_no_handler_afte
         await poll(lambda: bool(spy.revoked), "A to learn that B took a shard", timeout_s=30)
         lost = spy.revoked[0][1]
         gate.set()
-        handled = lambda: {shape for worker in calls for _, c in calls[worker] for shape in [_shape(c)]}  # noqa: E731
+        handled = lambda: {shape(c) for worker in calls for _, c in calls[worker]}  # noqa: E731
         await poll(lambda: handled() >= set(truth.changes), "every change, from one replica or the other",
                    timeout_s=60)
         await spy.checkpoint_rounds_pass()  # A must not commit the lost shard in any of them
@@ -295,6 +295,3 @@ async def test_a_lease_lost_while_its_records_are_queued_reaches_no_handler_afte
     assert any(c.partition == lost for _, c in calls["b"])  # the new owner carried on with it
     assert handled() == set(truth.changes)  # nothing lost; nothing the rules do not produce
 
-
-def _shape(change: SegmentChange) -> Change:
-    return change.profile_key, change.segment_id, change.change.value, iso_utc(change.qualified_at)
