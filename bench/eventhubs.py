@@ -23,7 +23,10 @@ its start (client creation; for the relay also its start-up checks and the owner
 blobs) until the N-th event is received (bare) or finished (relay); both import the SDK before the
 timer (the relay would import it in its start()). The table also shows when every partition was
 claimed, when the first event arrived, and the rate from the first event on (start-up left out).
-The variants run ``--repeat`` times, interleaved; the fastest run counts (peak RSS: the largest
+``--bare-work-us N`` makes the bare consumer's callback spend N µs of pure CPU per event: on this
+machine 30 µs per event (about what the relay's pipeline costs) brings the bare consumer to
+0.85-0.89x of itself, since the SDK's fixed 50 ms polling sleeps hide only part of any consumer's
+own work. The variants run ``--repeat`` times, interleaved; the fastest run counts (peak RSS: the largest
 over a variant's runs). The relay calls tune_gc() as ``segment-relay run`` does; the bare consumer
 keeps Python's defaults. The consumer subprocess is pinned to CPU 1 and the emulator and Azurite
 (every thread) to CPU 0, so emulator and consumer never share a core; their CPU seconds during
@@ -132,10 +135,16 @@ async def run_bare(args: argparse.Namespace, phase: Phase) -> dict[str, Any]:
         if len(claimed) >= args.partitions:
             phase.all_claimed()
 
+    work_s = args.bare_work_us / 1e6
+
     async def on_event_batch(context: Any, events: list[Any]) -> None:
         nonlocal received
         if events:
             phase.first_record()
+            if work_s:  # --bare-work-us: pure CPU per event, as a consumer's own work would cost
+                until = time.perf_counter() + len(events) * work_s
+                while time.perf_counter() < until:
+                    pass
             received += len(events)
             if received >= args.events:
                 done.set()
@@ -219,7 +228,8 @@ def run_child(variant: str, args: argparse.Namespace, env: dict[str, Any], conta
                "--workdir", env["workdir"], "--timeout", str(args.timeout),
                "--checkpoint-interval", str(args.checkpoint_interval),
                "--load-balancing-interval", str(args.load_balancing_interval),
-               "--batch-size", str(args.batch_size), "--prefetch", str(args.prefetch)]
+               "--batch-size", str(args.batch_size), "--prefetch", str(args.prefetch),
+               "--bare-work-us", str(args.bare_work_us)]
     if container is not None:
         command += ["--container", container]
     if env["consumer_cpu"] is not None:
@@ -430,10 +440,11 @@ def parent_main(args: argparse.Namespace) -> None:
                 chosen["peak_rss_kb"] = max(run["peak_rss_kb"] for run in mine)
         import azure.eventhub
 
+        work = f" after {args.bare_work_us:g} us of pure CPU per event" if args.bare_work_us else ""
         print(f"\nsettings: relay state memory, no-op handler, checkpoint every {args.checkpoint_interval:g}s into "
               f"Azurite (fresh container per run), load_balancing_interval_s {args.load_balancing_interval:g}, "
               f"starting_position earliest; bare: EventHubConsumerClient.receive_batch from -1, in-memory "
-              f"checkpoint store, a callback that counts; both max_batch_size {args.batch_size}, prefetch "
+              f"checkpoint store, a callback that counts{work}; both max_batch_size {args.batch_size}, prefetch "
               f"{args.prefetch}; azure-eventhub {azure.eventhub.__version__}, python {sys.version.split()[0]}; "
               f"consumer on CPU {consumer_cpu}, emulator and Azurite on CPU {EMULATOR_CPU if can_pin else None}")
         report(best, runs, args)
@@ -454,6 +465,9 @@ def main() -> None:
     parser.add_argument("--checkpoint-interval", type=float, default=1.0, help="relay: seconds between checkpoints")
     parser.add_argument("--load-balancing-interval", type=float, default=1.0, help="seconds, both consumers")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a variant may take")
+    parser.add_argument("--bare-work-us", type=float, default=0.0,
+                        help="the bare consumer spends this many us of pure CPU per event in its callback: "
+                             "how much per-event work the SDK's own polling sleeps hide")
     parser.add_argument("--no-pin", action="store_true", help="do not pin emulators and consumers to CPUs")
     parser.add_argument("--profile", action="store_true", help="cProfile the relay and the bare variant instead")
     parser.add_argument("--profile-top", type=int, default=25, help="entries per --profile listing")
