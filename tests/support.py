@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,3 +157,50 @@ class PartitionSpy:
             late += [c for started, c in handled if c.partition == lost and lost_at < started < back_at]
             commits += [at for at, partition in self.commits if partition == lost and lost_at < at < back_at]
         return late, commits
+
+
+class Takeover:
+    """Replica A takes every partition and its handler holds ``stuck`` profiles of each until B
+    has taken some from it, so that A's pipeline still holds their later records at the loss.
+    Every handler call is recorded per replica with its start time."""
+
+    def __init__(self, stuck: int = 2) -> None:
+        self.stuck = stuck
+        self.gate = asyncio.Event()
+        self.blocked: dict[str, set[str]] = defaultdict(set)  # partition -> its held profiles
+        self.calls: dict[str, list[tuple[float, SegmentChange]]] = {"a": [], "b": []}
+
+    def handler(self, worker: str) -> FunctionHandler:
+        async def handle(change: SegmentChange) -> None:
+            self.calls[worker].append((time.monotonic(), change))
+            held = self.blocked[change.partition]
+            if worker == "a" and not self.gate.is_set() and (len(held) < self.stuck or change.profile_key in held):
+                held.add(change.profile_key)  # its later records wait behind it in A's pipeline
+                await self.gate.wait()
+
+        return FunctionHandler(handle, name="recorder")
+
+    def handled(self) -> set[Change]:
+        return {shape(c) for worker in self.calls for _, c in self.calls[worker]}
+
+    async def run(self, relays: dict[str, Any], partitions: int, truth: set[Change]) -> PartitionSpy:
+        """A alone until it holds records of every partition, then B too until every true change
+        was handled by one or the other and two more checkpoint rounds passed; both stopped."""
+        a = relays["a"]
+        spy = PartitionSpy(a.pipeline, a.source)
+        runs = {"a": asyncio.create_task(a.run())}
+        try:
+            await poll(lambda: len(a.snapshot().source.owned or ()) == partitions, "A to take every partition")
+            await poll(lambda: sum(map(len, self.blocked.values())) == self.stuck * partitions
+                       and a.pipeline.snapshot().profiles_waiting > 0, "records of the held profiles to queue up in A")
+            runs["b"] = asyncio.create_task(relays["b"].run())
+            await poll(lambda: bool(spy.revoked), "A to lose a partition to B", timeout_s=30)
+            self.gate.set()
+            await poll(lambda: self.handled() >= truth, "every change, from one replica or the other", timeout_s=60)
+            await spy.checkpoint_rounds_pass()  # A must not commit what it lost in any of them
+        finally:
+            self.gate.set()
+            for relay in relays.values():
+                relay.stop()
+            await asyncio.wait_for(asyncio.gather(*runs.values()), 60)
+        return spy

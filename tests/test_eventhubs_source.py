@@ -4,9 +4,8 @@ emulator, with the real Blob checkpoint store on Azurite."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,13 +15,11 @@ import pytest
 from azure.eventhub.amqp import AmqpMessageBodyType
 from azure.storage.blob.aio import BlobServiceClient
 from prometheus_client import generate_latest
-from support import Collector, PartitionSpy, poll, shape
+from support import Collector, Takeover, poll
 
-from segment_relay import SegmentChange
 from segment_relay.app import Relay
 from segment_relay.config import ConfigError, RelayConfig, load_config
 from segment_relay.errors import StartupError
-from segment_relay.handlers.api import FunctionHandler
 from segment_relay.ops.metrics import metrics_registry
 from segment_relay.testing.azure import Azurite
 from segment_relay.testing.eventhubs.produce import send_exports
@@ -474,45 +471,15 @@ async def test_a_partition_taken_over_while_its_events_are_queued_reaches_no_han
     records = list(generate(StreamSpec(seed=58, profiles=160, records=2000)))
     truth = expected_changes(records)
     await send_exports(emulator.connection_string(HUB), HUB, records)
-    gate = asyncio.Event()
-    blocked: dict[str, set[str]] = defaultdict(set)
-    calls: dict[str, list[tuple[float, SegmentChange]]] = {"a": [], "b": []}
-
-    def handler(worker: str) -> FunctionHandler:
-        async def handle(change: SegmentChange) -> None:
-            calls[worker].append((time.monotonic(), change))
-            stuck = blocked[change.partition]
-            if worker == "a" and not gate.is_set() and (len(stuck) < 2 or change.profile_key in stuck):
-                stuck.add(change.profile_key)
-                await gate.wait()
-
-        return FunctionHandler(handle, name="recorder")
-
+    takeover = Takeover()
     config = relay_config(emulator, azurite, container, tmp_path, max_batch_size=50)
     config = config.model_copy(update={"state": f"sqlite:{tmp_path / 'state.sqlite'}", "handlers": []})
-    relays = {worker: Relay(config, extra_handlers=[handler(worker)]) for worker in ("a", "b")}
-    spy = PartitionSpy(relays["a"].pipeline, relays["a"].source)
-    pipeline_a = relays["a"].pipeline
-    runs = {"a": asyncio.create_task(relays["a"].run())}
-    try:
-        await poll(lambda: len(relays["a"].snapshot().source.owned or ()) == 4, "A to claim every partition")
-        await poll(lambda: sum(map(len, blocked.values())) == 8 and pipeline_a.snapshot().profiles_waiting > 0,
-                   "events of the stuck profiles to queue up in A")
-        runs["b"] = asyncio.create_task(relays["b"].run())
-        await poll(lambda: bool(spy.revoked), "A to lose a partition to B", timeout_s=30)
-        gate.set()
-        handled = lambda: {shape(c) for worker in calls for _, c in calls[worker]}  # noqa: E731
-        await poll(lambda: handled() >= set(truth.changes), "every change, from one replica or the other",
-                   timeout_s=60)
-        await spy.checkpoint_rounds_pass()  # A must not checkpoint what it lost in any of them
-    finally:
-        gate.set()
-        for relay in relays.values():
-            relay.stop()
-        await asyncio.wait_for(asyncio.gather(*runs.values()), 60)
-    late, commits = spy.after_loss(calls["a"])
+    relays = {worker: Relay(config, extra_handlers=[takeover.handler(worker)]) for worker in ("a", "b")}
+    spy = await takeover.run(relays, 4, set(truth.changes))
+    late, commits = spy.after_loss(takeover.calls["a"])
     assert late == [], f"{len(late)} changes of a lost partition reached A's handler after A lost it"
     assert commits == []
+    pipeline_a = relays["a"].pipeline
     assert pipeline_a.snapshot().records_dropped > 0  # what A still held of the partitions it lost
-    assert handled() == set(truth.changes)  # nothing lost; nothing the rules do not produce
+    assert takeover.handled() == set(truth.changes)  # nothing lost; nothing the rules do not produce
 

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
 from prometheus_client import generate_latest
-from support import Change, Collector, PartitionSpy, poll, shape
+from support import Change, Collector, Takeover, poll
 
-from segment_relay import SegmentChange
 from segment_relay.app import Relay
 from segment_relay.config import load_config
-from segment_relay.handlers.api import FunctionHandler
 from segment_relay.ops.metrics import metrics_registry
 from segment_relay.testing.aws import Emulator
 from segment_relay.testing.exports import StreamSpec, expected_changes, generate
@@ -247,51 +244,21 @@ async def test_a_lease_lost_while_its_records_are_queued_reaches_no_handler_afte
     async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
         await create_stream(client, stream_name, 2)
         await put_records(client, stream_name, records, in_flight=1)
-    gate = asyncio.Event()
-    blocked: dict[str, set[str]] = defaultdict(set)  # shard -> its stuck profiles
-    calls: dict[str, list[tuple[float, SegmentChange]]] = {"a": [], "b": []}
-
-    def handler(worker: str) -> FunctionHandler:
-        async def handle(change: SegmentChange) -> None:
-            calls[worker].append((time.monotonic(), change))
-            stuck = blocked[change.partition]
-            if worker == "a" and not gate.is_set() and (len(stuck) < 2 or change.profile_key in stuck):
-                stuck.add(change.profile_key)  # two profiles of each shard hold up their later records
-                await gate.wait()
-
-        return FunctionHandler(handle, name="recorder")
-
+    takeover = Takeover()
     config = relay_config(stream_name, tmp_path, kinesalite, dynalite, get_records_limit=100)
     config = config.model_copy(update={"state": f"sqlite:{tmp_path / 'state.sqlite'}", "handlers": []})
     relays = {
         worker: Relay(config.model_copy(update={"kinesis": config.kinesis.model_copy(update={"worker_id": worker})}),
-                      extra_handlers=[handler(worker)])
+                      extra_handlers=[takeover.handler(worker)])
         for worker in ("a", "b")
     }
-    spy = PartitionSpy(relays["a"].pipeline, relays["a"].source)
-    pipeline_a = relays["a"].pipeline
-    runs = {"a": asyncio.create_task(relays["a"].run())}
-    try:
-        await poll(lambda: len(relays["a"].snapshot().source.owned or ()) == 2, "A to take both shards")
-        await poll(lambda: sum(map(len, blocked.values())) == 4 and pipeline_a.snapshot().profiles_waiting > 0,
-                   "records of the stuck profiles to queue up in A")
-        runs["b"] = asyncio.create_task(relays["b"].run())
-        await poll(lambda: bool(spy.revoked), "A to learn that B took a shard", timeout_s=30)
-        lost = spy.revoked[0][1]
-        gate.set()
-        handled = lambda: {shape(c) for worker in calls for _, c in calls[worker]}  # noqa: E731
-        await poll(lambda: handled() >= set(truth.changes), "every change, from one replica or the other",
-                   timeout_s=60)
-        await spy.checkpoint_rounds_pass()  # A must not commit the lost shard in any of them
-    finally:
-        gate.set()
-        for relay in relays.values():
-            relay.stop()
-        await asyncio.wait_for(asyncio.gather(*runs.values()), 60)
-    late, commits = spy.after_loss(calls["a"])
+    spy = await takeover.run(relays, 2, set(truth.changes))
+    lost = spy.revoked[0][1]
+    late, commits = spy.after_loss(takeover.calls["a"])
     assert late == [], f"{len(late)} changes of the lost shard reached A's handler after the loss"
     assert commits == []
+    pipeline_a = relays["a"].pipeline
     assert pipeline_a.snapshot().records_dropped > 0  # what A still held of the lost shard
-    assert any(c.partition == lost for _, c in calls["b"])  # the new owner carried on with it
-    assert handled() == set(truth.changes)  # nothing lost; nothing the rules do not produce
+    assert any(c.partition == lost for _, c in takeover.calls["b"])  # the new owner carried on with it
+    assert takeover.handled() == set(truth.changes)  # nothing lost; nothing the rules do not produce
 
