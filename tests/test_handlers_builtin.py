@@ -182,8 +182,9 @@ async def webhooks() -> AsyncIterator[list[WebhookHandler]]:
         await handler.close()
 
 
-async def started(webhooks: list[WebhookHandler], url: str, **kwargs: object) -> WebhookHandler:
-    handler = WebhookHandler(url, **kwargs)  # type: ignore[arg-type]
+async def started(webhooks: list[WebhookHandler], url: str, *, kind: type[WebhookHandler] = WebhookHandler,
+                  **kwargs: object) -> WebhookHandler:
+    handler = kind(url, **kwargs)  # type: ignore[arg-type]
     webhooks.append(handler)
     await handler.start()
     return handler
@@ -406,9 +407,7 @@ def test_parse_retry_after() -> None:
 async def test_webhook_batch_posts_an_array_with_a_stable_idempotency_key(
     hook: Hook, webhooks: list[WebhookHandler]
 ) -> None:
-    handler = WebhookBatchHandler(hook.url(), batch=10)
-    webhooks.append(handler)
-    await handler.start()
+    handler = await started(webhooks, hook.url(), kind=WebhookBatchHandler, batch=10)
     changes = [make_change(profile_key=f"ecid:{i}") for i in range(3)]
     assert await handler.handle_batch(changes) is None  # "ok" is not a failure report: all done
     assert await handler.handle_batch(changes) is None
@@ -422,9 +421,7 @@ async def test_webhook_batch_posts_an_array_with_a_stable_idempotency_key(
 async def test_webhook_batch_reads_the_changes_the_receiver_names_as_failed_or_rejected(
     hook: Hook, webhooks: list[WebhookHandler]
 ) -> None:
-    handler = WebhookBatchHandler(hook.url(), batch=10)
-    webhooks.append(handler)
-    await handler.start()
+    handler = await started(webhooks, hook.url(), kind=WebhookBatchHandler, batch=10)
     changes = [make_change(profile_key=f"ecid:{i}") for i in range(4)]
     report = {"failed": [changes[1].change_id, "not-in-this-batch"], "rejected": [changes[3].change_id]}
     hook.script.append((207, {}, orjson.dumps(report)))
