@@ -21,6 +21,7 @@ from segment_relay.consumer.export import (
     _fast_export,
     export_from_document,
     parse_export,
+    qualification_time,
     to_epoch_us,
 )
 
@@ -333,8 +334,13 @@ json_values = st.recursive(
 _KEY_NAMES = ["identityMap", "segmentMembership", "ups", "id", "primary", "authenticatedState", "status",
               "lastQualificationTime", "name", "createdAt", "ecid"]
 _STATUS_LIKE = st.sampled_from(["realized", "existing", "exited", "REALIZED", "", "gone"])
-_TIME_LIKE = st.sampled_from(["2022-01-11T21:24:39+0000", "2020-03-03T21:24:39Z", "2020-03-03", "0001-01-01T00:00:00+2359",
-                              "9999-12-31T23:59:59-2359", "2022-01-11T21:24:39", "x"]) | st.integers() | st.floats(allow_nan=False)
+_TIME_LIKE = st.sampled_from([
+    "2022-01-11T21:24:39+0000", "2020-03-03T21:24:39Z", "2020-03-03", "0001-01-01T00:00:00+2359",
+    "9999-12-31T23:59:59-2359", "2022-01-11T21:24:39", "x",
+    # where msgspec's RFC 3339 parser (the fast path) and datetime.fromisoformat differ
+    "2022-01-11t21:24:39z", "2022-01-11T21:24:39.1234567Z", "20220111T212439Z", "2022-01-11 21:24:39Z",
+    "2022-01-11T21:24:60Z", "2022-01-11T21:24:39,5Z", "2022-01-11T21:24:39+05",
+]) | st.integers() | st.floats(allow_nan=False)
 
 
 def _paths(node: Any, trail: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -551,6 +557,24 @@ def test_qualification_times_reach_handlers_in_utc() -> None:
     assert a.qualified_at == b.qualified_at == c.qualified_at
     assert a.qualified_at_us == b.qualified_at_us == c.qualified_at_us
     assert all(entry.qualified_at.tzinfo is UTC for entry in (a, b, c))
+
+
+@pytest.mark.parametrize(("text", "same_as"), [
+    ("2024-01-01t00:00:00z", "2024-01-01T00:00:00Z"),  # RFC 3339 allows lower case
+    ("2024-01-01T00:00:00.1234567Z", "2024-01-01T00:00:00.123457Z"),  # past microseconds: rounded
+    ("20240101T000000Z", "2024-01-01T00:00:00Z"),  # ISO 8601's basic form: only the reference path reads it
+])
+def test_both_paths_read_a_time_the_same_way(text: str, same_as: str) -> None:
+    def entry(time: str) -> Any:
+        raw = orjson.dumps({"identityMap": {"ecid": [{"id": "e1"}]},
+                            "segmentMembership": {"ups": {"s": {"status": "realized", "lastQualificationTime": time}}}})
+        _check(raw)  # the fast path, if it takes the record, agrees with the model
+        (segment,) = parse_export(raw).segments
+        return segment
+
+    assert (entry(text).qualified_at, entry(text).qualified_at_us) == (entry(same_as).qualified_at,
+                                                                         entry(same_as).qualified_at_us)
+    assert qualification_time(text) == qualification_time(same_as)
 
 
 def test_oversized_keys_are_refused_up_front_not_by_a_store_later() -> None:

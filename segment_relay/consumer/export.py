@@ -147,13 +147,21 @@ def to_epoch_us(moment: datetime) -> int:
 
 def qualification_time(text: str) -> tuple[datetime, int]:
     """A ``lastQualificationTime`` in UTC (what handlers get) and as epoch microseconds (what is
-    compared). Raises ValueError or OverflowError (e.g. year 1 with a positive offset)."""
-    return _SEGMENTS.moment(text)
+    compared). Raises ValueError or OverflowError (e.g. year 1 with a positive offset).
+
+    msgspec's RFC 3339 parser first, which is what the fast path decodes times with, so that both
+    paths give every time the same value (they differ past six fractional digits: msgspec rounds);
+    then ``datetime.fromisoformat`` for the ISO 8601 forms RFC 3339 leaves out (a record with one
+    takes the reference path)."""
+    try:
+        moment = msgspec.convert(text, datetime)
+    except msgspec.ValidationError:
+        moment = datetime.fromisoformat(text)  # raises ValueError
+    return _in_utc(moment)
 
 
-def _parse_time(text: str) -> tuple[datetime, int]:
-    moment = datetime.fromisoformat(text)  # reads both "Z" and "+0000"
-    if moment.tzinfo is not UTC:
+def _in_utc(moment: datetime) -> tuple[datetime, int]:
+    if moment.tzinfo is not UTC:  # "Z", "+0000" and "+00:00" all come as UTC already
         if moment.tzinfo is None:  # Adobe always sends an offset; a bare time is read as UTC
             moment = moment.replace(tzinfo=UTC)
         else:
@@ -162,35 +170,19 @@ def _parse_time(text: str) -> tuple[datetime, int]:
 
 
 class _Segments:
-    """What the records of a stream repeat, made once: the parsed times (a batch-segmented audience
-    gives thousands of profiles the same time, and a re-export soon after carries the times of the
-    export before it) and the segment keys (a stream has a few hundred segments at most, and
-    millions of profile states then share their keys instead of holding copies). Both tables are
-    bounded; past the bound, a value is simply made for the one record.
+    """The segment keys a stream repeats, made once: a stream has a few hundred segments at most,
+    and millions of profile states then share their keys instead of holding copies. The table is
+    bounded; past the bound, a key is simply made for the one record.
 
-    The time table is small on purpose. Streaming audiences give almost every qualification its
-    own time, and each time not yet seen costs an insertion on top of the parse: a table of 131k
-    times (22 MB) cost more than it saved in bench/pipeline.py (24.1 against 22.0 us per record
-    with 256 entries, in the same run), mostly in CPU cache misses. 256 entries still catch the
-    times that really repeat."""
+    Times are not kept: streaming audiences give almost every qualification its own time, and a
+    table of parsed times cost more in insertions and CPU cache misses than it saved. msgspec
+    parses each time while it decodes the record, which costs less."""
 
-    MAX_MOMENTS = 256
     MAX_KEYS = 1 << 16
 
     def __init__(self) -> None:
-        self.moments: dict[str, tuple[datetime, int]] = {}
         self.keys: dict[str, dict[str, SegmentKey]] = {}  # namespace -> segment id -> key
         self._key_count = 0
-
-    def moment(self, text: str) -> tuple[datetime, int]:
-        """Raises ValueError or OverflowError for a time that does not parse."""
-        moment = self.moments.get(text)
-        if moment is None:
-            moment = _parse_time(text)
-            if len(self.moments) >= self.MAX_MOMENTS:
-                self.moments.clear()  # a stream of ever-new times: start over rather than track age
-            self.moments[text] = moment
-        return moment
 
     def namespace(self, namespace: str) -> dict[str, SegmentKey]:
         keys = self.keys.get(namespace)
@@ -212,7 +204,7 @@ class _Segments:
     def entry(self, namespace: str, segment_id: str, status: SegmentStatus, time: str, name: str | None
               ) -> SegmentEntry:
         """Raises ValueError or OverflowError for a time that does not parse."""
-        moment, moment_us = self.moment(time)
+        moment, moment_us = qualification_time(time)
         key = self.key(self.namespace(namespace), namespace, segment_id)
         return SegmentEntry(key[0], key[1], status, moment, moment_us, name, key)
 
@@ -280,7 +272,7 @@ _FastName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
 
 class _FastMembership(msgspec.Struct, gc=False):
     status: SegmentStatus
-    lastQualificationTime: str
+    lastQualificationTime: datetime  # RFC 3339, parsed by msgspec; any other form takes the reference path
     name: Any = None  # cosmetic: used only when it is a string
 
 
@@ -317,19 +309,20 @@ def _fast_export(raw: bytes | str) -> ProfileExport | None:
     segments: list[SegmentEntry] = []
     append = segments.append
     shared = _SEGMENTS
-    moments = shared.moments
     for namespace, audiences in body.segmentMembership.items():
         keys = shared.keys.get(namespace) or shared.namespace(namespace)
         for segment_id, membership in audiences.items():
-            moment = moments.get(membership.lastQualificationTime)
-            if moment is None:
+            moment = membership.lastQualificationTime
+            if moment.tzinfo is UTC:  # the usual case, inlined
+                moment_us = (moment - _EPOCH) // _MICROSECOND
+            else:
                 try:
-                    moment = shared.moment(membership.lastQualificationTime)
-                except (ValueError, OverflowError):
+                    moment, moment_us = _in_utc(moment)
+                except OverflowError:  # e.g. year 1 with a positive offset
                     return None
             key = keys.get(segment_id) or shared.key(keys, namespace, segment_id)
             name = membership.name
-            append(SegmentEntry(key[0], key[1], membership.status, moment[0], moment[1],
+            append(SegmentEntry(key[0], key[1], membership.status, moment, moment_us,
                                 name if type(name) is str else None, key))
     return ProfileExport(identity_map, tuple(segments), None, raw if isinstance(raw, bytes) else raw.encode())
 
@@ -360,7 +353,7 @@ class _Membership(TypedDict):
     # createdAt/updatedAt/mappingCreatedAt/mappingUpdatedAt (epoch ms, optional) are not used,
     # and a malformed one must not cost the record, so they are not declared.
     status: SegmentStatus
-    # Parsed by qualification_time, not pydantic: datetime.fromisoformat reads both "Z" and "+0000".
+    # Parsed by qualification_time, not pydantic: it reads both "Z" and "+0000", as the fast path does.
     lastQualificationTime: StrictStr
     name: NotRequired[Any]  # cosmetic: used only when it is a string
 
