@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -105,6 +106,18 @@ async def poll(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.001)
+
+
+async def finished(run: asyncio.Task[Any], pipeline: Pipeline) -> None:
+    """Wait for ``run`` to end; if it does not in time, say where it is and what the pipeline and
+    its handlers hold (this test once timed out in a full suite, and never alone)."""
+    try:
+        await asyncio.wait_for(asyncio.shield(run), RUN_TIMEOUT_S)
+    except TimeoutError:
+        stack = io.StringIO()
+        run.print_stack(file=stack)
+        raise AssertionError(f"the run did not end in {RUN_TIMEOUT_S} s\n{stack.getvalue()}\n"
+                             f"pipeline: {pipeline.snapshot()}\nhandlers: {pipeline.sink.snapshot()}") from None
 
 
 async def random_yields(rng: random.Random, most: int = 10) -> None:
@@ -499,7 +512,7 @@ async def test_checkpoint_every_records_checkpoints_without_waiting_for_the_inte
     try:
         await poll(lambda: checkpoint_line(checkpoint) == 30, "a checkpoint after 30 finished records")
         gate.set()
-        await asyncio.wait_for(run, RUN_TIMEOUT_S)
+        await finished(run, pipeline)
     finally:
         gate.set()
         if not run.done():
