@@ -166,7 +166,7 @@ def _in_utc(moment: datetime) -> tuple[datetime, int]:
             moment = moment.replace(tzinfo=UTC)
         else:
             moment = moment.astimezone(UTC)
-    return moment, (moment - _EPOCH) // _MICROSECOND
+    return moment, to_epoch_us(moment)
 
 
 class _Segments:
