@@ -483,3 +483,20 @@ async def test_a_partition_taken_over_while_its_events_are_queued_reaches_no_han
     assert pipeline_a.snapshot().records_dropped > 0  # what A still held of the partitions it lost
     assert takeover.handled() == set(truth.changes)  # nothing lost; nothing the rules do not produce
 
+
+
+def test_every_connection_of_a_source_shares_one_tls_context_that_keeps_a_given_ca_bundle(tmp_path: Path) -> None:
+    # The SDK otherwise builds a context and loads the CA bundle for each connection it opens (every
+    # receiver and every management call, e.g. each lag poll), 25 to 80 ms of CPU each.
+    import ssl
+
+    from segment_relay.consumer.sources.eventhubs.connection import shared_tls
+
+    default = shared_tls({})["ssl_context"]
+    assert isinstance(default, ssl.SSLContext) and default.verify_mode == ssl.CERT_REQUIRED and default.check_hostname
+    one_ca = ssl.DER_cert_to_PEM_cert(ssl.create_default_context().get_ca_certs(binary_form=True)[0])
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text(one_ca)
+    # connection_verify (the SDK's CA bundle option, which it ignores once given a context) is what the context trusts
+    assert shared_tls({"connection_verify": str(bundle)})["ssl_context"].cert_store_stats()["x509_ca"] == 1
+    assert shared_tls({"ssl_context": default}) == {}  # the caller's own context is used as it is

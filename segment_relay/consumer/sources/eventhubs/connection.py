@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from typing import Any
 
 from ....errors import StartupError
@@ -66,18 +67,19 @@ async def open_clients(settings: EventHubsSettings) -> Clients:
         assert settings.checkpoint_account_url is not None  # EventHubsSettings checks one of the three is set
         store = BlobCheckpointStore(settings.checkpoint_account_url, settings.checkpoint_container, credential=credential)
     clients.push_async_callback(store.close)
+    shared = {**shared_tls(settings.client_options), **settings.client_options}
     options: dict[str, Any] = {
         "checkpoint_store": store,
         "load_balancing_interval": settings.load_balancing_interval_s,
         "partition_ownership_expiration_interval": settings.ownership_expiration,
         "load_balancing_strategy": settings.load_balancing_strategy,
-        **settings.client_options,
+        **shared,
     }
     try:
         consumer = _consumer_client(settings, credential, options)
         # The start-up check's own client: one retry, so that a wrong hub fails in about a
         # second instead of after the receiving client's full backoff (about 13 s).
-        probe = _consumer_client(settings, credential, {**settings.client_options, "retry_total": 1})
+        probe = _consumer_client(settings, credential, {**shared, "retry_total": 1})
     except ValueError as exc:  # a malformed connection string; the SDK's message never includes the key
         await clients.aclose()
         raise StartupError(f"eventhubs.connection_string is not a valid Event Hubs connection string: {exc}") from None
@@ -87,6 +89,17 @@ async def open_clients(settings: EventHubsSettings) -> Clients:
     clients.probe = probe
     clients.checkpoint_store = store
     return clients
+
+
+def shared_tls(client_options: dict[str, Any]) -> dict[str, Any]:
+    """One TLS context for every AMQP connection of the source. Without one the SDK builds a
+    context and loads the system CA bundle for each connection it opens (each partition's
+    receiver, and every management call: the start-up check, each lag poll), 25 to 80 ms of CPU
+    each, even for a connection without TLS (the emulator). ``connection_verify`` (a CA bundle)
+    keeps its meaning: the SDK ignores it once it is given a context, so the context loads it."""
+    if "ssl_context" in client_options:
+        return {}
+    return {"ssl_context": ssl.create_default_context(cafile=client_options.get("connection_verify"))}
 
 
 def _consumer_client(settings: EventHubsSettings, credential: Any, options: dict[str, Any]) -> Any:
