@@ -13,11 +13,13 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
+import msgspec
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from segment_relay import SegmentChange
 from segment_relay.consumer.deadletter import MemoryDeadLetter
 from segment_relay.handlers.api import BatchResult, HandlerRetry, PermanentHandlerError
 from segment_relay.handlers.builtin import (
@@ -489,3 +491,51 @@ async def test_jsonl_writes_a_batch_in_one_write_and_skips_fsync_for_a_device(tm
     await device.handle_batch(changes)
     await device.flush()
     await device.close()
+
+
+# --- changes JSON cannot carry -----------------------------------------------------------------------
+def unencodable(change: SegmentChange, how: str) -> SegmentChange:
+    """``change`` with attributes orjson refuses to encode (though orjson.loads accepts their JSON)."""
+    nested: object = 1
+    for _ in range(300):  # orjson decodes up to 1024 levels, encodes up to 254
+        nested = {"n": nested}
+    attributes = {"deep": nested} if how == "deep" else {"big": 2**70}
+    return msgspec.structs.replace(change, attributes=attributes)
+
+
+async def test_builtin_handlers_refuse_only_the_changes_json_cannot_carry(
+    tmp_path: Path, hook: Hook, webhooks: list[WebhookHandler]
+) -> None:
+    good = [make_change(profile_key=f"ecid:{i}") for i in range(4)]
+    deep, big = unencodable(good[1], "deep"), unencodable(good[3], "big")
+    changes = [good[0], deep, good[2], big]
+
+    jsonl = JsonlHandler(tmp_path / "out.jsonl")
+    await jsonl.start()
+    result = await jsonl.handle_batch(changes)
+    assert result is not None and set(result.failures) == {deep.change_id, big.change_id}
+    assert all(isinstance(error, PermanentHandlerError) for error in result.failures.values())
+    assert "cannot be encoded as JSON" in str(result.failures[deep.change_id])
+    with pytest.raises(PermanentHandlerError):
+        await jsonl.handle(big)
+    await jsonl.close()
+    lines = (tmp_path / "out.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line)["change_id"] for line in lines] == [good[0].change_id, good[2].change_id]
+    assert jsonl.count == 2
+
+    stream = io.BytesIO()
+    result = await LogHandler(stream).handle_batch(changes)
+    assert result is not None and set(result.failures) == {deep.change_id, big.change_id}
+    assert len(stream.getvalue().splitlines()) == 2
+
+    batch = await started(webhooks, hook.url(), kind=WebhookBatchHandler, batch=10)
+    result = await batch.handle_batch(changes)
+    assert result is not None and set(result.failures) == {deep.change_id, big.change_id}
+    [request] = hook.requests
+    assert [item["change_id"] for item in orjson.loads(request.body)] == [good[0].change_id, good[2].change_id]
+    assert await batch.handle_batch([deep]) is not None and len(hook.requests) == 1  # nothing left to post
+
+    single = await started(webhooks, hook.url())
+    with pytest.raises(PermanentHandlerError):
+        await single.handle(deep)
+    assert len(hook.requests) == 1

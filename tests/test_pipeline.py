@@ -14,13 +14,14 @@ from typing import Any
 import orjson
 
 from segment_relay import SegmentChange
-from segment_relay.consumer.deadletter import MemoryDeadLetter
+from segment_relay.consumer.deadletter import JsonlDeadLetter, MemoryDeadLetter
 from segment_relay.consumer.export import parse_export
 from segment_relay.consumer.membership import StoredMembership, supersedes
 from segment_relay.consumer.pipeline import Pipeline, PipelineSettings
 from segment_relay.consumer.sources.file import FileSource
 from segment_relay.consumer.state import MembershipStore, MemoryStore, SqliteStore
 from segment_relay.handlers.api import FunctionHandler, change_id_for
+from segment_relay.handlers.builtin import JsonlHandler
 from segment_relay.handlers.router import RetryPolicy, Router
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.0001, max_backoff_s=0.0002, handler_timeout_s=5.0)
@@ -233,6 +234,41 @@ async def test_invalid_lines_are_dead_lettered_and_the_partition_moves_on(tmp_pa
     assert "segmentMembership.ups.a.status" in dead.entries[3]["detail"]
     assert checkpoint_line(checkpoint) == 8
     assert stats.invalid == {"not_json": 1, "not_object": 1, "no_identity": 1, "unknown_status": 1}
+
+
+async def test_a_change_json_cannot_carry_is_dead_lettered_with_its_record_and_the_partition_moves_on(
+    tmp_path: Path,
+) -> None:
+    # orjson decodes attributes nested up to 1024 levels but encodes only 254, and no JSON
+    # encoder here takes integers past 64 bits: such a record is valid, its change is not
+    # writable. Real files on both ends: the jsonl handler and the JSONL dead letter.
+    deep = b'{"n":' * 300 + b"1" + b"}" * 300
+    lines = [
+        record("p1", ("a", "realized", 1)),
+        record("p2", ("a", "realized", 1))[:-1] + b',"deep":' + deep + b"}",
+        record("p3", ("a", "realized", 1))[:-1] + b',"big":123456789012345678901234567890}',
+        record("p4", ("a", "realized", 1)),
+    ]
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    checkpoint = tmp_path / "cp.json"
+    out, dead_path = tmp_path / "out.jsonl", tmp_path / "dead.jsonl"
+    dead = JsonlDeadLetter(dead_path)
+    router = Router([JsonlHandler(out)], dead, retry=FAST)
+    source = FileSource(str(path), checkpoint_path=str(checkpoint))
+    pipeline = Pipeline(source, MemoryStore(), router, dead, settings=PipelineSettings(checkpoint_interval_s=3600.0))
+    await finished(asyncio.create_task(pipeline.run()), pipeline)
+
+    assert [orjson.loads(line)["profile_key"] for line in out.read_bytes().splitlines()] == ["ecid:p1", "ecid:p4"]
+    entries = [orjson.loads(line) for line in dead_path.read_bytes().splitlines()]
+    assert [(e["kind"], e["reason"], e["attempts"], e["position"]) for e in entries] == [
+        ("failed_change", "handler_rejected", 1, "2"), ("failed_change", "handler_rejected", 1, "3")]
+    for entry, line in zip(entries, lines[1:3], strict=True):
+        assert entry["raw"] == line.decode()  # the record, for a replay once the handler is fixed
+        assert entry["change"]["profile_key"] == f"ecid:p{entry['position']}"
+        assert entry["change"]["attributes"]["not_encodable"].startswith("TypeError")
+        assert len(entry["change"]["attributes"]["preview"]) <= 2_000
+        assert "cannot be encoded as JSON" in entry["detail"]
+    assert checkpoint_line(checkpoint) == 4
 
 
 async def test_checkpoint_never_passes_an_unfinished_record(tmp_path: Path) -> None:

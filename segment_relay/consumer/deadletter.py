@@ -5,24 +5,34 @@ One JSON object per line. Every entry has ``kind`` (``invalid_record`` or
 an invalid record carries the raw bytes (``raw`` as text, or ``raw_base64`` when
 they are not UTF-8); a failed change carries the change, the ``handler`` and the
 number of ``attempts``.
+
+Every entry can be written: a change that JSON cannot carry (attributes nested deeper than
+orjson's limit, an integer past 64 bits) is written as a summary (every field of the change but
+its attributes, which become ``{"not_encodable": why, "preview": a bounded repr}``) plus the
+raw record it came from, so it can still be replayed. A dead letter that refused such an entry
+would hold up its partition for ever.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import reprlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 import orjson
 
+from ..model import SegmentChange
+from .export import LazyAttributes
+
 
 class DeadLetter(Protocol):
     async def invalid_record(self, raw: bytes, *, reason: str, detail: str, partition: str, position: str) -> None: ...
 
     async def failed_change(
-        self, change: dict[str, Any], *, handler: str, attempts: int, reason: str, detail: str,
+        self, change: SegmentChange, *, handler: str, attempts: int, reason: str, detail: str,
         partition: str, position: str,
     ) -> None: ...
 
@@ -42,6 +52,64 @@ def raw_fields(raw: bytes) -> dict[str, str]:
         return {"raw_base64": base64.b64encode(raw).decode("ascii")}
 
 
+def invalid_record_entry(raw: bytes, *, reason: str, detail: str, partition: str, position: str) -> dict[str, Any]:
+    return {"kind": "invalid_record", "reason": reason, "detail": detail,
+            "partition": partition, "position": position, "at": _now(), **raw_fields(raw)}
+
+
+def failed_change_entry(
+    change: SegmentChange, *, handler: str, attempts: int, reason: str, detail: str, partition: str, position: str,
+) -> dict[str, Any]:
+    return {"kind": "failed_change", "reason": reason, "detail": detail, "handler": handler,
+            "attempts": attempts, "partition": partition, "position": position, "at": _now(),
+            "change": change}
+
+
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxlevel, _PREVIEW.maxdict, _PREVIEW.maxlist, _PREVIEW.maxstring, _PREVIEW.maxother = 4, 12, 12, 120, 120
+_PREVIEW_CHARS = 2_000
+
+
+def _change_fields(change: SegmentChange) -> dict[str, Any]:
+    try:
+        return change.to_dict()
+    except Exception as exc:  # noqa: BLE001 - e.g. attributes that cannot be decoded: summarise
+        return _summary(change, exc)
+
+
+def _summary(change: SegmentChange, error: BaseException) -> dict[str, Any]:
+    """The change without its attributes, which JSON could not carry: say why and show their start."""
+    try:
+        preview = _PREVIEW.repr(dict(change.attributes))[:_PREVIEW_CHARS]
+    except Exception as exc:  # noqa: BLE001
+        preview = f"<no preview: {type(exc).__name__}>"
+    return {
+        "change": change.change.value, "segment_id": change.segment_id, "segment_namespace": change.segment_namespace,
+        "segment_name": change.segment_name, "profile_key": change.profile_key,
+        "qualified_at": change.qualified_at.isoformat().replace("+00:00", "Z"), "status": change.status.value,
+        "change_id": change.change_id,
+        "identities": {namespace: [item.to_dict() for item in items] for namespace, items in change.identities.items()},
+        "attributes": {"not_encodable": f"{type(error).__name__}: {error}", "preview": preview},
+        "source": {"partition": change.partition, "position": change.position},
+    }
+
+
+def encode_entry(entry: dict[str, Any]) -> bytes:
+    """One JSON line for ``entry``, whatever it holds (see the module's docstring)."""
+    change = entry.get("change")
+    if not isinstance(change, SegmentChange):
+        return orjson.dumps(entry) + b"\n"
+    fields = _change_fields(change)
+    try:
+        return orjson.dumps({**entry, "change": fields}) + b"\n"
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        record = change.attributes.record if isinstance(change.attributes, LazyAttributes) else None
+        summarised = {**entry, "change": _summary(change, exc)}
+        if record is not None:
+            summarised.update(raw_fields(record))
+        return orjson.dumps(summarised) + b"\n"
+
+
 class JsonlDeadLetter:
     """Appends entries to a JSONL file; ``flush`` fsyncs before the pipeline checkpoints."""
 
@@ -54,28 +122,23 @@ class JsonlDeadLetter:
         return f"JsonlDeadLetter({str(self.path)!r})"
 
     def _write(self, entry: dict[str, Any]) -> None:
+        line = encode_entry(entry)
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "ab")
-        self._file.write(orjson.dumps(entry) + b"\n")
+        self._file.write(line)
         self._file.flush()  # rare and precious: hand it to the OS at once
         self.count += 1
 
     async def invalid_record(self, raw: bytes, *, reason: str, detail: str, partition: str, position: str) -> None:
-        self._write({
-            "kind": "invalid_record", "reason": reason, "detail": detail,
-            "partition": partition, "position": position, "at": _now(), **raw_fields(raw),
-        })
+        self._write(invalid_record_entry(raw, reason=reason, detail=detail, partition=partition, position=position))
 
     async def failed_change(
-        self, change: dict[str, Any], *, handler: str, attempts: int, reason: str, detail: str,
+        self, change: SegmentChange, *, handler: str, attempts: int, reason: str, detail: str,
         partition: str, position: str,
     ) -> None:
-        self._write({
-            "kind": "failed_change", "reason": reason, "detail": detail, "handler": handler,
-            "attempts": attempts, "partition": partition, "position": position, "at": _now(),
-            "change": change,
-        })
+        self._write(failed_change_entry(change, handler=handler, attempts=attempts, reason=reason, detail=detail,
+                                        partition=partition, position=position))
 
     async def flush(self) -> None:
         if self._file is not None:
@@ -89,25 +152,25 @@ class JsonlDeadLetter:
 
 
 class MemoryDeadLetter:
-    """Keeps entries in a list: for tests and embedding."""
+    """Keeps entries in a list, as the JSONL file would hold them (without ``at``): for tests and embedding."""
 
     def __init__(self) -> None:
         self.entries: list[dict[str, Any]] = []
 
+    def _keep(self, entry: dict[str, Any]) -> None:
+        kept = orjson.loads(encode_entry(entry))
+        kept.pop("at", None)
+        self.entries.append(kept)
+
     async def invalid_record(self, raw: bytes, *, reason: str, detail: str, partition: str, position: str) -> None:
-        self.entries.append({
-            "kind": "invalid_record", "reason": reason, "detail": detail,
-            "partition": partition, "position": position, **raw_fields(raw),
-        })
+        self._keep(invalid_record_entry(raw, reason=reason, detail=detail, partition=partition, position=position))
 
     async def failed_change(
-        self, change: dict[str, Any], *, handler: str, attempts: int, reason: str, detail: str,
+        self, change: SegmentChange, *, handler: str, attempts: int, reason: str, detail: str,
         partition: str, position: str,
     ) -> None:
-        self.entries.append({
-            "kind": "failed_change", "reason": reason, "detail": detail, "handler": handler,
-            "attempts": attempts, "partition": partition, "position": position, "change": change,
-        })
+        self._keep(failed_change_entry(change, handler=handler, attempts=attempts, reason=reason, detail=detail,
+                                       partition=partition, position=position))
 
     async def flush(self) -> None:
         pass

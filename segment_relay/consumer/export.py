@@ -117,6 +117,12 @@ class LazyAttributes(Mapping[str, Any]):
         self._export = export
         self._view: Mapping[str, Any] | None = None
 
+    @property
+    def record(self) -> bytes | None:
+        """The raw record the attributes come from (what the dead letter keeps of a change that
+        JSON cannot carry)."""
+        return self._export.raw
+
     def _mapping(self) -> Mapping[str, Any]:
         view = self._view
         if view is None:
@@ -225,7 +231,9 @@ def _reference_export(raw: bytes | str) -> ProfileExport:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidRecord(InvalidReason.NOT_JSON, f"not valid JSON: {exc}") from None
-    return export_from_document(document)
+    export = export_from_document(document)
+    export.raw = raw if isinstance(raw, bytes) else raw.encode()  # for the dead letter (LazyAttributes.record)
+    return export
 
 
 def export_from_document(document: Any) -> ProfileExport:

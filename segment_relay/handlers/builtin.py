@@ -29,9 +29,45 @@ from .api import BatchResult, Handler, HandlerRetry, PermanentHandlerError, Segm
 __all__ = ["LogHandler", "JsonlHandler", "WebhookBatchHandler", "WebhookHandler", "redact_url", "parse_retry_after"]
 
 
-def _lines(changes: Sequence[SegmentChange]) -> bytes:
+def encode_change(change: SegmentChange) -> bytes:
+    """``change.to_dict()`` as JSON. A change that JSON cannot carry (attributes nested deeper
+    than orjson's 255 levels, an integer past 64 bits) is refused for good: PermanentHandlerError,
+    so that it goes to the dead letter instead of being tried again and again."""
+    try:
+        return orjson.dumps(change.to_dict())
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise PermanentHandlerError(f"change {change.change_id} cannot be encoded as JSON: {exc}") from None
+
+
+def _encode_all(changes: Sequence[SegmentChange]) -> tuple[list[bytes], list[SegmentChange], BatchResult | None]:
+    """Each change encoded on its own, so one that cannot be does not fail the others: the
+    encoded ones, their changes, and the refused ones as a BatchResult (None if there are none)."""
     dumps = orjson.dumps
-    return b"".join([dumps(change.to_dict()) + b"\n" for change in changes])
+    try:
+        return [dumps(change.to_dict()) for change in changes], list(changes), None
+    except (TypeError, orjson.JSONEncodeError):
+        pass  # rare: find which
+    encoded: list[bytes] = []
+    kept: list[SegmentChange] = []
+    refused = BatchResult()
+    for change in changes:
+        try:
+            encoded.append(encode_change(change))
+            kept.append(change)
+        except PermanentHandlerError as exc:
+            refused.fail(change, exc)
+    return encoded, kept, refused
+
+
+def _lines(changes: Sequence[SegmentChange]) -> tuple[bytes, BatchResult | None]:
+    encoded, _, refused = _encode_all(changes)
+    return b"".join([line + b"\n" for line in encoded]), refused
+
+
+def _raise_refused(change: SegmentChange, refused: BatchResult | None) -> None:
+    """What a single-change ``handle`` raises for a change its batch path refused."""
+    if refused is not None:
+        raise refused.failures[change.change_id]
 
 
 class LogHandler(Handler):
@@ -61,10 +97,12 @@ class LogHandler(Handler):
         return buffer
 
     async def handle(self, change: SegmentChange) -> None:
-        self._target().write(orjson.dumps(change.to_dict()) + b"\n")
+        self._target().write(encode_change(change) + b"\n")
 
-    async def handle_batch(self, changes: Sequence[SegmentChange]) -> None:
-        self._target().write(_lines(changes))
+    async def handle_batch(self, changes: Sequence[SegmentChange]) -> BatchResult | None:
+        lines, refused = _lines(changes)
+        self._target().write(lines)
+        return refused
 
     async def flush(self) -> None:
         """Push buffered lines out before a checkpoint, so a reader of the pipe is never behind it."""
@@ -129,17 +167,19 @@ class JsonlHandler(Handler):
         self._file = file
 
     async def handle(self, change: SegmentChange) -> None:
-        await self.handle_batch((change,))
+        _raise_refused(change, await self.handle_batch((change,)))
 
-    async def handle_batch(self, changes: Sequence[SegmentChange]) -> None:
+    async def handle_batch(self, changes: Sequence[SegmentChange]) -> BatchResult | None:
         """One write for the whole batch, handed to the OS before this returns."""
         if self._file is None:
             raise RuntimeError(f"{self!r} is not started: await start() before handle()")
-        data = memoryview(_lines(changes))
+        lines, refused = _lines(changes)
+        data = memoryview(lines)
         while data:  # a raw write may take less than everything (a signal, a nearly full disk)
             written = self._file.write(data)
             data = data[written or 0:]
-        self.count += len(changes)
+        self.count += len(changes) - (len(refused.failures) if refused is not None else 0)
+        return refused
 
     async def flush(self) -> None:
         """fsync: the relay checkpoints right after this returns."""
@@ -273,7 +313,7 @@ class WebhookHandler(Handler):
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
 
     async def handle(self, change: SegmentChange) -> None:
-        status, retry_after, _ = await self._post(orjson.dumps(change.to_dict()), change.change_id)
+        status, retry_after, _ = await self._post(encode_change(change), change.change_id)
         self._judge(status, retry_after)
 
     async def _post(self, body: bytes, idempotency_key: str) -> tuple[int, str | None, bytes]:
@@ -330,11 +370,18 @@ class WebhookBatchHandler(WebhookHandler):
         return f"POST JSON arrays of up to {self.batch_max_changes} changes to {self._shown}"
 
     async def handle_batch(self, changes: Sequence[SegmentChange]) -> BatchResult | None:
-        key = hashlib.sha256("\x1f".join(change.change_id for change in changes).encode()).hexdigest()[:32]
-        body = orjson.dumps([change.to_dict() for change in changes])
-        status, retry_after, answer = await self._post(body, key)
+        encoded, kept, refused = _encode_all(changes)
+        if not kept:
+            return refused
+        key = hashlib.sha256("\x1f".join(change.change_id for change in kept).encode()).hexdigest()[:32]
+        status, retry_after, answer = await self._post(b"[" + b",".join(encoded) + b"]", key)
         self._judge(status, retry_after)
-        return self._failures(answer, changes)
+        reported = self._failures(answer, kept)
+        if refused is None:
+            return reported
+        if reported is not None:
+            refused.failures.update(reported.failures)
+        return refused
 
     def _failures(self, answer: bytes, changes: Sequence[SegmentChange]) -> BatchResult | None:
         try:

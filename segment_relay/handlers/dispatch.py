@@ -85,7 +85,7 @@ class FailedChangeSink(Protocol):
     """Where changes a handler gave up on go (the dead letter implements it)."""
 
     async def failed_change(
-        self, change: dict[str, Any], *, handler: str, attempts: int, reason: str, detail: str,
+        self, change: SegmentChange, *, handler: str, attempts: int, reason: str, detail: str,
         partition: str, position: str,
     ) -> None: ...
 
@@ -446,7 +446,7 @@ class Dispatcher:
         while True:
             try:
                 await self._dead_letter.failed_change(
-                    change.to_dict(), handler=self.name, attempts=chain.tries, reason=reason, detail=detail,
+                    change, handler=self.name, attempts=chain.tries, reason=reason, detail=detail,
                     partition=change.partition, position=change.position,
                 )
                 break
