@@ -290,7 +290,7 @@ def secrets_in(config: RelayConfig) -> list[str]:
 
     from .consumer.state.redis import url_password
 
-    found: list[str] = []
+    found: list[str] = [os.environ[name] for name in _SECRET_ENVIRONMENT if os.environ.get(name)]
     for secret in (config.eventhubs.connection_string, config.eventhubs.checkpoint_connection_string):
         if secret is not None:
             found.append(secret.get_secret_value())
@@ -332,6 +332,10 @@ def connection_string_fields(text: str) -> dict[str, str]:
 
 
 _SECRET_FIELDS = ("sharedaccesskey", "accountkey", "sharedaccesssignature")
+# The SDKs' own credential variables: their values are redacted too (logging also redacts every
+# value shaped like a secret, for credentials that never pass through the environment, e.g. IRSA).
+_SECRET_ENVIRONMENT = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AZURE_CLIENT_SECRET",
+                       "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RelayConfig:

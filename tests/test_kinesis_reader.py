@@ -668,3 +668,40 @@ async def test_a_get_records_body_msgspec_does_not_expect_goes_to_botocore(kines
             "status_code": 200}
     assert (await _FastGetRecordsParser().parse(good, shape))["Records"] == [
         {"SequenceNumber": "7", "Data": b"{}", "PartitionKey": "p"}]
+
+
+async def test_at_debug_botocore_request_logs_keep_no_session_token_or_signature(
+    kinesalite: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Temporary credentials (IRSA, an assumed role) sign every request with a session token that
+    # botocore.endpoint prints in the request headers at DEBUG. It is not in the configuration,
+    # and is not given to the logging here: the secret shapes alone must catch it.
+    import io
+    import logging
+    import re
+
+    from segment_relay.ops.logging import configure_logging
+
+    token = "IQoJb3JpZ2luX2VjEXAMPLE" + uuid.uuid4().hex + "/+=="
+    monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    stream = io.StringIO()
+    configure_logging("DEBUG", stream=stream)
+    try:
+        async with kinesis_client(KinesisSettings(stream="unused", endpoint_url=kinesalite.endpoint)) as client:
+            await client.list_streams()
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        configure_logging("WARNING", stream=io.StringIO())  # the libraries back to WARNING
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    output = stream.getvalue()
+    assert "X-Amz-Security-Token" in output and "Signature" in output  # botocore did log them
+    assert token not in output and token[:20] not in output
+    assert not re.search(r"Signature=[0-9a-f]{16}", output) and not re.search(r"Signature:\\n[0-9a-f]{16}", output)

@@ -17,7 +17,15 @@ from segment_relay.consumer.sources.base import SourceSnapshot
 from segment_relay.handlers.dispatch import HandlerSnapshot
 from segment_relay.histogram import Histogram
 from segment_relay.ops.health import Health, OpsServer
-from segment_relay.ops.logging import SecretRedactingFilter, configure_logging, redact
+from segment_relay.ops.logging import (
+    MAX_MESSAGE_CHARS,
+    MAX_TRACE_CHARS,
+    MAX_VALUE_CHARS,
+    SecretRedactingFilter,
+    configure_logging,
+    redact,
+    redact_shapes,
+)
 from segment_relay.ops.metrics import RelaySnapshot, metrics_registry
 
 SECRET = "s3cr3t-Token-ABC123"
@@ -391,6 +399,54 @@ def test_redact_helper_and_filter() -> None:
     record.token = SECRET
     assert SecretRedactingFilter([SECRET]).filter(record) is True
     assert record.getMessage() == "v=***" and record.token == "***"
+
+
+@pytest.mark.parametrize(("logged", "secret"), [
+    ("headers={'X-Amz-Security-Token': b'IQoJb3JpZ2luX2Vj/abc+=', 'Authorization': b'AWS4-HMAC-SHA256 Credential=AKIA/x, "
+     "SignedHeaders=host, Signature=0123456789abcdef'}", ("IQoJb3JpZ2luX2Vj", "0123456789abcdef")),
+    ("CanonicalRequest:\nx-amz-security-token:IQoJb3JpZ2luX2Vj\nSignature:\n0123456789abcdef", ("IQoJb3JpZ2luX2Vj", "0123456789abcdef")),
+    ("GET https://acct.blob.core.windows.net/c/b?sv=2021&sr=b&sig=abcDEF%2Bxyz%3D&se=2030", ("abcDEF",)),
+    ("SharedAccessSignature sr=amqp%3A%2F%2Fns%2Fhub&sig=QWxhZGRpbjpvcGVu%3D&se=1700000000&skn=k", ("QWxhZGRpbjpvcGVu",)),
+    ("Endpoint=sb://ns/;SharedAccessKeyName=root;SharedAccessKey=c2VjcmV0a2V5+/=;EntityPath=hub", ("c2VjcmV0a2V5",)),
+    ("DefaultEndpointsProtocol=https;AccountName=a;AccountKey=Zm9vYmFyYmF6==;EndpointSuffix=core.windows.net", ("Zm9vYmFyYmF6",)),
+    ("connecting to redis://:hunter2hunter@redis:6379/0", ("hunter2hunter",)),
+    ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload.signature", ("eyJhbGciOiJIUzI1NiJ9",)),
+    ('response {"access_token": "eyJ0eXAiOiJKV1Qi", "token_type": "bearer"}', ("eyJ0eXAiOiJKV1Qi",)),
+    ("grant_type=client_credentials&client_id=abc&client_secret=p8e-XYZsecret", ("p8e-XYZsecret",)),
+])
+def test_secret_shapes_are_redacted_whoever_logs_them(log_stream: io.StringIO, logged: str, secret: tuple[str, ...]) -> None:
+    # No secret is configured: these are credentials the relay never saw (IRSA session tokens,
+    # SDK-made SAS and CBS tokens, OAuth answers), in what the SDKs log at DEBUG.
+    configure_logging("DEBUG", stream=log_stream)
+    logging.getLogger("botocore.endpoint").debug("%s", logged, extra={"request": logged})
+    output = log_stream.getvalue()
+    assert "***" in output
+    for part in secret:
+        assert part not in output
+
+
+def test_ordinary_text_is_not_taken_for_a_secret() -> None:
+    for text in ("status code: 500, partition: 3", "signature check ok", "token refreshed", "password reset requested",
+                 "the sig of a partition", "https://example.com/a:b@c"):
+        assert redact_shapes(text) == text
+
+
+def test_every_value_is_bounded_keeping_its_start_and_end(log_stream: io.StringIO) -> None:
+    configure_logging(stream=log_stream)
+    huge = "A" * 5_000_000 + "the end"
+    logging.getLogger("segment_relay.test").warning("field %s", huge, extra={"value": huge, "nested": {"v": [huge]}})
+    try:
+        raise ValueError(huge)
+    except ValueError:
+        logging.getLogger("segment_relay.test").exception("failed")
+    first, second = lines(log_stream)
+    assert len(first["msg"]) < MAX_MESSAGE_CHARS + 100 and first["msg"].startswith("field AAA")
+    assert first["msg"].endswith("the end") and "chars cut" in first["msg"]
+    assert len(first["value"]) < MAX_VALUE_CHARS + 100 and first["value"].endswith("the end")
+    assert len(first["nested"]["v"][0]) < MAX_VALUE_CHARS + 100
+    assert len(second["exc"]) < MAX_TRACE_CHARS + 100 and second["exc"].startswith("Traceback")
+    assert second["exc"].endswith("the end")  # the error line is kept
+    assert len(log_stream.getvalue()) < 50_000
 
 
 def test_handler_latency_histogram_is_cumulative_with_le_semantics() -> None:
