@@ -60,6 +60,9 @@ class PipelineConfig(_Section):
         None, ge=1, description="Also checkpoint once this many records finished since the last one"
     )
     shutdown_timeout_s: float = Field(30.0, gt=0, description="Seconds to drain in-flight work on SIGTERM")
+    strict_entries: bool = Field(
+        False, description="A malformed audience entry rejects its whole record, instead of going to the dead letter alone"
+    )
 
 
 class RetryConfig(_Section):

@@ -261,13 +261,14 @@ def _summary(console: Console, stats: RelaySnapshot, truth: StreamTruth, out: Pa
     summary = stats.summary()
     rows = [
         ("records", summary["records"], truth.records),
-        ("invalid (dead-lettered)", summary["invalid"], truth.invalid),
+        ("invalid records (dead-lettered)", summary["invalid"], truth.invalid),
+        ("invalid audience entries (dead-lettered alone)", summary["invalid_entries"], truth.invalid_entries),
         ("profiles", summary["profiles"], truth.profiles),
         ("enters", summary["enters"], truth.enters),
         ("exits", summary["exits"], truth.exits),
         ("stale suppressed", summary["stale_suppressed"], truth.stale),
         ("duplicates suppressed", summary["duplicates_suppressed"], truth.duplicates),
-        ("dead letters", summary["dead_letters"], truth.invalid),
+        ("dead letters", summary["dead_letters"], truth.dead_letters),
     ]
     emitted = _changes_in(out / "changes.jsonl")
     expected = Counter(truth.changes)

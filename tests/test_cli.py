@@ -70,8 +70,9 @@ def test_run_emits_every_expected_change_once(tmp_path: Path, stream: tuple[Path
     summary = json.loads(result.stderr.decode().strip().splitlines()[-1])["summary"]
     assert summary["invalid"] == truth.invalid > 0
     dead = [json.loads(line) for line in (tmp_path / "dl.jsonl").read_bytes().splitlines()]
-    assert len(dead) == truth.invalid
-    assert all(entry["kind"] == "invalid_record" and entry["reason"] and entry["position"] for entry in dead)
+    assert len(dead) == truth.dead_letters
+    assert sum(entry["kind"] == "invalid_entry" for entry in dead) == truth.invalid_entries > 0
+    assert all(entry["kind"] in ("invalid_record", "invalid_entry") and entry["reason"] and entry["position"] for entry in dead)
 
 
 def test_log_handler_writes_change_lines_to_stdout_and_logs_to_stderr(tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ def test_a_file_run_hands_every_change_to_the_plugin(plugin_source: Path, tmp_pa
 
     assert result.returncode == 0, result.stderr
     summary = orjson.loads(result.stderr.splitlines()[-1])["summary"]
-    assert (summary["enters"], summary["exits"], summary["dead_letters"]) == (truth.enters, truth.exits, truth.invalid)
+    assert (summary["enters"], summary["exits"], summary["dead_letters"]) == (truth.enters, truth.exits, truth.dead_letters)
     with closing(sqlite3.connect(database)) as db:
         audit = db.execute("SELECT profile_key, segment_id, change, qualified_at FROM audit").fetchall()
         suppressed = set(db.execute("SELECT profile_key, segment_id FROM suppression WHERE suppressed = 1"))
@@ -112,7 +112,7 @@ async def test_run_exports_returns_what_each_handler_handled() -> None:
     assert shape(seen["exits"]) == sorted(c for c in truth.changes if c[2] == "exit")  # routing applies
     assert seen["refuses"] == []  # dead-lettered, not handled
     kinds = [entry["kind"] for entry in dead.entries]
-    assert kinds.count("invalid_record") == truth.invalid and kinds.count("failed_change") == len(truth.changes)
+    assert kinds.count("invalid_record") == truth.invalid and kinds.count("invalid_entry") == truth.invalid_entries and kinds.count("failed_change") == len(truth.changes)
 
     only = await run_exports(records, [FunctionHandler(everything, name="all")], segments=[kept], concurrency=1)
     assert {c.segment_id for c in only["all"]} == {kept}

@@ -588,3 +588,45 @@ def test_oversized_keys_are_refused_up_front_not_by_a_store_later() -> None:
     long_id_beside_a_good_one = orjson.dumps({"identityMap": {"ecid": [{"id": "x" * 1025}, {"id": "e1"}]},
                                               "segmentMembership": {"ups": {"s": good}}})
     assert [item.id for item in parse_export(long_id_beside_a_good_one).identity_map["ecid"]] == ["e1"]
+
+
+def test_without_strict_entries_only_the_malformed_audience_entries_are_dropped_and_named() -> None:
+    good = {"status": "realized", "lastQualificationTime": "2024-01-01T00:00:00Z"}
+    document = {
+        "identityMap": {"ecid": [{"id": "p"}]},
+        "segmentMembership": {
+            "ups": {"good": good, "gone": {**good, "status": "gone"}, "untimed": {"status": "exited"},
+                    "late": {**good, "lastQualificationTime": "yesterday"}, "x" * 300: good, "seven": 7},
+            "other": 5,
+            "": {"s": good},
+        },
+        "person": {"name": "Ada"},
+    }
+    raw = orjson.dumps(document)
+    export = parse_export(raw, strict_entries=False)
+    assert [entry.segment_id for entry in export.segments] == ["good"]
+    assert export.attributes == {"person": {"name": "Ada"}}
+    named = {entry.path: (entry.reason.value, entry.entry) for entry in export.invalid_entries}
+    assert named == {
+        "segmentMembership.ups.gone": ("unknown_status", {**good, "status": "gone"}),
+        "segmentMembership.ups.untimed": ("bad_qualification_time", {"status": "exited"}),
+        "segmentMembership.ups.late": ("bad_qualification_time", {**good, "lastQualificationTime": "yesterday"}),
+        f"segmentMembership.ups.{'x' * 300}": ("bad_shape", good),
+        "segmentMembership.ups.seven": ("bad_shape", 7),
+        "segmentMembership.other": ("bad_shape", 5),
+        "segmentMembership.": ("bad_shape", {"s": good}),
+    }
+    with pytest.raises(InvalidRecord) as strict:  # the default: one bad entry rejects the record
+        parse_export(raw)
+    assert strict.value.reason is InvalidReason.UNKNOWN_STATUS
+    # A well-formed record takes the fast path either way, and names nothing.
+    clean = orjson.dumps({**document, "segmentMembership": {"ups": {"good": good}}})
+    assert parse_export(clean, strict_entries=False) == parse_export(clean)
+    assert parse_export(clean, strict_entries=False).invalid_entries == ()
+    # Record-level problems stay record-level.
+    with pytest.raises(InvalidRecord) as no_identity:
+        parse_export(orjson.dumps({**document, "identityMap": {}}), strict_entries=False)
+    assert no_identity.value.reason is InvalidReason.NO_IDENTITY
+    with pytest.raises(InvalidRecord) as shape:
+        parse_export(orjson.dumps({**document, "segmentMembership": 5}), strict_entries=False)
+    assert shape.value.reason is InvalidReason.BAD_SHAPE

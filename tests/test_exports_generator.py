@@ -135,10 +135,21 @@ def test_garbage_lines_are_rejected_by_the_parser_and_counted_by_the_model() -> 
     expected = {InvalidReason.NOT_JSON, InvalidReason.NO_IDENTITY, InvalidReason.UNKNOWN_STATUS,
                 InvalidReason.BAD_QUALIFICATION_TIME}
     assert set(reasons) == {reason.value for reason in expected}
-    truth = expected_changes(stream)
+    truth = expected_changes(stream, strict_entries=True)
     assert truth.invalid == sum(reasons.values())
     assert 0.15 * len(stream) <= truth.invalid <= 0.25 * len(stream)
     assert truth.records == len(stream)
+    # Without strict entries (the default) a bad status or time costs only its entry.
+    tolerant = expected_changes(stream)
+    rejected = dropped = 0
+    for record in stream:
+        try:
+            dropped += len(parse_export(record, strict_entries=False).invalid_entries)
+        except InvalidRecord:
+            rejected += 1
+    assert (tolerant.invalid, tolerant.invalid_entries) == (rejected, dropped)
+    assert tolerant.invalid_entries > 0 and tolerant.dead_letters == truth.invalid
+    assert len(tolerant.changes) > len(truth.changes)
 
 
 def test_reference_key_agrees_with_the_default_profile_key_rule() -> None:
@@ -181,8 +192,10 @@ def test_reference_model_rules_on_hand_written_records() -> None:
         ("ecid:1", "s1", "exit", "2026-01-01T00:00:10Z"),
         ("ecid:1", "s1", "enter", "2026-01-01T00:00:10Z"),
     ]
-    assert (truth.records, truth.invalid, truth.profiles) == (12, 4, 1)
+    assert (truth.records, truth.invalid, truth.invalid_entries, truth.profiles) == (12, 2, 2, 1)
     assert (truth.enters, truth.exits, truth.stale, truth.duplicates) == (2, 2, 1, 1)
+    strict = expected_changes(stream, strict_entries=True)  # the bad status and the bad time reject their records
+    assert (strict.invalid, strict.invalid_entries, strict.changes) == (4, 0, truth.changes)
 
 
 def test_write_jsonl_writes_the_stream_and_returns_its_truth(tmp_path: Path) -> None:
@@ -233,7 +246,8 @@ async def test_the_relay_emits_exactly_the_reference_changes(
     assert Counter(got) == Counter(truth.changes)
     assert _per_profile(got) == _per_profile(truth.changes)
     assert summary["records"] == truth.records == spec.records
-    assert summary["invalid"] == summary["dead_letter_entries"] == truth.invalid
+    assert summary["invalid"] == truth.invalid
+    assert summary["dead_letter_entries"] == summary["dead_letters"] == truth.dead_letters
     assert (summary["enters"], summary["exits"]) == (truth.enters, truth.exits)
     assert summary["stale_suppressed"] == truth.stale
     assert summary["duplicates_suppressed"] == truth.duplicates

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from segment_relay import SegmentChange
 from segment_relay.consumer.deadletter import JsonlDeadLetter, MemoryDeadLetter
@@ -226,14 +227,57 @@ async def test_invalid_lines_are_dead_lettered_and_the_partition_moves_on(tmp_pa
         ("invalid_record", "not_json", "2", str(path)),
         ("invalid_record", "not_object", "5", str(path)),
         ("invalid_record", "no_identity", "6", str(path)),
-        ("invalid_record", "unknown_status", "7", str(path)),
+        ("invalid_entry", "unknown_status", "7", str(path)),  # its only audience: the record has no other
     ]
     assert dead.entries[0]["raw"] == "this is not json"
     assert dead.entries[0]["detail"].startswith("not valid JSON")
     assert dead.entries[1]["detail"] == "expected a JSON object, got list"
     assert "segmentMembership.ups.a.status" in dead.entries[3]["detail"]
     assert checkpoint_line(checkpoint) == 8
-    assert stats.invalid == {"not_json": 1, "not_object": 1, "no_identity": 1, "unknown_status": 1}
+    assert stats.invalid == {"not_json": 1, "not_object": 1, "no_identity": 1}
+    assert stats.invalid_entries == {"unknown_status": 1}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_a_malformed_audience_entry_is_dead_lettered_alone_unless_entries_are_strict(
+    tmp_path: Path, strict: bool
+) -> None:
+    # Adobe's export carries every audience of a profile: one bad entry, even of an audience this
+    # relay does not map, must not cost the others their changes.
+    mixed = orjson.loads(record("p1", ("a", "realized", 1), ("b", "realized", 1)))
+    mixed["segmentMembership"]["ups"]["gone"] = {"status": "maybe", "lastQualificationTime": "2024-01-01T00:00:00Z"}
+    mixed["segmentMembership"]["ups"]["late"] = {"status": "realized", "lastQualificationTime": "yesterday"}
+    mixed["segmentMembership"]["other"] = 5
+    lines = [orjson.dumps(mixed), record("p2", ("a", "realized", 1))]
+    path = write_lines(tmp_path / "in.jsonl", lines)
+    checkpoint = tmp_path / "cp.json"
+    seen: list[tuple[str, str, str]] = []
+
+    async def handler(change: SegmentChange) -> None:
+        seen.append((change.profile_key, change.segment_id, change.position))
+
+    pipeline, dead = make_pipeline(path, handler, checkpoint=checkpoint, strict_entries=strict)
+    await finished(asyncio.create_task(pipeline.run()), pipeline)
+    snapshot = pipeline.snapshot()
+    assert checkpoint_line(checkpoint) == 2
+    if strict:  # today's rule: the whole record goes
+        assert sorted(seen) == [("ecid:p2", "a", "2")]
+        assert [(e["kind"], e["reason"], e["position"]) for e in dead.entries] == [
+            ("invalid_record", "unknown_status", "1")]
+        return
+    assert sorted(seen) == [("ecid:p1", "a", "1"), ("ecid:p1", "b", "1"), ("ecid:p2", "a", "2")]
+    found = {e["path"]: e for e in dead.entries}
+    assert {(e["kind"], e["position"], e["partition"]) for e in dead.entries} == {("invalid_entry", "1", str(path))}
+    assert {path: e["reason"] for path, e in found.items()} == {
+        "segmentMembership.ups.gone": "unknown_status",
+        "segmentMembership.ups.late": "bad_qualification_time",
+        "segmentMembership.other": "bad_shape",
+    }
+    assert found["segmentMembership.ups.gone"]["entry"] == mixed["segmentMembership"]["ups"]["gone"]
+    assert found["segmentMembership.other"]["entry"] == 5
+    assert "'maybe' is not one of realized, existing, exited" in found["segmentMembership.ups.gone"]["detail"]
+    assert snapshot.invalid_entries == {"unknown_status": 1, "bad_qualification_time": 1, "bad_shape": 1}
+    assert snapshot.invalid == {}
 
 
 async def test_a_change_json_cannot_carry_is_dead_lettered_with_its_record_and_the_partition_moves_on(
@@ -269,6 +313,20 @@ async def test_a_change_json_cannot_carry_is_dead_lettered_with_its_record_and_t
         assert len(entry["change"]["attributes"]["preview"]) <= 2_000
         assert "cannot be encoded as JSON" in entry["detail"]
     assert checkpoint_line(checkpoint) == 4
+
+
+async def test_the_dead_letter_writes_an_audience_entry_json_cannot_carry_as_a_bounded_preview(tmp_path: Path) -> None:
+    nested: object = 1
+    for _ in range(300):
+        nested = {"n": nested}
+    dead = JsonlDeadLetter(tmp_path / "dead.jsonl")
+    await dead.invalid_entry({"status": "realized", "deep": nested}, path="segmentMembership.ups.s", reason="bad_shape",
+                             detail="...", partition="0", position="7")
+    await dead.close()
+    (entry,) = [orjson.loads(line) for line in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
+    assert (entry["kind"], entry["path"], entry["position"]) == ("invalid_entry", "segmentMembership.ups.s", "7")
+    assert entry["entry"]["not_encodable"].startswith("TypeError")
+    assert "'status': 'realized'" in entry["entry"]["preview"] and len(entry["entry"]["preview"]) <= 2_000
 
 
 async def test_checkpoint_never_passes_an_unfinished_record(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
 """Where records and changes that cannot be processed go, so nothing is silently lost.
 
-One JSON object per line. Every entry has ``kind`` (``invalid_record`` or
+One JSON object per line. Every entry has ``kind`` (``invalid_record``, ``invalid_entry`` or
 ``failed_change``), ``reason``, ``detail``, ``partition``, ``position`` and ``at``;
 an invalid record carries the raw bytes (``raw`` as text, or ``raw_base64`` when
-they are not UTF-8); a failed change carries the change, the ``handler`` and the
-number of ``attempts``.
+they are not UTF-8); an invalid entry (one audience entry dropped from a record that was
+processed without it) its ``path`` and the ``entry`` as it came; a failed change carries the
+change, the ``handler`` and the number of ``attempts``.
 
 Every entry can be written: a change that JSON cannot carry (attributes nested deeper than
 orjson's limit, an integer past 64 bits) is written as a summary (every field of the change but
@@ -30,6 +31,9 @@ from .export import LazyAttributes
 
 class DeadLetter(Protocol):
     async def invalid_record(self, raw: bytes, *, reason: str, detail: str, partition: str, position: str) -> None: ...
+
+    async def invalid_entry(self, entry: Any, *, path: str, reason: str, detail: str, partition: str,
+                            position: str) -> None: ...
 
     async def failed_change(
         self, change: SegmentChange, *, handler: str, attempts: int, reason: str, detail: str,
@@ -57,6 +61,12 @@ def invalid_record_entry(raw: bytes, *, reason: str, detail: str, partition: str
             "partition": partition, "position": position, "at": _now(), **raw_fields(raw)}
 
 
+def invalid_entry_entry(entry: Any, *, path: str, reason: str, detail: str, partition: str,
+                        position: str) -> dict[str, Any]:
+    return {"kind": "invalid_entry", "reason": reason, "detail": detail, "path": path,
+            "partition": partition, "position": position, "at": _now(), "entry": entry}
+
+
 def failed_change_entry(
     change: SegmentChange, *, handler: str, attempts: int, reason: str, detail: str, partition: str, position: str,
 ) -> dict[str, Any]:
@@ -77,19 +87,28 @@ def _change_fields(change: SegmentChange) -> dict[str, Any]:
         return _summary(change, exc)
 
 
-def _summary(change: SegmentChange, error: BaseException) -> dict[str, Any]:
-    """The change without its attributes, which JSON could not carry: say why and show their start."""
+def _unencodable(value: Any, error: BaseException) -> dict[str, str]:
+    """What stands for a value JSON could not carry: why, and a bounded repr of its start."""
     try:
-        preview = _PREVIEW.repr(dict(change.attributes))[:_PREVIEW_CHARS]
+        preview = _PREVIEW.repr(value)[:_PREVIEW_CHARS]
     except Exception as exc:  # noqa: BLE001
         preview = f"<no preview: {type(exc).__name__}>"
+    return {"not_encodable": f"{type(error).__name__}: {error}", "preview": preview}
+
+
+def _summary(change: SegmentChange, error: BaseException) -> dict[str, Any]:
+    """The change without its attributes, which JSON could not carry."""
+    try:
+        attributes: Any = dict(change.attributes)
+    except Exception as exc:  # noqa: BLE001 - attributes that cannot even be decoded
+        attributes = f"<not decodable: {type(exc).__name__}>"
     return {
         "change": change.change.value, "segment_id": change.segment_id, "segment_namespace": change.segment_namespace,
         "segment_name": change.segment_name, "profile_key": change.profile_key,
         "qualified_at": change.qualified_at.isoformat().replace("+00:00", "Z"), "status": change.status.value,
         "change_id": change.change_id,
         "identities": {namespace: [item.to_dict() for item in items] for namespace, items in change.identities.items()},
-        "attributes": {"not_encodable": f"{type(error).__name__}: {error}", "preview": preview},
+        "attributes": _unencodable(attributes, error),
         "source": {"partition": change.partition, "position": change.position},
     }
 
@@ -98,7 +117,10 @@ def encode_entry(entry: dict[str, Any]) -> bytes:
     """One JSON line for ``entry``, whatever it holds (see the module's docstring)."""
     change = entry.get("change")
     if not isinstance(change, SegmentChange):
-        return orjson.dumps(entry) + b"\n"
+        try:
+            return orjson.dumps(entry) + b"\n"
+        except (TypeError, orjson.JSONEncodeError) as exc:  # an audience entry nested too deep
+            return orjson.dumps({**entry, "entry": _unencodable(entry.get("entry"), exc)}) + b"\n"
     fields = _change_fields(change)
     try:
         return orjson.dumps({**entry, "change": fields}) + b"\n"
@@ -133,6 +155,11 @@ class JsonlDeadLetter:
     async def invalid_record(self, raw: bytes, *, reason: str, detail: str, partition: str, position: str) -> None:
         self._write(invalid_record_entry(raw, reason=reason, detail=detail, partition=partition, position=position))
 
+    async def invalid_entry(self, entry: Any, *, path: str, reason: str, detail: str, partition: str,
+                            position: str) -> None:
+        self._write(invalid_entry_entry(entry, path=path, reason=reason, detail=detail, partition=partition,
+                                        position=position))
+
     async def failed_change(
         self, change: SegmentChange, *, handler: str, attempts: int, reason: str, detail: str,
         partition: str, position: str,
@@ -164,6 +191,11 @@ class MemoryDeadLetter:
 
     async def invalid_record(self, raw: bytes, *, reason: str, detail: str, partition: str, position: str) -> None:
         self._keep(invalid_record_entry(raw, reason=reason, detail=detail, partition=partition, position=position))
+
+    async def invalid_entry(self, entry: Any, *, path: str, reason: str, detail: str, partition: str,
+                            position: str) -> None:
+        self._keep(invalid_entry_entry(entry, path=path, reason=reason, detail=detail, partition=partition,
+                                       position=position))
 
     async def failed_change(
         self, change: SegmentChange, *, handler: str, attempts: int, reason: str, detail: str,

@@ -24,7 +24,16 @@ from typing import Annotated, Any, NotRequired
 
 import msgspec
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict on 3.11
 
 from ..model import IdentityItem, SegmentStatus
@@ -32,6 +41,7 @@ from .stored import SegmentKey
 
 __all__ = [
     "IdentityItem",
+    "InvalidEntry",
     "InvalidReason",
     "InvalidRecord",
     "ProfileExport",
@@ -72,6 +82,17 @@ class InvalidRecord(ValueError):
         self.detail = detail
 
 
+class InvalidEntry(msgspec.Struct, frozen=True):
+    """One malformed audience entry, dropped from a record whose other entries are processed.
+    ``path`` is its JSON path (``segmentMembership.NAMESPACE.SEGMENT``, or a namespace whose value
+    is not an object), ``entry`` the value as it came."""
+
+    path: str
+    reason: InvalidReason
+    detail: str
+    entry: Any
+
+
 class SegmentEntry(msgspec.Struct, gc=False):
     """One audience of a snapshot, in document order (a Struct: one is built per segment)."""
 
@@ -92,6 +113,7 @@ class ProfileExport(msgspec.Struct, gc=False):
     segments: tuple[SegmentEntry, ...]
     decoded_attributes: dict[str, Any] | None = None  # the attributes, once decoded
     raw: bytes | None = None  # the record, for decoding them
+    invalid_entries: tuple[InvalidEntry, ...] = ()  # audience entries dropped (only when not strict)
 
     @property
     def attributes(self) -> dict[str, Any]:
@@ -218,30 +240,37 @@ class _Segments:
 _SEGMENTS = _Segments()
 
 
-def parse_export(raw: bytes | str) -> ProfileExport:
-    """Decode and validate one record. Raises InvalidRecord with a precise reason."""
+def parse_export(raw: bytes | str, *, strict_entries: bool = True) -> ProfileExport:
+    """Decode and validate one record. Raises InvalidRecord with a precise reason.
+
+    ``strict_entries``: a malformed audience entry rejects the whole record; otherwise it is
+    dropped and named in ``invalid_entries``, and the record's other entries count."""
     export = _fast_export(raw)
     if export is not None:
         return export
-    return _reference_export(raw)
+    return _reference_export(raw, strict_entries)
 
 
-def _reference_export(raw: bytes | str) -> ProfileExport:
+def _reference_export(raw: bytes | str, strict_entries: bool = True) -> ProfileExport:
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidRecord(InvalidReason.NOT_JSON, f"not valid JSON: {exc}") from None
-    export = export_from_document(document)
+    export = export_from_document(document, strict_entries=strict_entries)
     export.raw = raw if isinstance(raw, bytes) else raw.encode()  # for the dead letter (LazyAttributes.record)
     return export
 
 
-def export_from_document(document: Any) -> ProfileExport:
+def export_from_document(document: Any, *, strict_entries: bool = True) -> ProfileExport:
     """Validate an already decoded document (the reference path: pydantic decides and explains)."""
     if not isinstance(document, dict):
         raise InvalidRecord(
             InvalidReason.NOT_OBJECT, f"expected a JSON object, got {type(document).__name__}"
         )
+    invalid_entries: list[InvalidEntry] = []
+    if not strict_entries and isinstance(document.get("segmentMembership"), dict):
+        kept, invalid_entries = _split_entries(document["segmentMembership"])
+        document = {**document, "segmentMembership": kept}
     try:
         body = _validate_body(document)
     except ValidationError as exc:
@@ -258,11 +287,16 @@ def export_from_document(document: Any) -> ProfileExport:
                 entry = _SEGMENTS.entry(namespace, segment_id, membership["status"],
                                         membership["lastQualificationTime"], _text_or_none(membership.get("name")))
             except (ValueError, OverflowError):
-                raise InvalidRecord(
+                path = f"segmentMembership.{namespace}.{segment_id}"
+                problem = InvalidRecord(
                     InvalidReason.BAD_QUALIFICATION_TIME,
-                    f"segmentMembership.{namespace}.{segment_id}.lastQualificationTime: "
-                    f"cannot parse {membership['lastQualificationTime']!r} as an ISO-8601 time",
-                ) from None
+                    f"{path}.lastQualificationTime: cannot parse {membership['lastQualificationTime']!r} as an ISO-8601 time",
+                )
+                if strict_entries:
+                    raise problem from None
+                original = document["segmentMembership"][namespace][segment_id]
+                invalid_entries.append(InvalidEntry(path, problem.reason, problem.detail, original))
+                continue
             append(entry)
     identity_map = {
         namespace: [IdentityItem(item.id, item.primary, item.authenticatedState) for item in items]
@@ -271,7 +305,8 @@ def export_from_document(document: Any) -> ProfileExport:
     attributes = dict(document)
     attributes.pop("identityMap", None)
     attributes.pop("segmentMembership", None)
-    return ProfileExport(identity_map, tuple(segments), attributes)  # the reference path decodes them at once
+    return ProfileExport(identity_map, tuple(segments), attributes,  # the reference path decodes them at once
+                         invalid_entries=tuple(invalid_entries))
 
 
 # --- the fast path -------------------------------------------------------------------------------
@@ -422,10 +457,45 @@ def _text_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _invalid_from(exc: ValidationError) -> InvalidRecord:
-    """Turn pydantic's first error into one of our reasons, naming the JSON path."""
+_ENTRY = TypeAdapter(_Membership)
+_NAME = TypeAdapter(_Name)
+
+
+def _split_entries(membership: dict[Any, Any]) -> tuple[dict[str, dict[str, Any]], list[InvalidEntry]]:
+    """The audience entries the model accepts, and the others as InvalidEntry, each alone (a
+    namespace whose value is not an object, or whose name is out of bounds, is one entry)."""
+    kept: dict[str, dict[str, Any]] = {}
+    invalid: list[InvalidEntry] = []
+
+    def refuse(loc: tuple[Any, ...], exc: ValidationError, value: Any) -> None:
+        problem = _invalid_from(exc, prefix=loc)
+        invalid.append(InvalidEntry(".".join(str(part) for part in loc), problem.reason, problem.detail, value))
+
+    for namespace, audiences in membership.items():
+        try:
+            _NAME.validate_python(namespace)
+            if not isinstance(audiences, dict):
+                _ENTRY.validate_python(audiences)  # raises: not an object
+        except ValidationError as exc:
+            refuse(("segmentMembership", namespace), exc, audiences)
+            continue
+        usable = kept[namespace] = {}
+        for segment_id, entry in audiences.items():
+            try:
+                _NAME.validate_python(segment_id)
+                _ENTRY.validate_python(entry)
+            except ValidationError as exc:
+                refuse(("segmentMembership", namespace, segment_id), exc, entry)
+                continue
+            usable[segment_id] = entry
+    return kept, invalid
+
+
+def _invalid_from(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> InvalidRecord:
+    """Turn pydantic's first error into one of our reasons, naming the JSON path (``prefix``:
+    where the validated value sits in the record)."""
     error = exc.errors(include_url=False)[0]
-    loc = tuple(error["loc"])
+    loc = prefix + tuple(error["loc"])
     path = ".".join(str(part) for part in loc)
     kind = error["type"]
     if loc and loc[0] == "identityMap":

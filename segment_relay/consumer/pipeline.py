@@ -30,8 +30,9 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -39,7 +40,7 @@ import msgspec
 
 from ..model import ChangeSink, PendingChange, SegmentChange, change_id_for
 from .deadletter import DeadLetter
-from .export import InvalidRecord, LazyAttributes, ProfileExport, parse_export
+from .export import InvalidEntry, InvalidRecord, LazyAttributes, ProfileExport, parse_export
 from .membership import diff_membership
 from .ordering import InFlightLimit, PartitionWatermark, ProfileGate
 from .profile_key import ProfileKeyRule
@@ -62,6 +63,7 @@ class PipelineSettings:
     record_retry_backoff_s: float = 0.1  # first wait before a store call that failed is retried
     step_max_records: int = 1000  # a bigger batch is split into steps of at most this many records
     segment_filter: frozenset[str] | None = None
+    strict_entries: bool = False  # a malformed audience entry rejects its record (else: dead-lettered alone)
     track_profiles: bool = False  # count distinct profiles (demo); unbounded memory
 
     def __post_init__(self) -> None:
@@ -87,6 +89,7 @@ class PipelineSnapshot:
     profiles_waiting: int  # records waiting for a step of their profile to end
     checkpoints: Mapping[str, Any] = field(default_factory=dict)  # partition -> last committed position
     profiles_seen: int | None = None
+    invalid_entries: Mapping[str, int] = field(default_factory=dict)  # audience entries dead-lettered alone, by reason
 
     @property
     def enters(self) -> int:
@@ -204,6 +207,7 @@ class Pipeline:
         self._records_finished = 0
         self._records_dropped = 0
         self._invalid: Counter[str] = Counter()
+        self._invalid_entries: Counter[str] = Counter()
         self._changes: dict[tuple[str, str], int] = {}
         self._stale = 0
         self._duplicate = 0
@@ -364,16 +368,20 @@ class Pipeline:
         admit = self._gate.admit
         groups: dict[str, list[_Item]] = {}
         invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]] = []
+        entries: list[tuple[SourceRecord[Any], InvalidEntry]] = []
+        strict = self.settings.strict_entries
         first = part.watermark.register_many([record.position for record in records])
         now = time.monotonic()
         for ticket, record in enumerate(records, first):
             data = record.data
             try:
-                export = parse_export(data)
+                export = parse_export(data, strict_entries=strict)
                 key = key_for(export.identity_map)
             except InvalidRecord as problem:
                 invalid.append((record, ticket, problem))
                 continue
+            if export.invalid_entries:
+                entries.extend((record, entry) for entry in export.invalid_entries)
             item = _Item(record, part, ticket, export, key, len(data), now)
             group = groups.get(key)
             if group is not None:
@@ -381,12 +389,13 @@ class Pipeline:
             elif admit(key, item):
                 groups[key] = [item]
             # else: the profile is in another step; the item waits in the gate
-        if groups or invalid:
-            self._start_step(groups, invalid, part)
+        if groups or invalid or entries:
+            self._start_step(groups, invalid, part, entries)
 
     def _start_step(self, groups: dict[str, list[_Item]],
-                    invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None) -> None:
-        task = asyncio.create_task(self._run_step(groups, invalid, part), name="pipeline-step")
+                    invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None,
+                    entries: list[tuple[SourceRecord[Any], InvalidEntry]] | None = None) -> None:
+        task = asyncio.create_task(self._run_step(groups, invalid, part, entries), name="pipeline-step")
         self._steps.add(task)
         self._idle.clear()
         task.add_done_callback(self._step_done)
@@ -400,12 +409,17 @@ class Pipeline:
 
     # --- a step -----------------------------------------------------------------------------------
     async def _run_step(self, groups: dict[str, list[_Item]],
-                        invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None) -> None:
+                        invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None,
+                        entries: list[tuple[SourceRecord[Any], InvalidEntry]] | None = None) -> None:
         released: set[str] = set()
         try:
             if invalid:
                 assert part is not None
                 await self._reject(invalid, part)
+            if entries:
+                # Written before their records finish, so before a checkpoint passes them.
+                assert part is not None
+                await self._reject_entries(entries, part)
             if groups:
                 await self._process(groups, released)
         finally:
@@ -594,23 +608,38 @@ class Pipeline:
             log.warning("invalid record sent to the dead letter", extra={
                 "reason": problem.reason.value, "detail": problem.detail, "partition": part.name,
                 "position": position})
-            delay = self.settings.record_retry_backoff_s
-            while True:
-                try:
-                    await self.dead_letter.invalid_record(
-                        record.data, reason=problem.reason.value, detail=problem.detail,
-                        partition=part.name, position=position,
-                    )
-                    break
-                except Exception:  # noqa: BLE001 - e.g. a full disk: wait (reading pauses), never drop
-                    log.exception("cannot write the dead letter; will retry", extra={"retry_in_s": delay})
-                    await asyncio.sleep(delay)
-                    delay = min(30.0, delay * 2)
+            await self._write_dead_letter(partial(
+                self.dead_letter.invalid_record, record.data, reason=problem.reason.value, detail=problem.detail,
+                partition=part.name, position=position))
             self._dead_letters += 1
             self._limit.release(1, len(record.data))
             if not part.revoked:
                 part.watermark.finish(ticket)
                 self._finished(1)
+
+    async def _reject_entries(self, entries: list[tuple[SourceRecord[Any], InvalidEntry]], part: _Partition) -> None:
+        """Audience entries dropped from records that are processed without them."""
+        for record, entry in entries:
+            self._invalid_entries[entry.reason.value] += 1
+            position = str(record.position)
+            log.warning("invalid audience entry sent to the dead letter; the rest of its record is processed", extra={
+                "reason": entry.reason.value, "path": entry.path, "detail": entry.detail, "partition": part.name,
+                "position": position})
+            await self._write_dead_letter(partial(
+                self.dead_letter.invalid_entry, entry.entry, path=entry.path, reason=entry.reason.value,
+                detail=entry.detail, partition=part.name, position=position))
+
+    async def _write_dead_letter(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Until it is written: e.g. a full disk waits (reading pauses), never drops."""
+        delay = self.settings.record_retry_backoff_s
+        while True:
+            try:
+                await write()
+                return
+            except Exception:  # noqa: BLE001
+                log.exception("cannot write the dead letter; will retry", extra={"retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
 
     # --- checkpoints ----------------------------------------------------------------------------------
     async def _checkpoint_periodically(self) -> None:
@@ -678,4 +707,5 @@ class Pipeline:
             profiles_waiting=self._gate.waiting,
             checkpoints=dict(self._checkpoints),
             profiles_seen=len(self._profiles_seen) if self._profiles_seen is not None else None,
+            invalid_entries=dict(self._invalid_entries),
         )

@@ -49,6 +49,7 @@ class RelaySnapshot:
     def dead_letters(self) -> dict[str, int]:
         """Dead-letter entries by kind."""
         found = {"invalid_record": self.pipeline.dead_letters,
+                 "invalid_entry": sum(self.pipeline.invalid_entries.values()),
                  "failed_change": sum(handler.dead_letters for handler in self.handlers)}
         return {kind: n for kind, n in found.items() if n}
 
@@ -57,6 +58,7 @@ class RelaySnapshot:
         summary: dict[str, Any] = {
             "records": p.records_read,
             "invalid": sum(p.invalid.values()),
+            "invalid_entries": sum(p.invalid_entries.values()),
             "enters": p.enters,
             "exits": p.exits,
             "stale_suppressed": p.stale,
@@ -109,6 +111,11 @@ def _pipeline_metrics(s: RelaySnapshot) -> Iterator[Any]:
     for reason, n in p.invalid.items():
         invalid.add_metric([reason], n)
     yield invalid
+    entries = CounterMetricFamily("segment_relay_entries_invalid", "Audience entries dropped from their record and "
+                                  "dead-lettered alone, by reason", labels=["reason"])
+    for reason, n in p.invalid_entries.items():
+        entries.add_metric([reason], n)
+    yield entries
     changes = CounterMetricFamily("segment_relay_changes", "Membership changes emitted", labels=["segment_id", "change"])
     for (segment_id, change), n in p.changes.items():
         changes.add_metric([segment_id, change], n)

@@ -99,17 +99,23 @@ Change = tuple[str, str, str, str]  # (profile_key, segment_id, "enter" | "exit"
 
 @dataclass
 class StreamTruth:
-    """What the relay must make of a stream. ``stale`` and ``duplicates`` count segment
-    entries (like the relay's stats), the rest count records or changes."""
+    """What the relay must make of a stream. ``stale``, ``duplicates`` and ``invalid_entries``
+    count segment entries (like the relay's stats), the rest count records or changes."""
 
     records: int = 0
-    invalid: int = 0
+    invalid: int = 0  # records rejected whole
+    invalid_entries: int = 0  # audience entries dropped from records processed without them (not strict)
     profiles: int = 0
     enters: int = 0
     exits: int = 0
     stale: int = 0
     duplicates: int = 0
     changes: list[Change] = field(default_factory=list)  # in delivery order
+
+    @property
+    def dead_letters(self) -> int:
+        """Dead-letter entries the stream makes before any handler runs: records and entries."""
+        return self.invalid + self.invalid_entries
 
 
 # --------------------------------------------------------------------------------------
@@ -504,8 +510,10 @@ def _usable_identity(item: Any) -> bool:
     )
 
 
-def _read(raw: bytes) -> tuple[dict[str, list[Mapping[str, Any]]], list[_Entry]] | None:
-    """The usable identities and the segment entries of a record, or None if it is invalid."""
+def _read(raw: bytes, strict_entries: bool = False
+          ) -> tuple[dict[str, list[Mapping[str, Any]]], list[_Entry], int] | None:
+    """The usable identities, the segment entries and the number of malformed entries dropped
+    of a record, or None if it is invalid (with ``strict_entries``, one malformed entry is)."""
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -528,24 +536,33 @@ def _read(raw: bytes) -> tuple[dict[str, list[Mapping[str, Any]]], list[_Entry]]
     if not isinstance(membership, dict):
         return None
     entries: list[_Entry] = []
+    dropped = 0
     for namespace, audiences in membership.items():
         if not isinstance(audiences, dict):
-            return None
+            if strict_entries:
+                return None
+            dropped += 1
+            continue
         for segment_id, value in audiences.items():
-            if not isinstance(value, dict) or value.get("status") not in _STATUSES:
-                return None
-            moment = _parse_time(value.get("lastQualificationTime"))
-            if moment is None:
-                return None
+            moment = _parse_time(value.get("lastQualificationTime")) if isinstance(value, dict) else None
+            if moment is None or value.get("status") not in _STATUSES:
+                if strict_entries:
+                    return None
+                dropped += 1
+                continue
             entries.append((namespace, segment_id, value["status"], moment))
-    return identities, entries
+    return identities, entries, dropped
 
 
 def expected_changes(
-    records: Iterable[bytes], key: Callable[[IdentityMap], str] = reference_profile_key
+    records: Iterable[bytes], key: Callable[[IdentityMap], str] = reference_profile_key, *,
+    strict_entries: bool = False,
 ) -> StreamTruth:
     """Apply the DESIGN.md rules to ``records`` in delivery order, one (profile, namespace,
     segment) at a time, and return every change the relay must emit, in order.
+
+    - a malformed audience entry is dropped (the record's others count), or with
+      ``strict_entries`` (``pipeline.strict_entries``) rejects its record
 
     - a time older than the stored one: stale, ignored
     - the same status at the same time: duplicate, ignored
@@ -559,11 +576,12 @@ def expected_changes(
     profiles: set[str] = set()
     for raw in records:
         truth.records += 1
-        read = _read(raw)
+        read = _read(raw, strict_entries)
         if read is None:
             truth.invalid += 1
             continue
-        identities, entries = read
+        identities, entries, dropped = read
+        truth.invalid_entries += dropped
         profile = key(identities)
         profiles.add(profile)
         for namespace, segment_id, status, moment in entries:
