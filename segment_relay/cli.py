@@ -10,7 +10,7 @@ from typing import Annotated
 import orjson
 import typer
 
-from .config import ConfigError, load_config, secrets_in
+from .config import ConfigError, environment_secrets, load_config, secrets_in
 from .errors import StartupError
 from .provisioning.cli import app as provision_app
 
@@ -51,7 +51,8 @@ def run(
             segments=segments, checkpoint_file=checkpoint_file, metrics_port=metrics_port,
             metrics_host=metrics_host, log_level=log_level,
         )
-        configure_logging(settings.log_level, json=settings.log_format == "json", secrets=secrets_in(settings))
+        configure_logging(settings.log_level, json=settings.log_format == "json",
+                          secrets=[*secrets_in(settings), *environment_secrets()])
         relay = Relay(settings)
     except ConfigError as exc:
         _fail(str(exc))

@@ -293,7 +293,7 @@ def secrets_in(config: RelayConfig) -> list[str]:
 
     from .consumer.state.redis import url_password
 
-    found: list[str] = [os.environ[name] for name in _SECRET_ENVIRONMENT if os.environ.get(name)]
+    found: list[str] = []
     for secret in (config.eventhubs.connection_string, config.eventhubs.checkpoint_connection_string):
         if secret is not None:
             found.append(secret.get_secret_value())
@@ -322,6 +322,11 @@ def secrets_in(config: RelayConfig) -> list[str]:
             found.extend(value for _, value in parse_qsl(parts.query) if value)
         found.extend(segment for segment in parts.path.split("/") if len(segment) >= 12)  # path tokens
     return found
+
+
+def environment_secrets() -> list[str]:
+    """The values of the SDKs' own credential variables, which logs must not show either."""
+    return [os.environ[name] for name in _SECRET_ENVIRONMENT if os.environ.get(name)]
 
 
 def connection_string_fields(text: str) -> dict[str, str]:

@@ -477,3 +477,13 @@ def test_cloud_sdks_say_only_warnings_unless_debugging(log_stream: io.StringIO) 
     logging.getLogger("azure.eventhub._pyamqp.aio._link_async").debug("frame")
     assert [line["msg"] for line in lines(log_stream)][-1] == "frame"
     configure_logging("INFO", stream=io.StringIO())
+
+
+def test_the_sdk_credential_variables_are_secrets_to_redact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from segment_relay.config import environment_secrets
+
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN")
+    monkeypatch.setenv("AZURE_CLIENT_SECRET", "azure-client-secret-value")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    found = environment_secrets()
+    assert "FwoGZXIvYXdzEXAMPLETOKEN" in found and "azure-client-secret-value" in found
