@@ -227,6 +227,7 @@ class Pipeline:
     async def run(self) -> PipelineSnapshot:
         await self.store.open()
         try:
+            await self.dead_letter.start()  # a sink it cannot write to stops the start, with a reason
             await self.sink.start()
             await self.source.start(self)
             checkpointer = asyncio.create_task(self._checkpoint_periodically(), name="checkpointer")
