@@ -7,12 +7,13 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RelayConfig, connection_string_fields
-from .consumer.deadletter import JsonlDeadLetter
+from .consumer.deadletter import DeadLetter, JsonlDeadLetter, StdoutDeadLetter
 from .consumer.pipeline import Pipeline, PipelineSettings
 from .consumer.profile_key import ProfileKeyRule
 from .consumer.sources.base import Source
@@ -46,6 +47,35 @@ def build_source(config: RelayConfig, on_client: Callable[[str, Any], None] | No
     raise ConfigError(
         f"config field 'source': unknown source {config.source!r}; use file:PATH, file:-, kinesis:STREAM or eventhubs:HUB"
     )
+
+
+def build_dead_letter(config: RelayConfig) -> DeadLetter:
+    """The sink ``config.dead_letter`` names (see the README's "The dead letter")."""
+    spec, sink = config.dead_letter, config.dead_letter_sink
+    scheme, _, rest = spec.partition("://")
+    name, _, prefix = rest.partition("/")
+    if scheme in ("s3", "azblob"):
+        from .consumer.deadletter.objects import ObjectDeadLetter, ObjectStore
+
+        store: ObjectStore
+        if scheme == "s3":
+            from .consumer.deadletter.s3 import S3Objects
+
+            store = S3Objects(name, prefix, region=sink.s3_region, endpoint_url=sink.s3_endpoint_url)
+        else:
+            from .consumer.deadletter.azblob import BlobObjects
+
+            if sink.azblob_connection_string is not None:
+                store = BlobObjects(name, prefix, connection_string=sink.azblob_connection_string.get_secret_value())
+            else:
+                from .consumer.sources.eventhubs.connection import default_credential
+
+                store = BlobObjects(name, prefix, account_url=sink.azblob_account_url, credential=default_credential)
+        worker = sink.worker or os.environ.get("HOSTNAME") or socket.gethostname()
+        return ObjectDeadLetter(store, worker=worker, max_buffer_bytes=sink.max_buffer_bytes)
+    if spec == "stdout":
+        return StdoutDeadLetter()
+    return JsonlDeadLetter(Path(spec.removeprefix("file:")), max_bytes=sink.max_file_bytes)
 
 
 def _eventhubs_source(config: RelayConfig, hub: str) -> Source[Any]:
@@ -115,7 +145,7 @@ class Relay:
             raise ConfigError("config field 'checkpoint_file': only the file source uses it")
         self.source = build_source(config, on_client)
         self.store = open_store(config.state)
-        self.dead_letter = JsonlDeadLetter(Path(config.dead_letter))
+        self.dead_letter = build_dead_letter(config)
         circuit = config.circuit
         try:
             self.router = Router(

@@ -65,6 +65,22 @@ class PipelineConfig(_Section):
     )
 
 
+class DeadLetterSinkConfig(_Section):
+    """Settings of the dead-letter sink that ``dead_letter`` names."""
+
+    worker: str | None = Field(None, description="Names this replica's objects; default: $HOSTNAME (the pod name)")
+    max_buffer_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="s3://, azblob://: entries held between flushes before writes wait for one"
+    )
+    max_file_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="file: rotate the file past this size")
+    s3_endpoint_url: str | None = Field(None, description="s3://: an S3-compatible endpoint instead of AWS's")
+    s3_region: str | None = Field(None, description="s3://: default: the standard AWS chain")
+    azblob_connection_string: SecretStr | None = Field(None, description="azblob://: a storage account connection string")
+    azblob_account_url: str | None = Field(
+        None, description="azblob://: https://ACCOUNT.blob.core.windows.net, with an Azure credential"
+    )
+
+
 class RetryConfig(_Section):
     max_attempts: int = Field(5, ge=1, description="Handler attempts per change before the dead letter")
     initial_backoff_s: float = Field(0.2, ge=0)
@@ -211,7 +227,12 @@ class RelayConfig(BaseSettings):
     source: str = Field("file:-", description="file:PATH | file:- (stdin) | kinesis:STREAM | eventhubs:HUB")
     state: str = Field("sqlite:segment-relay.sqlite", description="memory | sqlite:PATH | dynamodb:TABLE | redis://HOST:PORT/DB")
     handlers: list[str] = Field(default_factory=lambda: ["log"])
-    dead_letter: str = Field("dead-letter.jsonl", description="JSONL file for invalid records and failed changes")
+    dead_letter: str = Field(
+        "dead-letter.jsonl",
+        description="Where invalid records and failed changes go: PATH | file:PATH | stdout | s3://BUCKET/PREFIX | "
+                    "azblob://CONTAINER/PREFIX",
+    )
+    dead_letter_sink: DeadLetterSinkConfig = Field(default_factory=lambda: DeadLetterSinkConfig())
     segments: list[str] = Field(default_factory=list, description="Only these segment ids; empty = all")
     checkpoint_file: str | None = Field(None, description="file source: where to keep the last finished line")
     metrics_host: str = "127.0.0.1"
@@ -264,6 +285,30 @@ class RelayConfig(BaseSettings):
             raise ValueError("use memory, sqlite:PATH or dynamodb:TABLE, or a redis://HOST:PORT/DB URL (rediss:// for TLS)")
         return value
 
+    @field_validator("dead_letter")
+    @classmethod
+    def _check_dead_letter(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if sep and scheme in ("s3", "azblob"):
+            if not rest.split("/", 1)[0]:
+                raise ValueError(f"name the {'bucket' if scheme == 's3' else 'container'}: {scheme}://NAME/PREFIX")
+        elif sep:
+            raise ValueError("use PATH, file:PATH, stdout, s3://BUCKET/PREFIX or azblob://CONTAINER/PREFIX")
+        elif value in ("", "file:"):
+            raise ValueError("name the file: file:PATH")
+        return value
+
+    @model_validator(mode="after")
+    def _dead_letter_settings(self) -> RelayConfig:
+        sink = self.dead_letter_sink
+        if self.dead_letter.startswith("azblob://") and \
+                (sink.azblob_connection_string is None) == (sink.azblob_account_url is None):
+            raise ValueError(
+                "dead_letter azblob://: set exactly one of dead_letter_sink.azblob_connection_string "
+                "(env SEGMENT_RELAY_DEAD_LETTER_SINK__AZBLOB_CONNECTION_STRING) or dead_letter_sink.azblob_account_url "
+                "(with an Azure credential)")
+        return self
+
     @field_validator("handlers")
     @classmethod
     def _need_handler(cls, value: list[str]) -> list[str]:
@@ -294,7 +339,8 @@ def secrets_in(config: RelayConfig) -> list[str]:
     from .consumer.state.redis import url_password
 
     found: list[str] = []
-    for secret in (config.eventhubs.connection_string, config.eventhubs.checkpoint_connection_string):
+    for secret in (config.eventhubs.connection_string, config.eventhubs.checkpoint_connection_string,
+                   config.dead_letter_sink.azblob_connection_string):
         if secret is not None:
             found.append(secret.get_secret_value())
             fields = connection_string_fields(secret.get_secret_value())

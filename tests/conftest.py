@@ -9,6 +9,7 @@ import pytest
 from segment_relay.testing.aws import Emulator, fake_aws_env, running, start_dynalite, start_kinesalite
 from segment_relay.testing.azure import Azurite, running_azurite, start_azurite
 from segment_relay.testing.redis import RedisServer, running_redis, start_redis
+from segment_relay.testing.s3 import S3Server, start_s3
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,12 @@ def kinesalite(aws_env: None) -> Iterator[Emulator]:
 def dynalite(aws_env: None) -> Iterator[Emulator]:
     with running(start_dynalite()) as emulator:
         yield emulator
+
+
+@pytest.fixture(scope="session")
+def s3_server(aws_env: None) -> Iterator[S3Server]:
+    with running(start_s3()) as server:
+        yield server
 
 
 # --- Redis (the Debian redis-server) and Azurite (npm) -----------------------------------------
