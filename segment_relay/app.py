@@ -137,15 +137,17 @@ class Relay:
     """One running relay: build it from a config, then ``await run()`` until the source ends or a signal."""
 
     def __init__(self, config: RelayConfig, *, extra_handlers: list[Handler] | None = None,
-                 track_profiles: bool = False, on_client: Callable[[str, Any], None] | None = None) -> None:
+                 track_profiles: bool = False, on_client: Callable[[str, Any], None] | None = None,
+                 source: Source[Any] | None = None, dead_letter: DeadLetter | None = None) -> None:
         """``extra_handlers`` join the configured ones (embedding, tests); ``on_client`` sees each
-        cloud client a source creates (a test seam for fault injection)."""
+        cloud client a source creates (a test seam for fault injection); ``source`` and
+        ``dead_letter`` replace the configured ones (a dead-letter replay)."""
         self.config = config
         if config.checkpoint_file and not config.source.startswith("file:"):
             raise ConfigError("config field 'checkpoint_file': only the file source uses it")
-        self.source = build_source(config, on_client)
+        self.source = source if source is not None else build_source(config, on_client)
         self.store = open_store(config.state)
-        self.dead_letter = build_dead_letter(config)
+        self.dead_letter = dead_letter if dead_letter is not None else build_dead_letter(config)
         circuit = config.circuit
         try:
             self.router = Router(

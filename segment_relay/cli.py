@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -136,6 +136,129 @@ def demo(
 
 
 app.add_typer(provision_app, name="provision")
+
+dead_letter_app = typer.Typer(help="List, show and replay dead-letter entries (a file, s3:// or azblob:// dead letter).",
+                              no_args_is_help=True)
+app.add_typer(dead_letter_app, name="dead-letter")
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (or $SEGMENT_RELAY_CONFIG)")]
+DeadLetterOption = Annotated[str | None, typer.Option("--dead-letter", help="The dead letter (default: the config's)")]
+KindOption = Annotated[str | None, typer.Option(help="invalid_record, invalid_entry or failed_change")]
+ReasonOption = Annotated[str | None, typer.Option(help="Only entries with this reason")]
+PartitionOption = Annotated[str | None, typer.Option(help="Only entries of this partition")]
+SinceOption = Annotated[str | None, typer.Option(help="Only entries written at or after this ISO-8601 time")]
+
+
+def _dead_letter_config(config: Path | None, dead_letter: str | None) -> Any:
+    from .config import RelayConfig
+
+    try:
+        settings: RelayConfig = load_config(config, dead_letter=dead_letter)
+    except ConfigError as exc:
+        _fail(str(exc))
+        raise  # not reached: _fail exits
+    from .ops.logging import configure_logging
+
+    configure_logging(settings.log_level if settings.log_level != "INFO" else "WARNING",
+                      json=settings.log_format == "json", secrets=[*secrets_in(settings), *environment_secrets()])
+    return settings
+
+
+def _since(value: str | None) -> Any:
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--since: {value!r} is not an ISO-8601 time, e.g. 2026-12-01T00:00:00Z")
+        raise
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+async def _entries(settings: Any, kind: str | None, reason: str | None, partition: str | None, since: Any
+                   ) -> tuple[list[Any], set[str]]:
+    from .app import build_dead_letter
+    from .consumer.deadletter.reader import matches, reader_for
+
+    reader = reader_for(build_dead_letter(settings))
+    try:
+        found = [stored async for stored in reader.entries()
+                 if matches(stored.entry, kind=kind, reason=reason, partition=partition, since=since)]
+        return found, await reader.replayed()
+    finally:
+        await reader.close()
+
+
+@dead_letter_app.command("list")
+def dead_letter_list(
+    config: ConfigOption = None, dead_letter: DeadLetterOption = None, kind: KindOption = None,
+    reason: ReasonOption = None, partition: PartitionOption = None, since: SinceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per entry")] = False,
+) -> None:
+    """One line per entry: its id (OBJECT#LINE), time, kind, reason, partition and position; then counts."""
+    settings = _dead_letter_config(config, dead_letter)
+    try:
+        found, replayed = asyncio.run(_entries(settings, kind, reason, partition, _since(since)))
+    except (StartupError, ValueError) as exc:
+        _fail(str(exc), 1)
+        return
+    counts: dict[str, int] = {}
+    for stored in found:
+        entry = stored.entry
+        counts[str(entry.get("kind"))] = counts.get(str(entry.get("kind")), 0) + 1
+        fields = {"id": stored.id, "at": entry.get("at"), "kind": entry.get("kind"), "reason": entry.get("reason"),
+                  "partition": entry.get("partition"), "position": entry.get("position"),
+                  "replayed": stored.id in replayed}
+        if as_json:
+            typer.echo(orjson.dumps(fields).decode())
+        else:
+            typer.echo(f"{stored.id}  {fields['at']}  {fields['kind']}  {fields['reason']}  "
+                       f"partition {fields['partition']} position {fields['position']}"
+                       + ("  (replayed)" if fields["replayed"] else ""))
+    typer.echo(f"{len(found)} entries: " + ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+               + f"; {sum(stored.id in replayed for stored in found)} replayed", err=True)
+
+
+@dead_letter_app.command("show")
+def dead_letter_show(
+    entry_id: Annotated[str, typer.Argument(help="The entry's id, as list prints it (OBJECT#LINE)")],
+    config: ConfigOption = None, dead_letter: DeadLetterOption = None,
+) -> None:
+    """Print one entry, whole, as JSON."""
+    settings = _dead_letter_config(config, dead_letter)
+    try:
+        found, _ = asyncio.run(_entries(settings, None, None, None, None))
+    except (StartupError, ValueError) as exc:
+        _fail(str(exc), 1)
+        return
+    for stored in found:
+        if stored.id == entry_id:
+            typer.echo(orjson.dumps(stored.entry, option=orjson.OPT_INDENT_2).decode())
+            return
+    _fail(f"no entry {entry_id!r} in this dead letter (see: segment-relay dead-letter list)", 1)
+
+
+@dead_letter_app.command("replay")
+def dead_letter_replay(
+    config: ConfigOption = None, dead_letter: DeadLetterOption = None, kind: KindOption = None,
+    reason: ReasonOption = None, partition: PartitionOption = None, since: SinceOption = None,
+    handler: Annotated[list[str] | None, typer.Option("--handler", "-H", help="Re-drive failed changes to these handlers instead of their own; repeatable")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be replayed; change nothing")] = False,
+) -> None:
+    """Put invalid records and entries through the pipeline again (same validation and state store)
+    and re-drive failed changes to their handler; each entry once (replayed ones are marked)."""
+    from .replay import replay_dead_letter
+
+    settings = _dead_letter_config(config, dead_letter)
+    try:
+        report = asyncio.run(replay_dead_letter(settings, handler_specs=handler, dry_run=dry_run, kind=kind,
+                                                reason=reason, partition=partition, since=_since(since)))
+    except (StartupError, ConfigError, ValueError) as exc:
+        _fail(str(exc), 1)
+        return
+    typer.echo(orjson.dumps({"dry_run": dry_run, **report.to_dict()}).decode())
 
 
 def main() -> None:

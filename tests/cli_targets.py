@@ -20,3 +20,14 @@ async def fails_on_some(change: SegmentChange) -> None:
     succeed, so the handler stays healthy and those are dead-lettered after the retries."""
     if change.change_id.startswith("0"):
         raise RuntimeError("downstream refuses this one")
+
+
+async def refuses_poison(change: SegmentChange) -> None:
+    """Refuses the changes of segment "poison" while CLI_TARGETS_POISON=refuse; appends every
+    change it takes to $CLI_TARGETS_OUT (one line each: profile, segment, change)."""
+    from segment_relay.handlers.api import PermanentHandlerError
+
+    if change.segment_id == "poison" and os.environ.get("CLI_TARGETS_POISON") == "refuse":
+        raise PermanentHandlerError("the CRM has no such audience")
+    with open(os.environ["CLI_TARGETS_OUT"], "a") as out:
+        out.write(f"{change.profile_key} {change.segment_id} {change.change.value}\n")

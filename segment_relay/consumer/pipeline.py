@@ -38,7 +38,7 @@ from typing import Any
 
 import msgspec
 
-from ..model import ChangeSink, PendingChange, SegmentChange, change_id_for
+from ..model import ChangeSink, IdentityItem, PendingChange, SegmentChange, change_id_for
 from .deadletter import DeadLetter
 from .export import InvalidEntry, InvalidRecord, LazyAttributes, ProfileExport, parse_export
 from .membership import diff_membership
@@ -49,6 +49,8 @@ from .state.base import MembershipStore, ProfileState
 from .stored import SegmentKey, StoredMembership
 
 log = logging.getLogger(__name__)
+
+IdentityMap = Mapping[str, Sequence[IdentityItem]]
 
 __all__ = ["Pipeline", "PipelineSettings", "PipelineSnapshot"]
 
@@ -369,7 +371,7 @@ class Pipeline:
         admit = self._gate.admit
         groups: dict[str, list[_Item]] = {}
         invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]] = []
-        entries: list[tuple[SourceRecord[Any], InvalidEntry]] = []
+        entries: list[tuple[SourceRecord[Any], InvalidEntry, IdentityMap]] = []
         strict = self.settings.strict_entries
         first = part.watermark.register_many([record.position for record in records])
         now = time.monotonic()
@@ -382,7 +384,7 @@ class Pipeline:
                 invalid.append((record, ticket, problem))
                 continue
             if export.invalid_entries:
-                entries.extend((record, entry) for entry in export.invalid_entries)
+                entries.extend((record, entry, export.identity_map) for entry in export.invalid_entries)
             item = _Item(record, part, ticket, export, key, len(data), now)
             group = groups.get(key)
             if group is not None:
@@ -395,7 +397,7 @@ class Pipeline:
 
     def _start_step(self, groups: dict[str, list[_Item]],
                     invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None,
-                    entries: list[tuple[SourceRecord[Any], InvalidEntry]] | None = None) -> None:
+                    entries: list[tuple[SourceRecord[Any], InvalidEntry, IdentityMap]] | None = None) -> None:
         task = asyncio.create_task(self._run_step(groups, invalid, part, entries), name="pipeline-step")
         self._steps.add(task)
         self._idle.clear()
@@ -411,7 +413,7 @@ class Pipeline:
     # --- a step -----------------------------------------------------------------------------------
     async def _run_step(self, groups: dict[str, list[_Item]],
                         invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None,
-                        entries: list[tuple[SourceRecord[Any], InvalidEntry]] | None = None) -> None:
+                        entries: list[tuple[SourceRecord[Any], InvalidEntry, IdentityMap]] | None = None) -> None:
         released: set[str] = set()
         try:
             if invalid:
@@ -618,9 +620,10 @@ class Pipeline:
                 part.watermark.finish(ticket)
                 self._finished(1)
 
-    async def _reject_entries(self, entries: list[tuple[SourceRecord[Any], InvalidEntry]], part: _Partition) -> None:
+    async def _reject_entries(self, entries: list[tuple[SourceRecord[Any], InvalidEntry, IdentityMap]],
+                              part: _Partition) -> None:
         """Audience entries dropped from records that are processed without them."""
-        for record, entry in entries:
+        for record, entry, identities in entries:
             self._invalid_entries[entry.reason.value] += 1
             position = str(record.position)
             log.warning("invalid audience entry sent to the dead letter; the rest of its record is processed", extra={
@@ -628,7 +631,7 @@ class Pipeline:
                 "position": position})
             await self._write_dead_letter(partial(
                 self.dead_letter.invalid_entry, entry.entry, path=entry.path, reason=entry.reason.value,
-                detail=entry.detail, partition=part.name, position=position))
+                detail=entry.detail, partition=part.name, position=position, identities=identities))
 
     async def _write_dead_letter(self, write: Callable[[], Awaitable[None]]) -> None:
         """Until it is written: e.g. a full disk waits (reading pauses), never drops."""

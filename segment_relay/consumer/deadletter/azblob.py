@@ -4,7 +4,7 @@ credential (workload identity, made by the caller), as for the Event Hubs checkp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ...errors import StartupError
@@ -70,6 +70,14 @@ class BlobObjects:
 
     async def put(self, name: str, data: bytes) -> None:
         await self._container().upload_blob(self.prefix + name, data, overwrite=True)
+
+    async def names(self, under: str = "") -> AsyncIterator[str]:
+        async for blob in self._container().list_blobs(name_starts_with=self.prefix + under):
+            yield blob.name[len(self.prefix):]
+
+    async def get(self, name: str) -> bytes:
+        downloader = await self._container().download_blob(self.prefix + name)
+        return bytes(await downloader.readall())
 
     async def close(self) -> None:
         client, self._client = self._client, None

@@ -3,9 +3,10 @@ use, and a base class that turns the three kinds of entry into JSON lines for ``
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ...model import SegmentChange
+from ...model import IdentityItem, SegmentChange
 from .entries import encode_entry, failed_change_entry, invalid_entry_entry, invalid_record_entry
 
 
@@ -16,7 +17,8 @@ class DeadLetter(Protocol):
     async def invalid_record(self, raw: bytes, *, reason: str, detail: str, partition: str, position: str) -> None: ...
 
     async def invalid_entry(self, entry: Any, *, path: str, reason: str, detail: str, partition: str,
-                            position: str) -> None: ...
+                            position: str, identities: Mapping[str, Sequence[IdentityItem]] | None = None) -> None:
+        """``identities``: the record's, so that a replay can put the entry through as its profile's."""
 
     async def failed_change(
         self, change: SegmentChange, *, handler: str, attempts: int, reason: str, detail: str,
@@ -50,9 +52,9 @@ class LineDeadLetter:
                                                position=position))
 
     async def invalid_entry(self, entry: Any, *, path: str, reason: str, detail: str, partition: str,
-                            position: str) -> None:
+                            position: str, identities: Mapping[str, Sequence[IdentityItem]] | None = None) -> None:
         await self._store(invalid_entry_entry(entry, path=path, reason=reason, detail=detail, partition=partition,
-                                              position=position))
+                                              position=position, identities=identities))
 
     async def failed_change(
         self, change: SegmentChange, *, handler: str, attempts: int, reason: str, detail: str,

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import base64
 import reprlib
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from ...model import SegmentChange
+from ...model import IdentityItem, SegmentChange
 from ..export import LazyAttributes
 
 
@@ -42,10 +43,13 @@ def invalid_record_entry(raw: bytes, *, reason: str, detail: str, partition: str
             "partition": partition, "position": position, "at": _now(), **raw_fields(raw)}
 
 
-def invalid_entry_entry(entry: Any, *, path: str, reason: str, detail: str, partition: str,
-                        position: str) -> dict[str, Any]:
-    return {"kind": "invalid_entry", "reason": reason, "detail": detail, "path": path,
-            "partition": partition, "position": position, "at": _now(), "entry": entry}
+def invalid_entry_entry(entry: Any, *, path: str, reason: str, detail: str, partition: str, position: str,
+                        identities: Mapping[str, Sequence[IdentityItem]] | None = None) -> dict[str, Any]:
+    found = {"kind": "invalid_entry", "reason": reason, "detail": detail, "path": path,
+             "partition": partition, "position": position, "at": _now(), "entry": entry}
+    if identities is not None:
+        found["identities"] = {namespace: [item.to_dict() for item in items] for namespace, items in identities.items()}
+    return found
 
 
 def failed_change_entry(

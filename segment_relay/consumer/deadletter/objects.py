@@ -22,6 +22,7 @@ import asyncio
 import logging
 import re
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -45,6 +46,11 @@ class ObjectStore(Protocol):
 
     async def put(self, name: str, data: bytes) -> None:
         """Write the object ``name`` (under the prefix), replacing one of that name."""
+
+    def names(self, under: str = "") -> AsyncIterator[str]:
+        """The objects' names (relative to the prefix) that start with ``under``, in name order."""
+
+    async def get(self, name: str) -> bytes: ...
 
     async def close(self) -> None: ...
 

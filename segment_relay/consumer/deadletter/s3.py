@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiobotocore.config import AioConfig
@@ -67,6 +68,19 @@ class S3Objects:
     async def put(self, name: str, data: bytes) -> None:
         s3 = await self._client()
         await s3.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data, ContentType="application/x-ndjson")
+
+    async def names(self, under: str = "") -> AsyncIterator[str]:
+        s3 = await self._client()
+        paginator = s3.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + under):
+            for item in page.get("Contents", []):
+                yield item["Key"][len(self.prefix):]
+
+    async def get(self, name: str) -> bytes:
+        s3 = await self._client()
+        response = await s3.get_object(Bucket=self.bucket, Key=self.prefix + name)
+        async with response["Body"] as body:
+            return bytes(await body.read())
 
     async def close(self) -> None:
         self._s3 = None
