@@ -43,11 +43,21 @@ async def table(ddb: Any) -> AsyncIterator[LeaseTable]:
 
 
 class Recorder:
-    """on_acquired / on_lost callbacks that remember what happened."""
+    """on_acquired / on_lost / on_handoff callbacks that remember what happened. A hand-over
+    is answered by releasing the lease at once, unless ``answer_handoffs`` is False (an owner
+    that never answers, like an older version)."""
 
     def __init__(self) -> None:
         self.acquired: list[str] = []
         self.lost: list[str] = []
+        self.handed_off: list[str] = []
+        self.answer_handoffs = True
+        self.coordinator: LeaseCoordinator | None = None
+
+    async def on_handoff(self, shard_id: str) -> None:
+        self.handed_off.append(shard_id)
+        if self.answer_handoffs and self.coordinator is not None:
+            await self.coordinator.release(shard_id)
 
     async def on_acquired(self, lease: Lease) -> None:
         self.acquired.append(lease.shard_id)
@@ -66,8 +76,10 @@ async def fleet(table: LeaseTable) -> AsyncIterator[Callable[..., Awaitable[tupl
     ) -> tuple[LeaseCoordinator, Recorder]:
         recorder = Recorder()
         coordinator = LeaseCoordinator(
-            table, settings, worker, on_acquired=recorder.on_acquired, on_lost=recorder.on_lost
+            table, settings, worker, on_acquired=recorder.on_acquired, on_lost=recorder.on_lost,
+            on_handoff=recorder.on_handoff,
         )
+        recorder.coordinator = coordinator
         made.append(coordinator)
         if start:
             await coordinator.start()
@@ -275,7 +287,9 @@ async def test_coordinators_split_leases_evenly_within_two_lease_periods(
     assert {coordinator.worker_id: set(coordinator.held) for coordinator in coordinators} == settled
 
 
-async def test_a_new_coordinator_steals_its_share_within_two_lease_periods(table: LeaseTable, fleet: Any) -> None:
+async def test_a_new_coordinator_gets_its_share_handed_over_within_two_lease_periods(
+    table: LeaseTable, fleet: Any
+) -> None:
     shard_ids = await create_leases(table, 4)
     first, first_events = await fleet("worker-a")
     await eventually(lambda: _held_count(first, 4), 2 * LEASE + SLACK, "the only worker takes all 4 leases")
@@ -290,10 +304,26 @@ async def test_a_new_coordinator_steals_its_share_within_two_lease_periods(table
     await eventually(split, 2 * LEASE + SLACK, "the newcomer holds 2 of 4 leases")
     assert time.monotonic() - joined <= 2 * LEASE + SLACK
     assert sorted(second_events.acquired) == sorted(second.held)
-    # The old owner was told about each stolen lease (by its renewal or its next scan).
-    await eventually(lambda: _is(sorted(first_events.lost) == sorted(second.held)), LEASE, "on_lost for stolen leases")
+    # Asked, not stolen: the old owner handed each over (and so lost none), and the newcomer
+    # took them free, as one owner switch each.
+    assert sorted(first_events.handed_off) == sorted(second.held) and first_events.lost == []
     leases = {lease.shard_id: lease for lease in await table.list_leases()}
-    assert all(leases[shard].owner_switches == 2 for shard in second.held)
+    assert all(leases[shard].owner_switches == 2 and leases[shard].handoff_to is None for shard in second.held)
+
+
+async def test_an_owner_that_does_not_answer_a_hand_over_has_the_lease_stolen_after_a_lease_duration(
+    table: LeaseTable, fleet: Any
+) -> None:
+    await create_leases(table, 2)
+    first, first_events = await fleet("worker-a")
+    first_events.answer_handoffs = False  # an older version, or one stuck in its drain
+    await eventually(lambda: _held_count(first, 2), 2 * LEASE + SLACK, "the only worker takes both leases")
+    second, second_events = await fleet("worker-b")
+    asked = time.monotonic()
+    await eventually(lambda: _held_count(second, 1), 3 * LEASE + SLACK, "the newcomer steals its share")
+    assert time.monotonic() - asked >= LEASE  # it waited a lease duration for the hand-over first
+    assert first_events.handed_off == list(second.held)  # asked first...
+    await eventually(lambda: _is(first_events.lost == list(second.held)), LEASE + SLACK, "...then stolen: on_lost")
 
 
 async def test_a_crashed_coordinators_leases_are_taken_within_two_lease_periods(

@@ -154,6 +154,32 @@ def test_sigterm_hands_the_leases_over_at_once_with_no_repeat(
     assert cluster.wait("b") == 0, cluster.log("b")
 
 
+def test_two_replicas_starting_together_hand_shards_over_and_repeat_nothing(
+    kinesalite: Emulator, make_cluster: Callable[..., Cluster]
+) -> None:
+    # The first to scan takes every shard (the other owns none yet, so it is not counted); the
+    # other then asks for its share, and the owner finishes and checkpoints each shard before it
+    # hands it over: the new owner starts exactly after, so nothing is handled twice.
+    stream = f"exports-{uuid.uuid4().hex[:8]}"
+    records = list(generate(StreamSpec(seed=53, profiles=150, records=2000)))
+    load(kinesalite, stream, records, create_shards=4)
+    lease_duration_s = 4.0
+    cluster = make_cluster(stream, lease_duration_s=lease_duration_s)
+    cluster.start("a")
+    cluster.start("b")
+    wait_for(lambda: sorted(cluster.owners().values()) == [2, 2], "two replicas to own 2 shards each",
+             timeout_s=4 * lease_duration_s + 30)
+    truth = Counter(expected_changes(records).changes)
+    wait_for(lambda: not truth - changes_in(cluster.outputs), "every change of the stream")
+    assert changes_in(cluster.outputs) == truth  # each exactly once
+    for name in ("a", "b"):
+        cluster.signal(name, signal.SIGTERM)
+    for name in ("a", "b"):
+        assert cluster.wait(name) == 0, cluster.log(name)
+    logs = cluster.log("a") + cluster.log("b")
+    assert "stealing the lease" not in logs and '"lease stolen"' not in logs  # handed over, not stolen
+
+
 def test_a_missing_stream_fails_at_start_with_a_message_naming_it(
     kinesalite: Emulator, dynalite: Emulator, tmp_path: Path
 ) -> None:

@@ -50,6 +50,8 @@ from .stored import SegmentKey, StoredMembership
 
 log = logging.getLogger(__name__)
 
+_EAGER_CHECKPOINTS_S = 10.0  # how long checkpoint_soon() makes every finished step checkpoint
+
 IdentityMap = Mapping[str, Sequence[IdentityItem]]
 
 __all__ = ["Pipeline", "PipelineSettings", "PipelineSnapshot"]
@@ -202,6 +204,7 @@ class Pipeline:
         self._stopping = asyncio.Event()
         self._failure: BaseException | None = None
         self._closing = False  # in-flight steps are being cancelled: start no more
+        self._eager_until = 0.0  # checkpoint_soon(): monotonic time until which every finish checkpoints
         self._revocations = 0  # revokes so far: a step that saw none since it began skips looking
         self.running = False
         # counters, read through snapshot()
@@ -309,6 +312,12 @@ class Pipeline:
         old = self._partitions.pop(partition, None)
         if old is not None:
             self._revoke(old)
+
+    def checkpoint_soon(self) -> None:
+        """Checkpoint now, and after every step that finishes records for a while (a source
+        handing a partition over waits for its last records to be checkpointed)."""
+        self._eager_until = time.monotonic() + _EAGER_CHECKPOINTS_S
+        self._checkpoint_due.set()
 
     def _revoke(self, part: _Partition) -> None:
         part.revoked = True
@@ -601,7 +610,8 @@ class Pipeline:
         self._records_finished += count
         self._finished_since_checkpoint += count
         every = self.settings.checkpoint_every_records
-        if every and self._finished_since_checkpoint >= every:
+        if (every and self._finished_since_checkpoint >= every) or (
+                self._eager_until and time.monotonic() < self._eager_until):
             self._checkpoint_due.set()
 
     async def _reject(self, invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition) -> None:

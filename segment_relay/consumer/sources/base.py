@@ -51,6 +51,10 @@ class PartitionListener(Protocol):
 
     def revoked(self, partition: str) -> None: ...
 
+    def checkpoint_soon(self) -> None:
+        """Commit what is finished now and as more finishes, for a while (a partition being
+        handed over: its source releases it once its last record read is committed)."""
+
 
 @dataclass(frozen=True)
 class SourceSnapshot:

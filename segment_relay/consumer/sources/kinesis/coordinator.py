@@ -19,9 +19,14 @@ Two loops per worker:
   4. below target: take available leases (free or expired, or ours from an earlier incarnation
      with the same worker id), those of dead owners first, then free ones, then expired ones of
      still-live owners, in random order within each group; a lost race moves on to the next one;
-  5. still below target and nothing available: steal ONE lease from the most loaded worker, if
+  5. still below target and nothing available: ask the most loaded worker for ONE lease, if
      it holds more than target, or exactly target while we are at least two below it (KCL's
-     rule; without it 3 workers over 4 leases would stay at 2/2/0).
+     rule; without it 3 workers over 4 leases would stay at 2/2/0). Asking is a hand-over
+     request on the lease (``handoffTo``): the owner sees it at its next renewal or scan, calls
+     ``on_handoff``, finishes and checkpoints what it read, and releases the lease, which the
+     asker takes at a later pass, free: nothing it finished is read again. An owner that does
+     not release within a lease duration of the request (an older version, a stuck one) has
+     the lease stolen, as KCL 2 always does.
 
 ``stop(release=True)`` releases every held lease (owner removed, counter bumped): the others
 take them at their next balancing pass instead of waiting for expiry.
@@ -62,6 +67,7 @@ class LeaseSettings(Protocol):
 
 AcquiredCallback = Callable[[Lease], Awaitable[None] | None]
 LostCallback = Callable[[str], Awaitable[None] | None]
+HandoffCallback = Callable[[str], Awaitable[None] | None]
 
 
 class LeaseCoordinator:
@@ -73,9 +79,12 @@ class LeaseCoordinator:
         *,
         on_acquired: AcquiredCallback,
         on_lost: LostCallback,
+        on_handoff: HandoffCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
         balance_interval_s: float | None = None,
     ) -> None:
+        """``on_handoff(shard_id)``: another worker asked for this held lease; the callee finishes
+        the shard's work and then calls ``release(shard_id)``. None: release at once."""
         if settings.renew_interval_s >= settings.lease_duration_s:
             raise ValueError("renew_interval_s must be shorter than lease_duration_s")
         self.table = table
@@ -88,6 +97,9 @@ class LeaseCoordinator:
         self._on_acquired = on_acquired
         self._taking = True
         self._on_lost = on_lost
+        self._on_handoff = on_handoff
+        self._handing_off: set[str] = set()  # held leases being handed over (on_handoff called)
+        self._asked: dict[str, float] = {}  # shard -> clock() when this worker asked its owner for it
         self._clock = clock
         self._held: dict[str, Lease] = {}
         self._renewed_at: dict[str, float] = {}  # clock() when the last successful renewal was *sent*
@@ -180,9 +192,11 @@ class LeaseCoordinator:
                 lease = self._held.get(shard_id)
                 if lease is None:
                     return False
+                handing_over = shard_id in self._handing_off
                 self._drop(shard_id)
                 try:
-                    released = await self.table.release(lease)
+                    # A hand-over keeps the asker's name on the free lease: it is reserved for it.
+                    released = await self.table.release(lease, keep_handoff=handing_over)
                 except Exception:
                     log.exception("lease release failed; it will expire",
                                   extra={"shard": shard_id, "worker": self.worker_id, "owner": self.worker_id})
@@ -192,6 +206,7 @@ class LeaseCoordinator:
             return released
         finally:
             self._releasing.discard(shard_id)
+            self._handing_off.discard(shard_id)
 
     async def sync_shards(self, shards: Iterable[Mapping[str, Any]]) -> list[str]:
         """Create the missing leases for ListShards output (dicts with ShardId, ParentShardId,
@@ -225,14 +240,27 @@ class LeaseCoordinator:
             current = by_id.get(shard_id)
             if (current is None or current.owner != self.worker_id) and shard_id not in self._releasing:
                 await self._lose(shard_id, current.owner if current else None, "lease taken by another worker")
+            elif current is not None:
+                await self._answer_handoff(current)
+        for shard_id in [shard for shard in self._asked if by_id.get(shard) is None
+                         or by_id[shard].handoff_to != self.worker_id]:
+            del self._asked[shard_id]  # taken, or handed to someone else
 
         def expired(lease: Lease) -> bool:
             if lease.owner is None or lease.owner == self.worker_id:
                 return False
             return now - self._seen[lease.shard_id][1] >= self.lease_duration_s
 
+        def reserved(lease: Lease) -> bool:
+            """Free, but handed over to another worker that has not taken it yet (for a lease duration)."""
+            return (lease.owner is None and lease.handoff_to not in (None, self.worker_id)
+                    and now - self._seen[lease.shard_id][1] < self.lease_duration_s)
+
         eligible = [lease for lease in leases if _eligible(lease, by_id)]
         live = {lease.owner for lease in leases if lease.owner is not None and not expired(lease)}
+        # A worker that asked for a lease is live, though it may own none yet.
+        live |= {str(lease.handoff_to) for lease in leases if lease.handoff_to is not None
+                 and (lease.owner is None or not expired(lease))}
         live.add(self.worker_id)
         target = math.ceil(len(eligible) / len(live)) if eligible else 0
         needed = target - sum(1 for lease in eligible if lease.shard_id in self._held)
@@ -241,7 +269,7 @@ class LeaseCoordinator:
 
         available = [
             lease for lease in eligible
-            if lease.shard_id not in self._held and lease.shard_id not in self._releasing
+            if lease.shard_id not in self._held and lease.shard_id not in self._releasing and not reserved(lease)
             and (lease.owner is None or lease.owner == self.worker_id or expired(lease))
         ]
         if available:
@@ -260,23 +288,67 @@ class LeaseCoordinator:
                     needed -= 1
             return
 
-        loads = Counter(
-            lease.owner for lease in eligible
-            if lease.owner is not None and lease.owner != self.worker_id and not expired(lease)
-        )
-        if not loads:
+        live_owned = [lease for lease in eligible
+                      if lease.owner is not None and lease.owner != self.worker_id and not expired(lease)]
+        if not self._stopping.is_set():
+            await self._ask_or_steal(live_owned, needed, target, now)
+
+    async def _ask_or_steal(self, owned: list[Lease], needed: int, target: int, now: float) -> None:
+        """Step 5: steal what was asked for a lease duration ago and is still not released, and
+        ask the most loaded owners for the rest (at most ``needed`` leases asked at a time)."""
+        asked = [lease for lease in owned if lease.handoff_to == self.worker_id]
+        for lease in asked:
+            if now - self._asked.setdefault(lease.shard_id, now) >= self.lease_duration_s:
+                log.warning("hand-over not answered within a lease duration; stealing the lease",
+                            extra={"shard": lease.shard_id, "worker": self.worker_id, "owner": lease.owner})
+                await self._take(lease, "steal")
+        wanted = needed - len(asked)
+        loads = Counter(str(lease.owner) for lease in owned)
+        while wanted > 0 and loads:
+            top = max(loads.values())
+            if not (top > target or (top == target and wanted > 1)):  # KCL's rule, as in step 5
+                break
+            victim = random.choice(sorted(owner for owner, count in loads.items() if count == top))
+            candidates = [lease for lease in owned if lease.owner == victim and lease.handoff_to is None]
+            if not candidates:  # each is being handed to someone already
+                del loads[victim]
+                continue
+            lease = random.choice(candidates)
+            owned.remove(lease)
+            loads[victim] -= 1
+            if await self.table.request_handoff(lease, self.worker_id):
+                self._asked[lease.shard_id] = now
+                wanted -= 1
+                log.info("lease hand-over requested", extra={"shard": lease.shard_id, "worker": self.worker_id,
+                                                             "owner": lease.owner})
+
+    async def _answer_handoff(self, lease: Lease) -> None:
+        """A held lease another worker asked for: hand it over (once)."""
+        shard_id = lease.shard_id
+        if lease.handoff_to in (None, self.worker_id) or shard_id in self._handing_off or shard_id not in self._held:
             return
-        top = max(loads.values())
-        victim = random.choice(sorted(owner for owner, count in loads.items() if count == top))
-        if not self._stopping.is_set() and (top > target or (top == target and needed > 1)):
-            candidates = [lease for lease in eligible if lease.owner == victim]
-            await self._take(random.choice(candidates), "steal")
+        self._handing_off.add(shard_id)
+        log.info("lease hand-over asked for: finishing the shard, then releasing it",
+                 extra={"shard": shard_id, "worker": self.worker_id, "owner": self.worker_id, "to": lease.handoff_to})
+        if self._on_handoff is None:
+            await self.release(shard_id)
+            return
+        try:
+            result = self._on_handoff(shard_id)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("on_handoff failed; releasing the lease now",
+                          extra={"shard": shard_id, "worker": self.worker_id, "owner": self.worker_id})
+            await self.release(shard_id)
 
     async def renew_once(self) -> None:
-        """Renew every held lease once (the renewal loop calls this)."""
+        """Renew every held lease once (the renewal loop calls this); answer hand-over requests."""
         results = await asyncio.gather(*(self._renew(shard_id) for shard_id in list(self._held)))
         for shard_id in (result for result in results if result is not None):
             await self._notify_lost(shard_id)
+        for lease in list(self._held.values()):
+            await self._answer_handoff(lease)
 
     # -- loops --------------------------------------------------------------------------------
 
@@ -314,6 +386,7 @@ class LeaseCoordinator:
     def _drop(self, shard_id: str) -> None:
         self._held.pop(shard_id, None)
         self._renewed_at.pop(shard_id, None)
+        self._handing_off.discard(shard_id)
 
     async def _renew(self, shard_id: str) -> str | None:
         """Renew one lease; returns the shard id when it is lost (already dropped), else None."""
@@ -357,6 +430,7 @@ class LeaseCoordinator:
                 await self.table.release(taken)
             return False
         self._held[lease.shard_id] = taken
+        self._asked.pop(lease.shard_id, None)
         self._renewed_at[lease.shard_id] = self._clock()
         self._seen[lease.shard_id] = (taken.counter, self._clock())
         log.info("lease stolen" if how == "steal" else "lease taken",

@@ -11,6 +11,7 @@ One item per shard, with plain attribute names so that one
 ``parentShardIds``             list of the parent shard ids (empty for an original shard)
 ``lastRenewedAt``              ISO-8601 UTC time of the last take/renew, for humans only
 ``ownerSwitchesSinceCheckpoint``  how often the lease changed hands since the last checkpoint
+``handoffTo``                  a worker that asked the owner to hand the lease over (absent: none)
 =============================  ==========================================================
 
 Liveness never compares clocks across machines: a lease is expired when *its counter* has not
@@ -42,6 +43,7 @@ CHECKPOINT = "checkpoint"
 PARENTS = "parentShardIds"
 RENEWED_AT = "lastRenewedAt"
 SWITCHES = "ownerSwitchesSinceCheckpoint"
+HANDOFF = "handoffTo"
 
 _CONDITION_FAILED = "ConditionalCheckFailedException"
 
@@ -68,6 +70,7 @@ class Lease:
     parent_shard_ids: list[str] = field(default_factory=list)
     last_renewed_at: str | None = None  # for humans only; never used to decide liveness
     owner_switches: int = 0
+    handoff_to: str | None = None  # a worker that asked the owner for it
 
     @property
     def is_free(self) -> bool:
@@ -98,6 +101,7 @@ class Lease:
             parent_shard_ids=parent_ids,
             last_renewed_at=text(RENEWED_AT),
             owner_switches=number(SWITCHES),
+            handoff_to=text(HANDOFF),
         )
 
     def to_item(self) -> dict[str, Any]:
@@ -114,6 +118,8 @@ class Lease:
             item[CHECKPOINT] = {"S": self.checkpoint}
         if self.last_renewed_at is not None:
             item[RENEWED_AT] = {"S": self.last_renewed_at}
+        if self.handoff_to is not None:
+            item[HANDOFF] = {"S": self.handoff_to}
         return item
 
 
@@ -228,7 +234,7 @@ class LeaseTable:
             lease.shard_id,
             update=(
                 f"SET #owner = :me, {COUNTER} = :next, {RENEWED_AT} = :now, "
-                f"{SWITCHES} = if_not_exists({SWITCHES}, :zero) + :switch"
+                f"{SWITCHES} = if_not_exists({SWITCHES}, :zero) + :switch REMOVE {HANDOFF}"
             ),
             condition=f"{COUNTER} = :expected AND {owner_condition}",
             names=names,
@@ -252,18 +258,34 @@ class LeaseTable:
         )
         return result is not None
 
-    async def release(self, lease: Lease) -> bool:
-        """Make a lease we own free (owner removed) and bump its counter, so others see it free
-        at once and a stale holder of the old counter can no longer renew it."""
-        return await self._bump_owned(lease, release=True) is not None
+    async def request_handoff(self, lease: Lease, to: str) -> bool:
+        """Ask the owner of ``lease`` to hand it over to ``to`` (KCL 3's graceful hand-off): the
+        owner finishes and checkpoints what it read, then releases it. The counter is left alone,
+        so the owner's renewals go on; False if the owner changed or someone asked first."""
+        assert lease.owner is not None
+        result = await self._update(
+            lease.shard_id,
+            update=f"SET {HANDOFF} = :to",
+            condition=f"#owner = :owner AND attribute_not_exists({HANDOFF})",
+            names={"#owner": OWNER},
+            values={":to": {"S": to}, ":owner": {"S": lease.owner}},
+        )
+        return result is not None
 
-    async def _bump_owned(self, lease: Lease, *, release: bool) -> Lease | None:
+    async def release(self, lease: Lease, *, keep_handoff: bool = False) -> bool:
+        """Make a lease we own free (owner removed) and bump its counter, so others see it free
+        at once and a stale holder of the old counter can no longer renew it. ``keep_handoff``:
+        a hand-over, the asker's name stays (the lease is reserved for it; taking clears it)."""
+        return await self._bump_owned(lease, release=True, keep_handoff=keep_handoff) is not None
+
+    async def _bump_owned(self, lease: Lease, *, release: bool, keep_handoff: bool = False) -> Lease | None:
         """Renew or release: bump the counter of a lease we still own at the counter we saw."""
         if lease.owner is None:
             return None
+        removed = "" if not release else "REMOVE #owner " if keep_handoff else f"REMOVE #owner, {HANDOFF} "
         return await self._update(
             lease.shard_id,
-            update=("REMOVE #owner " if release else "") + f"SET {COUNTER} = :next, {RENEWED_AT} = :now",
+            update=removed + f"SET {COUNTER} = :next, {RENEWED_AT} = :now",
             condition=f"#owner = :me AND {COUNTER} = :expected",
             names={"#owner": OWNER},
             values={

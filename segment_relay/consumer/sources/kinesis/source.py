@@ -64,6 +64,7 @@ class KinesisSource:
         self._readers: dict[str, ShardReader] = {}
         self._reader_tasks: dict[str, asyncio.Task[None]] = {}
         self._shard_ends: dict[str, str | None] = {}  # shard -> last sequence read, once it ended
+        self._handoffs: dict[str, str | None] = {}  # shard -> last sequence read, while handing it over
         self._committed: dict[str, str] = {}  # shard -> the lease's checkpoint as we know it
         self._stopping = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
@@ -94,7 +95,8 @@ class KinesisSource:
         table = LeaseTable(dynamodb, self.settings.lease_table)
         await table.ensure_table()
         self._coordinator = LeaseCoordinator(
-            table, self.settings, self.worker_id, on_acquired=self._on_acquired, on_lost=self._on_lost
+            table, self.settings, self.worker_id, on_acquired=self._on_acquired, on_lost=self._on_lost,
+            on_handoff=self._on_handoff,
         )
         await self._coordinator.sync_shards(shards)
         await self._coordinator.start()
@@ -180,8 +182,42 @@ class KinesisSource:
             self._readers.pop(shard_id, None)
             self._reader_tasks.pop(shard_id, None)
 
+    async def _on_handoff(self, shard_id: str) -> None:
+        """Another replica asked for the shard: read no more of it, let the pipeline finish and
+        checkpoint what was read, then release the lease (commit() does, see _maybe_hand_off), so
+        that the new owner starts exactly after it. If that takes longer than a lease duration, the
+        asker steals the lease (and the pipeline is told through on_lost, as for any loss)."""
+        reader = self._readers.get(shard_id)
+        last = None
+        if reader is not None:
+            reader.stop()
+            task = self._reader_tasks.get(shard_id)
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+            last = reader.last_sequence
+        self._handoffs[shard_id] = last
+        self._shard_ends.pop(shard_id, None)
+        if self._listener is not None:
+            self._listener.checkpoint_soon()
+        await self._maybe_hand_off(shard_id)
+
+    async def _maybe_hand_off(self, shard_id: str) -> None:
+        """Release a shard being handed over once everything read of it is checkpointed."""
+        if shard_id not in self._handoffs or self._coordinator is None:
+            return
+        last = self._handoffs[shard_id]
+        committed = self._committed.get(shard_id)
+        if last is None or (committed is not None and int(committed) >= int(last)):
+            del self._handoffs[shard_id]
+            self._revoke(shard_id)  # everything of it is committed: the partition goes
+            await self._coordinator.release(shard_id)
+            log.info("shard handed over", extra={"shard": shard_id, "checkpoint": committed})
+        elif self._listener is not None:
+            self._listener.checkpoint_soon()  # the rest is still in flight: check again at the next commit
+
     async def _on_lost(self, shard_id: str) -> None:
         log.warning("lease lost: no longer reading the shard", extra={"shard": shard_id})
+        self._handoffs.pop(shard_id, None)
         self._revoke(shard_id)  # at once, before the reader is even stopped
         await self._cancel_readers([shard_id])
         self._shard_ends.pop(shard_id, None)
@@ -230,6 +266,7 @@ class KinesisSource:
         if await coordinator.checkpoint(partition, sequence):
             self._committed[partition] = sequence
             await self._maybe_finish_shard(partition)
+            await self._maybe_hand_off(partition)
 
     async def _maybe_finish_shard(self, shard_id: str) -> None:
         """Mark SHARD_END once the shard ended and its last record is checkpointed."""
