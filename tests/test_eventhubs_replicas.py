@@ -197,6 +197,8 @@ def test_repeated_kills_under_load_lose_nothing_and_repeat_a_bounded_part(
         cluster.processes[victim].send_signal(signal.SIGKILL)
         cluster.processes[victim].wait(timeout=10)
         cluster.start(victim)
+        # Until its signal handlers are in place, a SIGTERM at the end would kill it instead.
+        wait_for(lambda: '"relay started"' in cluster.log(victim), "the restarted replica to run")  # noqa: B023
     for chunk in chunks[7:]:
         load(emulator, chunk)
     truth = Counter(expected_changes(records).changes)
