@@ -440,3 +440,18 @@ async def test_two_stores_racing_end_with_the_max_per_key(two_stores: list[Membe
             top, statuses = best[(profile, key)]
             assert value.qualified_at_us == top, (profile, key, value, top)
             assert value.status in statuses, (profile, key, value, statuses)
+
+
+def test_replicas_opening_a_new_sqlite_file_together_all_start(tmp_path: Path) -> None:
+    # Switching a fresh file to WAL takes an exclusive lock SQLite does not always wait for: two
+    # replicas starting together on one host once got "database is locked" and one died.
+    opener = ("import asyncio, sys\nfrom segment_relay.consumer.state import SqliteStore\n"
+              "async def main():\n    store = SqliteStore(sys.argv[1])\n    await store.open()\n    await store.close()\n"
+              "asyncio.run(main())\n")
+    for attempt in range(8):
+        path = tmp_path / f"state-{attempt}.sqlite"
+        processes = [subprocess.Popen([sys.executable, "-c", opener, str(path)], stderr=subprocess.PIPE)
+                     for _ in range(4)]
+        for process in processes:
+            _, stderr = process.communicate(timeout=60)
+            assert process.returncode == 0, stderr.decode()

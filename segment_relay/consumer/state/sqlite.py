@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 from ...model import SegmentStatus
@@ -48,6 +49,20 @@ _STATUS = {status.value: status for status in SegmentStatus}
 Pending = dict[str, dict[SegmentKey, StoredMembership]]
 
 
+async def _while_locked(connection: sqlite3.Connection, statement: str, timeout_s: float) -> None:
+    """Execute ``statement``, again every 50 ms while another opener holds the database locked,
+    up to ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            connection.execute(statement)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)
+
+
 class SqliteStore(SingleProfileAccess):
     def __init__(self, path: str | Path, *, max_pending: int = 20_000, busy_timeout_s: float = 30.0) -> None:
         self.path = str(path)
@@ -73,9 +88,10 @@ class SqliteStore(SingleProfileAccess):
         self._writer = sqlite3.connect(
             target, timeout=self._busy_timeout_s, check_same_thread=False, isolation_level=None, uri=uri
         )
-        self._writer.execute("PRAGMA journal_mode=WAL")
-        self._writer.execute("PRAGMA synchronous=NORMAL")
-        self._writer.execute(_SCHEMA)
+        # Replicas on one host open the file together: switching it to WAL takes an exclusive
+        # lock for which SQLite does not always wait (it answers "database is locked" at once).
+        for statement in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", _SCHEMA):
+            await _while_locked(self._writer, statement, self._busy_timeout_s)
         self._reader = sqlite3.connect(target, timeout=5.0, isolation_level=None, uri=uri)
 
     async def load_many(self, profiles: Wanted) -> dict[str, ProfileState]:
