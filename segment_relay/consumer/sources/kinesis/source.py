@@ -205,9 +205,8 @@ class KinesisSource:
         """Release a shard being handed over once everything read of it is checkpointed."""
         if shard_id not in self._handoffs or self._coordinator is None:
             return
-        last = self._handoffs[shard_id]
         committed = self._committed.get(shard_id)
-        if last is None or (committed is not None and int(committed) >= int(last)):
+        if self._committed_through(shard_id, self._handoffs[shard_id]):
             del self._handoffs[shard_id]
             self._revoke(shard_id)  # everything of it is committed: the partition goes
             await self._coordinator.release(shard_id)
@@ -268,13 +267,16 @@ class KinesisSource:
             await self._maybe_finish_shard(partition)
             await self._maybe_hand_off(partition)
 
+    def _committed_through(self, shard_id: str, last: str | None) -> bool:
+        """Whether everything read of the shard, up to ``last`` (None: nothing), is checkpointed."""
+        committed = self._committed.get(shard_id)
+        return last is None or (committed is not None and int(committed) >= int(last))
+
     async def _maybe_finish_shard(self, shard_id: str) -> None:
         """Mark SHARD_END once the shard ended and its last record is checkpointed."""
         if shard_id not in self._shard_ends or self._coordinator is None:
             return
-        last = self._shard_ends[shard_id]
-        committed = self._committed.get(shard_id)
-        if last is None or (committed is not None and int(committed) >= int(last)):
+        if self._committed_through(shard_id, self._shard_ends[shard_id]):
             if await self._coordinator.mark_shard_end(shard_id):  # also releases the lease
                 log.info("shard finished", extra={"shard": shard_id})
                 self._shard_ends.pop(shard_id, None)
