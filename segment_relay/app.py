@@ -72,7 +72,8 @@ def build_dead_letter(config: RelayConfig) -> DeadLetter:
 
                 store = BlobObjects(name, prefix, account_url=sink.azblob_account_url, credential=default_credential)
         worker = sink.worker or os.environ.get("HOSTNAME") or socket.gethostname()
-        return ObjectDeadLetter(store, worker=worker, max_buffer_bytes=sink.max_buffer_bytes)
+        return ObjectDeadLetter(store, worker=worker, max_buffer_bytes=sink.max_buffer_bytes,
+                                resume_lookback_s=sink.resume_lookback_s)
     if spec == "stdout":
         return StdoutDeadLetter()
     return JsonlDeadLetter(Path(spec.removeprefix("file:")), max_bytes=sink.max_file_bytes)

@@ -72,6 +72,10 @@ class DeadLetterSinkConfig(_Section):
     max_buffer_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="s3://, azblob://: entries held between flushes before writes wait for one"
     )
+    resume_lookback_s: float = Field(
+        6 * 3600.0, ge=0, description="s3://, azblob://: how far back a replica reads a partition's objects when it "
+        "starts on it, so as not to write again what a crashed owner wrote past the checkpoint",
+    )
     max_file_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="file: rotate the file past this size")
     s3_endpoint_url: str | None = Field(None, description="s3://: an S3-compatible endpoint instead of AWS's")
     s3_region: str | None = Field(None, description="s3://: default: the standard AWS chain")

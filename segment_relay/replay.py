@@ -130,6 +130,12 @@ class _InvalidAgain:
     async def flush(self) -> None:
         await self.sink.flush()
 
+    async def resume(self, partition: str, position: str) -> None:
+        pass  # the replay marks keep it from writing anything twice
+
+    def discard(self, partition: str) -> None:
+        pass
+
     async def close(self) -> None:
         await self.sink.close()
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
+import subprocess
+import sys
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +18,18 @@ import orjson
 import pytest
 from aiobotocore.session import get_session
 from azure.storage.blob.aio import BlobServiceClient
+from support import wait_for
 
 from segment_relay.app import Relay, build_dead_letter
 from segment_relay.config import ConfigError, load_config
 from segment_relay.consumer.deadletter import JsonlDeadLetter, StdoutDeadLetter
 from segment_relay.consumer.deadletter.azblob import BlobObjects
+from segment_relay.consumer.deadletter.entries import entry_identity
 from segment_relay.consumer.deadletter.objects import ObjectDeadLetter
 from segment_relay.consumer.deadletter.s3 import S3Objects
 from segment_relay.errors import StartupError
 from segment_relay.testing.azure import Azurite
+from segment_relay.testing.exports import StreamSpec, write_jsonl
 from segment_relay.testing.s3 import S3Server, start_s3
 
 RECORD = b'{"identityMap":{"ecid":[{"id":"p1"}]},"segmentMembership":{"ups":{"s":{"status":"realized","lastQualificationTime":"2026-01-01T00:00:00Z"}}}}'
@@ -160,6 +168,51 @@ async def test_a_sink_that_is_down_holds_its_entries_makes_writers_wait_and_lose
         server.stop()
 
 
+async def test_a_partitions_next_owner_does_not_write_again_what_its_last_owner_wrote_past_the_checkpoint(
+    s3_server: S3Server, azurite: Azurite,
+) -> None:
+    """Owner A flushes entries of positions 10..19 and dies before its checkpoint (still at 9); B
+    resumes at 10, meets the same records again (and two new ones, and one rewritten in place):
+    only what A did not write is written."""
+    bucket = await s3_bucket(s3_server)
+    container = f"dl-{uuid.uuid4().hex[:12]}"
+    async with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
+        await service.create_container(container)
+    for make in (lambda: S3Objects(bucket, "dl", endpoint_url=s3_server.endpoint),
+                 lambda: BlobObjects(container, "dl", connection_string=azurite.connection_string)):
+        first = ObjectDeadLetter(make(), worker="pod-a")
+        await write_invalid(first, "7", range(10, 20))
+        await write_invalid(first, "8", range(0, 3))  # another partition: not this resume's business
+        await first.flush()
+        await first.store.close()  # dies: no checkpoint past 19
+        second = ObjectDeadLetter(make(), worker="pod-b")
+        await second.resume("7", "10")
+        await write_invalid(second, "7", range(10, 22))
+        await second.invalid_record(b"rewritten", reason="not_json", detail="x", partition="7", position="12")
+        await second.close()
+        assert second.repeats_skipped == 10
+        store = make()
+        written = [orjson.loads(line) for name in [n async for n in store.names("7/")]
+                   for line in (await store.get(name)).splitlines()]
+        await store.close()
+        assert Counter(entry_identity(entry) for entry in written).most_common(1)[0][1] == 1  # nothing twice
+        assert sorted(int(entry["position"]) for entry in written) == sorted([*range(10, 22), 12])  # nothing lost
+
+
+async def test_a_partition_taken_away_drops_what_it_held_and_a_store_that_cannot_be_read_only_costs_repeats(
+    aws_env: None,
+) -> None:
+    sink = ObjectDeadLetter(S3Objects("x", endpoint_url="http://127.0.0.1:9"), worker="w")  # nothing listens
+    await write_invalid(sink, "1", range(5))
+    await write_invalid(sink, "2", range(2))
+    sink.discard("1")  # its next owner writes these when it reads the records again
+    assert sink.held_bytes > 0 and set(sink._held) == {"2"}
+    await sink.resume("3", "0")  # cannot list: a warning, and entries may repeat; nothing waits or fails
+    await write_invalid(sink, "3", range(1))
+    assert set(sink._held) == {"2", "3"}
+    await sink.store.close()
+
+
 # --- the relay -----------------------------------------------------------------------------------------
 async def test_the_relay_writes_its_dead_letters_to_s3_before_it_checkpoints_past_them(
     tmp_path: Path, s3_server: S3Server
@@ -207,3 +260,47 @@ def test_dead_letter_specs_and_their_settings_are_checked_when_the_config_loads(
         "azblob_connection_string": f"DefaultEndpointsProtocol=http;AccountName=a;AccountKey={key};"
                                     "BlobEndpoint=http://127.0.0.1:1/a;"})
     assert key not in repr(config) and key not in repr(build_dead_letter(config))
+
+
+def test_a_replica_killed_after_writing_dead_letters_before_its_checkpoint_loses_none_and_its_replacement_writes_none_twice(
+    tmp_path: Path, s3_server: S3Server,
+) -> None:
+    """Real processes: a relay on stdin (which keeps no checkpoint, so its replacement reads from
+    where the first one started) writes its dead letters to S3 and is SIGKILLed once they are
+    there; a second relay gets the same records."""
+    bucket = asyncio.run(s3_bucket(s3_server))
+    path = tmp_path / "exports.jsonl"
+    truth = write_jsonl(StreamSpec(seed=31, profiles=150, records=1500, invalid_rate=0.05), path)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SEGMENT_RELAY_")}
+    env.update(SEGMENT_RELAY_DEAD_LETTER_SINK__S3_ENDPOINT_URL=s3_server.endpoint,
+               SEGMENT_RELAY_PIPELINE__CHECKPOINT_INTERVAL_S="0.2")
+    args = [sys.executable, "-m", "segment_relay.cli", "run", "--source", "file:-", "--state", "memory",
+            "--handler", f"jsonl:{tmp_path / 'changes.jsonl'}", "--dead-letter", f"s3://{bucket}/dl"]
+
+    def entries() -> list[dict[str, Any]]:
+        return entries_in(asyncio.run(s3_objects(s3_server, bucket, "dl/")))
+
+    first = subprocess.Popen(args, env={**env, "SEGMENT_RELAY_DEAD_LETTER_SINK__WORKER": "pod-1"},
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert first.stdin is not None
+        first.stdin.write(path.read_bytes())  # and stdin stays open: the relay waits for more
+        first.stdin.flush()
+        wait_for(lambda: len(entries()) >= truth.dead_letters, "the first relay's dead letters in S3")
+        assert first.poll() is None
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.stdin.close()  # type: ignore[union-attr]
+        first.stderr.close()  # type: ignore[union-attr]
+    written_first = entries()
+    second = subprocess.run(args, env={**env, "SEGMENT_RELAY_DEAD_LETTER_SINK__WORKER": "pod-2"},
+                            input=path.read_bytes(), capture_output=True, timeout=120)
+    assert second.returncode == 0, second.stderr.decode()[-3000:]
+    assert b"will not be written again" in second.stderr
+    found = entries()
+    assert len(found) == len(written_first) == truth.dead_letters  # nothing lost, nothing written twice
+    assert Counter(map(entry_identity, found)) == Counter(map(entry_identity, written_first))
+

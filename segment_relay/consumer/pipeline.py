@@ -107,13 +107,14 @@ class PipelineSnapshot:
 class _Partition:
     """One assignment of one partition: its watermark, and the claim its changes carry."""
 
-    __slots__ = ("epoch", "name", "revoked", "watermark")
+    __slots__ = ("epoch", "name", "read", "revoked", "watermark")
 
     def __init__(self, name: str, epoch: int) -> None:
         self.name = name
         self.epoch = epoch
         self.watermark = PartitionWatermark()
         self.revoked = False
+        self.read = False  # a batch of this assignment arrived
 
 
 class _Item(msgspec.Struct, gc=False):
@@ -323,6 +324,7 @@ class Pipeline:
         part.revoked = True
         self._revocations += 1
         self._checkpoints.pop(part.name, None)
+        self.dead_letter.discard(part.name)
         dropped = self._gate.drop(lambda item: item.partition is part)
         if dropped:
             self._limit.release(len(dropped), sum(item.size for item in dropped))
@@ -340,6 +342,9 @@ class Pipeline:
             if part is None or part.epoch != batch.epoch:
                 self._records_dropped += len(batch.records)  # read under an assignment that has ended
                 continue
+            if not part.read and batch.records:
+                part.read = True
+                await self.dead_letter.resume(part.name, str(batch.records[0].position))
             for chunk, size in self._chunks(batch.records):
                 if stopping.is_set():  # unadmitted records are simply read again next time
                     return

@@ -28,6 +28,14 @@ class DeadLetter(Protocol):
     async def flush(self) -> None:
         """Make every entry written so far durable: the pipeline checkpoints right after."""
 
+    async def resume(self, partition: str, position: str) -> None:
+        """The pipeline starts reading ``partition`` at ``position`` (the record after its
+        checkpoint): entries an earlier owner wrote from there on need not be written again."""
+
+    def discard(self, partition: str) -> None:
+        """``partition`` was taken away: entries held for it, not yet durable, may be dropped
+        (they lie past its checkpoint; its next owner writes them)."""
+
     async def close(self) -> None: ...
 
 
@@ -64,6 +72,12 @@ class LineDeadLetter:
                                               detail=detail, partition=partition, position=position))
 
     async def flush(self) -> None:
+        pass
+
+    async def resume(self, partition: str, position: str) -> None:
+        pass  # a line sink writes at once: an entry may be written again after a crash (see the README)
+
+    def discard(self, partition: str) -> None:
         pass
 
     async def close(self) -> None:

@@ -16,6 +16,7 @@ would hold up its partition for ever.
 from __future__ import annotations
 
 import base64
+import hashlib
 import reprlib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -115,3 +116,27 @@ def encode_entry(entry: dict[str, Any]) -> bytes:
         if record is not None:
             summarised.update(raw_fields(record))
         return orjson.dumps(summarised) + b"\n"
+
+
+def entry_identity(entry: Mapping[str, Any]) -> str:
+    """What makes an entry the same one when a record is processed again (after a crash, by the
+    partition's next owner): its kind, partition and position, and what it is about, never when or
+    why it was written. ``entry`` is one being stored or one read back from a sink."""
+    kind = entry.get("kind")
+    if kind == "failed_change":
+        change = entry.get("change")
+        change_id = change.change_id if isinstance(change, SegmentChange) else (change or {}).get("change_id")
+        about = f"{entry.get('handler')}|{change_id}"
+    elif kind == "invalid_entry":
+        about = f"{entry.get('path')}|{_digest(entry.get('entry'))}"
+    else:  # the record itself: the same position of a rewritten file is not the same record
+        about = _digest(entry.get("raw", entry.get("raw_base64")))
+    return f"{kind}|{entry.get('partition')}|{entry.get('position')}|{about}"
+
+
+def _digest(value: Any) -> str:
+    try:
+        data = value.encode() if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        data = repr(value).encode()
+    return hashlib.blake2b(data, digest_size=12).hexdigest()
