@@ -213,6 +213,64 @@ async def test_a_partition_taken_away_drops_what_it_held_and_a_store_that_cannot
     await sink.store.close()
 
 
+class SlowObjects:
+    """An object store in memory whose writes wait for the test: the one thing a real server
+    cannot be made to do on cue (found by the Kinesis chaos run: entries that arrived while an
+    object was being written went with it)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.release = asyncio.Event()
+        self.writing = asyncio.Event()
+        self.fail = False
+
+    def describe(self) -> str:
+        return "memory"
+
+    async def check(self, probe_name: str) -> None:
+        pass
+
+    async def put(self, name: str, data: bytes) -> None:
+        self.writing.set()
+        await self.release.wait()
+        if self.fail:
+            raise ConnectionError("down")
+        self.objects[name] = data
+
+    async def names(self, under: str = "") -> Any:
+        for name in sorted(self.objects):
+            if name.startswith(under):
+                yield name
+
+    async def get(self, name: str) -> bytes:
+        return self.objects[name]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_entries_that_arrive_while_an_object_is_written_are_kept_for_the_next_one(fails: bool) -> None:
+    store = SlowObjects()
+    sink = ObjectDeadLetter(store, worker="w")
+    await write_invalid(sink, "0", range(3))
+    flushing = asyncio.create_task(sink.flush())
+    await store.writing.wait()
+    await write_invalid(sink, "0", range(3, 6))  # while the first three are on their way
+    store.fail = fails
+    store.release.set()
+    if fails:
+        with pytest.raises(ConnectionError):
+            await flushing
+        store.fail = False
+    else:
+        await flushing
+    await sink.flush()
+    positions = [int(orjson.loads(line)["position"]) for name in sorted(store.objects)
+                 for line in store.objects[name].splitlines()]
+    assert positions == list(range(6)) and sink.held_bytes == 0
+
+
 # --- the relay -----------------------------------------------------------------------------------------
 async def test_the_relay_writes_its_dead_letters_to_s3_before_it_checkpoints_past_them(
     tmp_path: Path, s3_server: S3Server

@@ -82,6 +82,7 @@ def _order(position: str) -> int | None:
 @dataclass
 class _Held:
     lines: list[bytes] = field(default_factory=list)
+    positions: list[str] = field(default_factory=list)
     size: int = 0
     low: str = ""
     high: str = ""
@@ -92,6 +93,7 @@ class _Held:
         if not self.lines or _sorts_before(self.high, position):
             self.high = position
         self.lines.append(line)
+        self.positions.append(position)
         self.size += len(line)
 
 
@@ -190,14 +192,26 @@ class ObjectDeadLetter(LineDeadLetter):
     async def flush(self) -> None:
         async with self._flushing:
             for partition in list(self._held):
-                held = self._held[partition]
+                # Taken out while it is written: entries that arrive meanwhile start a new one.
+                held = self._held.pop(partition)
                 self._sequence += 1
                 name = self._name(partition, held)
-                await self.store.put(name, b"".join(held.lines))  # raises: the rest stays held
-                del self._held[partition]
+                try:
+                    await self.store.put(name, b"".join(held.lines))
+                except BaseException:
+                    self._hold_again(partition, held)  # the rest stays held too, for the next flush
+                    raise
                 self._held_bytes -= held.size
                 self.objects_written += 1
                 log.info("dead letters written", extra={"object": name, "entries": len(held.lines)})
+
+    def _hold_again(self, partition: str, held: _Held) -> None:
+        """Put entries that could not be written back in front of those held since."""
+        since = self._held.get(partition)
+        if since is not None:
+            for line, position in zip(since.lines, since.positions, strict=True):
+                held.add(line, position)
+        self._held[partition] = held
 
     def _name(self, partition: str, held: _Held) -> str:
         stamp = datetime.now(UTC).strftime(_STAMP)
