@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 EMULATORS := emulators/node_modules/.package-lock.json
 
-.PHONY: test demo bench lint clean emulators redis-server
+.PHONY: test chaos demo bench lint clean emulators redis-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ redis-server:
 
 test: $(STAMP) $(EMULATORS) redis-server lint
 	$(BIN)/python -m pytest -q
+
+# The long chaos runs (20 SIGKILLs a run on each source), left out of `make test`; CI runs both.
+chaos: $(STAMP) $(EMULATORS) redis-server
+	$(BIN)/python -m pytest -q -s -m long
 
 lint: $(STAMP)
 	$(BIN)/ruff check segment_relay tests bench

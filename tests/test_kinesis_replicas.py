@@ -8,38 +8,40 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import random
 import signal
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
 from support import ReplicaProcesses, changes_in, wait_for
+from test_dead_letter_sinks import entries_in, s3_bucket, s3_objects
 
 from segment_relay.consumer.export import InvalidRecord, parse_export
 from segment_relay.consumer.profile_key import ProfileKeyRule
 from segment_relay.testing.aws import Emulator
 from segment_relay.testing.exports import StreamSpec, expected_changes, generate
 from segment_relay.testing.kinesis import create_stream, put_records
+from segment_relay.testing.s3 import S3Server
 
 
 class Cluster(ReplicaProcesses):
     """Replicas of one application over one stream."""
 
     def __init__(self, tmp_path: Path, kinesalite: Emulator, dynalite: Emulator, stream: str,
-                 lease_duration_s: float) -> None:
+                 lease_duration_s: float, s3: tuple[S3Server, str] | None = None) -> None:
         super().__init__(tmp_path)
         self.kinesalite = kinesalite
         self.dynalite = dynalite
         self.stream = stream
         self.application = f"app-{uuid.uuid4().hex[:8]}"
         self.lease_duration_s = lease_duration_s
+        self.s3 = s3  # dead letters in this bucket of this server, as the Kinesis overlay has them
 
     def start(self, name: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENT_RELAY_")}
@@ -53,9 +55,14 @@ class Cluster(ReplicaProcesses):
             "SEGMENT_RELAY_KINESIS__SHARD_SYNC_INTERVAL_S": "0.5",
             "SEGMENT_RELAY_PIPELINE__CHECKPOINT_INTERVAL_S": "0.2",
         })
+        dead_letter = str(self.tmp_path / f"dl-{name}.jsonl")
+        if self.s3 is not None:
+            server, bucket = self.s3
+            dead_letter = f"s3://{bucket}/dl"
+            env.update(SEGMENT_RELAY_DEAD_LETTER_SINK__S3_ENDPOINT_URL=server.endpoint,
+                       SEGMENT_RELAY_DEAD_LETTER_SINK__WORKER=name)
         self.spawn(name, ["--source", f"kinesis:{self.stream}", "--state", f"sqlite:{self.tmp_path / 'state.sqlite'}",
-                          "--handler", f"jsonl:{self.output(name)}", "--dead-letter", str(self.tmp_path / f"dl-{name}.jsonl")],
-                   env)
+                          "--handler", f"jsonl:{self.output(name)}", "--dead-letter", dead_letter], env)
 
     def owners(self) -> Counter[str | None]:
         async def scan() -> list[dict]:
@@ -72,8 +79,8 @@ class Cluster(ReplicaProcesses):
 def make_cluster(tmp_path: Path, kinesalite: Emulator, dynalite: Emulator) -> Iterator[Callable[..., Cluster]]:
     clusters: list[Cluster] = []
 
-    def make(stream: str, lease_duration_s: float) -> Cluster:
-        cluster = Cluster(tmp_path, kinesalite, dynalite, stream, lease_duration_s)
+    def make(stream: str, lease_duration_s: float, s3: tuple[S3Server, str] | None = None) -> Cluster:
+        cluster = Cluster(tmp_path, kinesalite, dynalite, stream, lease_duration_s, s3)
         clusters.append(cluster)
         return cluster
 
@@ -185,23 +192,26 @@ def test_two_replicas_starting_together_hand_shards_over_and_repeat_nothing(
     assert "stealing the lease" not in logs and '"lease stolen"' not in logs  # handed over, not stolen
 
 
+@pytest.mark.parametrize("kills", [6, pytest.param(20, marks=[pytest.mark.long, pytest.mark.timeout(900)])])
 def test_repeated_kills_under_load_lose_nothing_and_repeat_a_bounded_part(
-    kinesalite: Emulator, make_cluster: Callable[..., Cluster]
+    kinesalite: Emulator, make_cluster: Callable[..., Cluster], s3_server: S3Server, kills: int,
 ) -> None:
-    # Chaos: three replicas, six SIGKILLs at random moments while the stream grows (mid-read,
+    # Chaos: three replicas, SIGKILLs at random moments while the stream grows (mid-read,
     # mid-dispatch, mid-checkpoint: wherever they land), each replica restarted at once with its
-    # worker id. Nothing may be lost, no change and no dead letter; what a kill repeats (the
-    # victim's work after its last checkpoint) is counted and bounded.
-    rng = random.Random(20261201)
+    # worker id. Nothing may be lost, no change and no dead letter (in S3, as the Kinesis overlay
+    # has them: none written twice); what a kill repeats (the victim's work after its last
+    # checkpoint) is counted and bounded.
+    rng = random.Random(20261201 + kills)
     stream = f"exports-{uuid.uuid4().hex[:8]}"
-    records = list(generate(StreamSpec(seed=54, profiles=300, records=6000, invalid_rate=0.02)))
+    records = list(generate(StreamSpec(seed=54, profiles=300, records=750 * (kills + 2), invalid_rate=0.02)))
     chunks = [records[index:index + 750] for index in range(0, len(records), 750)]
     load(kinesalite, stream, chunks[0], create_shards=4)
-    cluster = make_cluster(stream, lease_duration_s=2.0)
+    bucket = asyncio.run(s3_bucket(s3_server))
+    cluster = make_cluster(stream, lease_duration_s=2.0, s3=(s3_server, bucket))
     for name in ("a", "b", "c"):
         cluster.start(name)
     loaded = list(chunks[0])
-    for chunk in chunks[1:7]:
+    for chunk in chunks[1:kills + 1]:
         load(kinesalite, stream, chunk)
         loaded.extend(chunk)
         so_far = Counter(expected_changes(loaded).changes)
@@ -214,18 +224,18 @@ def test_repeated_kills_under_load_lose_nothing_and_repeat_a_bounded_part(
         cluster.start(victim)
         # Until its signal handlers are in place, a SIGTERM at the end would kill it instead.
         wait_for(lambda: '"relay started"' in cluster.log(victim), "the restarted replica to run")  # noqa: B023
-    for chunk in chunks[7:]:
+    for chunk in chunks[kills + 1:]:
         load(kinesalite, stream, chunk)
     truth = Counter(expected_changes(records).changes)
-    wait_for(lambda: not truth - changes_in(cluster.outputs), "every change after six kills", timeout_s=120)
+    wait_for(lambda: not truth - changes_in(cluster.outputs), f"every change after {kills} kills", timeout_s=120)
     emitted = changes_in(cluster.outputs)
     assert set(emitted) == set(truth), "a change was lost or invented"
     repeats = sum(emitted.values()) - sum(truth.values())
-    print(f"six kills: {sum(truth.values())} changes, {repeats} repeated")
+    print(f"{kills} kills: {sum(truth.values())} changes, {repeats} repeated")
     # A kill repeats what its victim handled after its last checkpoint (the sqlite store commits
     # with the checkpoint, so those changes come again): at most about the chunk loaded since the
     # previous kill. Bounded, never a loop that re-dispatches.
-    assert repeats <= 6 * sum(truth.values()) / len(chunks)
+    assert repeats <= kills * sum(truth.values()) / len(chunks)
     for name in ("a", "b", "c"):
         cluster.signal(name, signal.SIGTERM)
     for name in ("a", "b", "c"):
@@ -234,22 +244,12 @@ def test_repeated_kills_under_load_lose_nothing_and_repeat_a_bounded_part(
     # with its next checkpoint.
     rejected = Counter(record for record in records if _rejected(record))
     assert sum(rejected.values()) == expected_changes(records).invalid > 50
-    dead = _dead_letters(cluster.tmp_path.glob("dl-*.jsonl"))
-    assert not rejected - dead, "an invalid record's dead letter was lost"  # each at least once
-
-
-def _dead_letters(paths: Iterable[Path]) -> Counter[bytes]:
-    """The raw records of every invalid_record entry in these dead-letter files."""
-    found: Counter[bytes] = Counter()
-    for path in paths:
-        for line in path.read_bytes().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:  # torn by a kill: its record was not checkpointed and came again
-                continue
-            if entry.get("kind") == "invalid_record":
-                found[entry["raw"].encode() if "raw" in entry else base64.b64decode(entry["raw_base64"])] += 1
-    return found
+    dead = Counter(entry["raw"].encode() if "raw" in entry else base64.b64decode(entry["raw_base64"])
+                   for entry in entries_in(asyncio.run(s3_objects(s3_server, bucket, "dl/")))
+                   if entry["kind"] == "invalid_record")
+    print(f"{kills} kills: {sum(rejected.values())} invalid records, {sum((dead - rejected).values())} dead-lettered twice")
+    assert not rejected - dead, "an invalid record's dead letter was lost"
+    assert dead == rejected, "a dead letter was written twice"
 
 
 def _rejected(record: bytes) -> bool:
