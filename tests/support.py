@@ -166,6 +166,21 @@ class PartitionSpy:
         return late, commits
 
 
+async def stopped_within(runs: dict[str, asyncio.Task[Any]], timeout_s: float) -> None:
+    """Await relays' ``run()`` tasks; past ``timeout_s``, fail with where every task of the loop
+    is stuck (a relay that does not stop is a bug to find, and the stacks say where)."""
+    done, pending = await asyncio.wait(runs.values(), timeout=timeout_s)
+    if pending:
+        stuck = [name for name, task in runs.items() if task in pending]
+        stacks = "\n".join(f"{task.get_name()}: {' <- '.join(f'{frame.f_code.co_name}:{frame.f_lineno}' for frame in task.get_stack(limit=6))}"
+                           for task in asyncio.all_tasks() if not task.done())
+        for task in pending:
+            task.cancel()
+        raise AssertionError(f"relays {stuck} did not stop within {timeout_s} s; tasks:\n{stacks}")
+    for task in done:
+        task.result()
+
+
 class Takeover:
     """Replica A takes every partition and its handler holds ``stuck`` profiles of each until B
     has taken some from it, so that A's pipeline still holds their later records at the loss.
@@ -209,5 +224,5 @@ class Takeover:
             self.gate.set()
             for relay in relays.values():
                 relay.stop()
-            await asyncio.wait_for(asyncio.gather(*runs.values()), 60)
+            await stopped_within(runs, 60)
         return spy

@@ -500,3 +500,27 @@ def test_every_connection_of_a_source_shares_one_tls_context_that_keeps_a_given_
     # connection_verify (the SDK's CA bundle option, which it ignores once given a context) is what the context trusts
     assert shared_tls({"connection_verify": str(bundle)})["ssl_context"].cert_store_stats()["x509_ca"] == 1
     assert shared_tls({"ssl_context": default}) == {}  # the caller's own context is used as it is
+
+
+async def test_an_sdk_task_that_swallows_a_cancel_is_cancelled_until_it_ends() -> None:
+    # The SDK's management call can swallow a cancel (its transport reads under asyncio.wait_for,
+    # which on Python 3.11 may turn a cancel into the timeout it catches); that race cannot be
+    # set off on cue against the emulator, so a task that swallows one stands for it here.
+    from segment_relay.consumer.sources.eventhubs.source import _cancel_until_done
+
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await _cancel_until_done(task, "stubborn")
+    assert task.cancelled() and swallowed == 1

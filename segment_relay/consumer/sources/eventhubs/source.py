@@ -155,8 +155,7 @@ class EventHubsSource:
         self.running = False
         self._stopping.set()
         if self._lag_poll is not None:
-            self._lag_poll.cancel()
-            await asyncio.gather(self._lag_poll, return_exceptions=True)
+            await _cancel_until_done(self._lag_poll, "lag poll")
             self._lag_poll = None
         if self._clients is not None:
             # Closing the client releases our ownerships: other replicas take them at their next cycle.
@@ -307,3 +306,20 @@ class EventHubsSource:
     def snapshot(self) -> SourceSnapshot:
         lag_ms, lag_events = self._lag()
         return SourceSnapshot(owned=tuple(self.owned_partitions), lag_ms=lag_ms, lag_events=lag_events)
+
+
+async def _cancel_until_done(task: asyncio.Task[Any], what: str, timeout_s: float = 10.0) -> None:
+    """Cancel ``task`` until it ends, for up to ``timeout_s``. One cancel is not always enough for
+    a task inside the SDK: its AMQP transport reads frames under ``asyncio.wait_for`` and turns a
+    timeout into "no frame", and on Python 3.11 a cancel that lands as that timeout fires is
+    swallowed; the management call then polls for a ready link for ever, and close() with it
+    (seen in the suite: a relay that never stopped)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not task.done() and loop.time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.2)
+    if not task.done():
+        log.warning("an SDK task did not stop when cancelled; leaving it", extra={"task": what})
+    elif not task.cancelled() and task.exception() is not None:
+        log.debug("task ended with an error", extra={"task": what, "error": repr(task.exception())})
