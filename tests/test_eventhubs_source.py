@@ -524,3 +524,52 @@ async def test_an_sdk_task_that_swallows_a_cancel_is_cancelled_until_it_ends() -
     await asyncio.sleep(0)
     await _cancel_until_done(task, "stubborn")
     assert task.cancelled() and swallowed == 1
+
+
+async def test_received_events_read_from_the_amqp_message_agree_with_the_sdks_event_data(
+    emulator: EventHubsEmulator,
+) -> None:
+    """The relay reads received events without the SDK's EventData (received.py): for the same
+    events from the emulator, every field it reads must equal what EventData gives, and a body
+    that is not data sections must still come through (by EventData)."""
+    from azure.eventhub import EventData
+    from azure.eventhub.aio import EventHubConsumerClient, EventHubProducerClient
+    from azure.eventhub.amqp import AmqpAnnotatedMessage
+
+    from segment_relay.consumer.sources.eventhubs.received import ReceivedEvent, light_consumer_client
+    from segment_relay.consumer.sources.eventhubs.source import event_body
+
+    connection = emulator.connection_string(HUB)
+    async with EventHubProducerClient.from_connection_string(connection, eventhub_name=HUB) as producer:
+        batch = await producer.create_batch(partition_id="2")
+        for index in range(30):
+            batch.add(EventData(b'{"n": %d}' % index))
+        batch.add(AmqpAnnotatedMessage(value_body={"a value": "body"}))  # type: ignore[arg-type]
+        await producer.send_batch(batch)
+
+    async def receive(client_class: Any) -> list[Any]:
+        got: list[Any] = []
+        client = client_class.from_connection_string(connection, consumer_group="$Default", eventhub_name=HUB)
+
+        async def on_batch(context: Any, events: list[Any]) -> None:
+            got.extend(events)
+
+        task = asyncio.create_task(client.receive_batch(on_batch, partition_id="2", starting_position="-1",
+                                                        max_batch_size=10, max_wait_time=0.2))
+        try:
+            await poll(lambda: len(got) >= 31, "every event")
+        finally:
+            task.cancel()  # the SDK's receive loop can outlive close() for its idle timeout
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
+        return got
+
+    light = await receive(light_consumer_client(EventHubConsumerClient))
+    sdk = await receive(EventHubConsumerClient)
+    assert all(type(event) is ReceivedEvent for event in light)  # an SDK change that stops this fails here
+
+    def fields(event: Any) -> tuple[Any, ...]:
+        return event.sequence_number, event.offset, event.enqueued_time, event_body(event)
+
+    assert [fields(event) for event in light] == [fields(event) for event in sdk]
+    assert event_body(light[-1]) == b'{"a value":"body"}' and light[0].enqueued_time is not None

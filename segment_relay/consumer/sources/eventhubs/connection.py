@@ -103,8 +103,11 @@ def shared_tls(client_options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _consumer_client(settings: EventHubsSettings, credential: Any, options: dict[str, Any]) -> Any:
-    from azure.eventhub.aio import EventHubConsumerClient
+    from azure.eventhub.aio import EventHubConsumerClient as SDKConsumerClient
 
+    from .received import light_consumer_client
+
+    EventHubConsumerClient = light_consumer_client(SDKConsumerClient)  # noqa: N806 - a class
     if settings.connection_string is not None:
         return EventHubConsumerClient.from_connection_string(
             settings.connection_string, consumer_group=settings.consumer_group, eventhub_name=settings.hub, **options

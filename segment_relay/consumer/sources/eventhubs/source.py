@@ -17,6 +17,7 @@ of finished events on its interval, one blob write per partition at most.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from azure.eventhub.amqp import AmqpMessageBodyType
 from ....errors import StartupError
 from ..base import Batch, PartitionListener, ReadAhead, SourceRecord, SourceSnapshot, get_unless_stopped
 from .connection import Clients, explain, open_clients
+from .received import ReceivedEvent
 from .settings import EventHubsSettings, EventPosition, StartingPosition
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,14 @@ class _Owned:
 
 def event_body(event: Any) -> bytes:
     """The raw bytes of an event: Adobe sends JSON as a data body; a string or other AMQP value
-    body is turned into bytes so that the parser (not this source) judges it."""
+    or sequence body is turned into bytes so that the parser (not this source) judges it. Never
+    raises: an event whose body cannot be read must still reach the dead letter, not stall its
+    partition."""
+    if type(event) is ReceivedEvent:  # the usual case: see received.py
+        data = event.body_bytes()
+        if data is not None:
+            return data
+        event = event.as_event_data()
     body = event.body
     if type(body) is not bytes and event.body_type is _DATA:
         return b"".join(body)  # the usual case: data sections
@@ -55,9 +64,21 @@ def event_body(event: Any) -> bytes:
         return body
     if isinstance(body, str):
         return body.encode()
-    if isinstance(body, dict | list | int | float | bool) or body is None:
-        return orjson.dumps(body, default=str)
-    return b"".join(body)  # data sections
+    try:
+        return orjson.dumps(_plain(body), default=str)
+    except (TypeError, orjson.JSONEncodeError, RecursionError):
+        return repr(body).encode()
+
+
+def _plain(value: Any) -> Any:
+    """An AMQP value as JSON can hold it: binary as text, map keys as strings, sequences as lists."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(_plain(key)): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple) or inspect.isgenerator(value):
+        return [_plain(item) for item in value]
+    return value
 
 
 class EventHubsSource:
