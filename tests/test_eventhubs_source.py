@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from azure.eventhub.amqp import AmqpMessageBodyType
 from azure.storage.blob.aio import BlobServiceClient
@@ -573,3 +574,30 @@ async def test_received_events_read_from_the_amqp_message_agree_with_the_sdks_ev
 
     assert [fields(event) for event in light] == [fields(event) for event in sdk]
     assert event_body(light[-1]) == b'{"a value":"body"}' and light[0].enqueued_time is not None
+
+
+async def test_events_with_value_or_sequence_bodies_are_dead_lettered_and_the_partition_moves_on(
+    emulator: EventHubsEmulator, azurite: Azurite, container: str, tmp_path: Path
+) -> None:
+    from azure.eventhub import EventData
+    from azure.eventhub.aio import EventHubProducerClient
+    from azure.eventhub.amqp import AmqpAnnotatedMessage
+
+    records = list(generate(StreamSpec(seed=59, profiles=2, records=2, duplicate_rate=0, out_of_order_rate=0)))
+    async with EventHubProducerClient.from_connection_string(emulator.connection_string(HUB), eventhub_name=HUB) as producer:
+        batch = await producer.create_batch(partition_id="1")
+        batch.add(EventData(records[0]))
+        batch.add(AmqpAnnotatedMessage(value_body={"a map": "with keys the SDK decodes as binary"}))  # type: ignore[arg-type]
+        batch.add(AmqpAnnotatedMessage(sequence_body=[[1, "two", b"three"]]))  # type: ignore[arg-type]
+        batch.add(EventData(records[1]))
+        await producer.send_batch(batch)
+    running = Running(relay_config(emulator, azurite, container, tmp_path))
+    try:
+        await running.until_finished(4)
+    finally:
+        await running.stop()
+    dead = [orjson.loads(line) for line in (tmp_path / "dead-letter.jsonl").read_bytes().splitlines()]
+    assert [(entry["position"], entry["raw"]) for entry in dead] == [
+        ("1", '{"a map":"with keys the SDK decodes as binary"}'), ("2", '[[1,"two","three"]]')]
+    assert Counter(running.collector.changes) == Counter(expected_changes(records).changes)
+    assert int((await checkpoints(azurite, container))["1"]["sequencenumber"]) == 3
