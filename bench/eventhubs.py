@@ -16,7 +16,9 @@ peak RSS (VmHWM) is its own:
   starting_position earliest; stops when ``relay.pipeline.records_finished == N``;
 - ``bare``: azure.eventhub.aio.EventHubConsumerClient with no checkpoint store (the SDK's in-memory
   one), ``receive_batch`` from "-1" with a callback that only counts events: the ceiling of the SDK
-  on this machine (its pure-Python AMQP client is the limit, not the emulator).
+  on this machine (its pure-Python AMQP client is the limit, not the emulator). It gets the SDK's
+  ``EventData`` objects, as every user of the SDK does; the relay reads its events from the AMQP
+  messages instead (segment_relay/consumer/sources/eventhubs/received.py, its README section).
 
 Both use max_batch_size 300 and prefetch 300 (the relay's defaults). Each variant is timed from
 its start (client creation; for the relay also its start-up checks and the ownership claims in

@@ -227,11 +227,12 @@ def test_repeated_kills_under_load_lose_nothing_and_repeat_a_bounded_part(
     for chunk in chunks[kills + 1:]:
         load(kinesalite, stream, chunk)
     truth = Counter(expected_changes(records).changes)
-    wait_for(lambda: not truth - changes_in(cluster.outputs), f"every change after {kills} kills", timeout_s=120)
+    caught_up = wait_for(lambda: not truth - changes_in(cluster.outputs), f"every change after {kills} kills", timeout_s=120)
     emitted = changes_in(cluster.outputs)
     assert set(emitted) == set(truth), "a change was lost or invented"
     repeats = sum(emitted.values()) - sum(truth.values())
-    print(f"{kills} kills: {sum(truth.values())} changes, {repeats} repeated")
+    print(f"{kills} kills: {sum(truth.values())} changes, {repeats} repeated; every change {caught_up:.1f} s "
+          "after the last records were written")
     # A kill repeats what its victim handled after its last checkpoint (the sqlite store commits
     # with the checkpoint, so those changes come again): at most about the chunk loaded since the
     # previous kill. Bounded, never a loop that re-dispatches.
