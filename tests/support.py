@@ -76,6 +76,22 @@ class Collector:
         return FunctionHandler(collect, name="collector")
 
 
+def every_change_after_kills(outputs: list[Path], truth: Counter[Change], kills: int, chunks: int,
+                             timeout_s: float) -> None:
+    """The end of a kill run: wait until ``outputs`` hold every true change; nothing may be lost or
+    invented, and what the kills repeated is printed and bounded. A kill repeats what its victim
+    handled after its last checkpoint (the sqlite store commits with the checkpoint, so those
+    changes come again): at most about the chunk loaded since the previous kill. Bounded, never a
+    loop that re-dispatches."""
+    caught_up = wait_for(lambda: not truth - changes_in(outputs), f"every change after {kills} kills", timeout_s)
+    emitted = changes_in(outputs)
+    assert set(emitted) == set(truth), "a change was lost or invented"
+    repeats = sum(emitted.values()) - sum(truth.values())
+    print(f"{kills} kills: {sum(truth.values())} changes, {repeats} repeated; every change {caught_up:.1f} s "
+          "after the last records were written")
+    assert repeats <= kills * sum(truth.values()) / chunks
+
+
 class ReplicaProcesses:
     """`segment-relay run` processes of one test, by name: each writes its changes to
     ``changes-NAME.jsonl`` and its log to ``NAME.log`` in ``tmp_path``. ``stop_all()`` kills

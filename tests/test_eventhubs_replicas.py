@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from azure.storage.blob.aio import BlobServiceClient
-from support import ReplicaProcesses, changes_in, wait_for
+from support import ReplicaProcesses, changes_in, every_change_after_kills, wait_for
 
 from segment_relay.testing.azure import Azurite
 from segment_relay.testing.eventhubs.process import EmulatorProcess, start_emulator_process
@@ -203,17 +203,7 @@ def test_repeated_kills_under_load_lose_nothing_and_repeat_a_bounded_part(
     for chunk in chunks[kills + 1:]:
         load(emulator, chunk)
     truth = Counter(expected_changes(records).changes)
-    caught_up = wait_for(lambda: not truth - changes_in(cluster.outputs), f"every change after {kills} kills",
-             timeout_s=30 * LOAD_BALANCING_S + 90)
-    emitted = changes_in(cluster.outputs)
-    assert set(emitted) == set(truth), "a change was lost or invented"
-    repeats = sum(emitted.values()) - sum(truth.values())
-    print(f"{kills} kills: {sum(truth.values())} changes, {repeats} repeated; every change {caught_up:.1f} s "
-          "after the last records were written")
-    # A kill repeats what its victim handled after its last checkpoint (the sqlite store commits
-    # with the checkpoint, so those changes come again): at most about the chunk loaded since the
-    # previous kill. Bounded, never a loop that re-dispatches.
-    assert repeats <= kills * sum(truth.values()) / len(chunks)
+    every_change_after_kills(cluster.outputs, truth, kills, len(chunks), timeout_s=30 * LOAD_BALANCING_S + 90)
     for name in ("a", "b"):
         cluster.processes[name].send_signal(signal.SIGTERM)
     for name in ("a", "b"):

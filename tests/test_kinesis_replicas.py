@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
-from support import ReplicaProcesses, changes_in, wait_for
+from support import ReplicaProcesses, changes_in, every_change_after_kills, wait_for
 from test_dead_letter_sinks import entries_in, s3_bucket, s3_objects
 
 from segment_relay.consumer.export import InvalidRecord, parse_export
@@ -227,16 +227,7 @@ def test_repeated_kills_under_load_lose_nothing_and_repeat_a_bounded_part(
     for chunk in chunks[kills + 1:]:
         load(kinesalite, stream, chunk)
     truth = Counter(expected_changes(records).changes)
-    caught_up = wait_for(lambda: not truth - changes_in(cluster.outputs), f"every change after {kills} kills", timeout_s=120)
-    emitted = changes_in(cluster.outputs)
-    assert set(emitted) == set(truth), "a change was lost or invented"
-    repeats = sum(emitted.values()) - sum(truth.values())
-    print(f"{kills} kills: {sum(truth.values())} changes, {repeats} repeated; every change {caught_up:.1f} s "
-          "after the last records were written")
-    # A kill repeats what its victim handled after its last checkpoint (the sqlite store commits
-    # with the checkpoint, so those changes come again): at most about the chunk loaded since the
-    # previous kill. Bounded, never a loop that re-dispatches.
-    assert repeats <= kills * sum(truth.values()) / len(chunks)
+    every_change_after_kills(cluster.outputs, truth, kills, len(chunks), timeout_s=120)
     for name in ("a", "b", "c"):
         cluster.signal(name, signal.SIGTERM)
     for name in ("a", "b", "c"):

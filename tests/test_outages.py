@@ -22,6 +22,7 @@ from aiobotocore.session import get_session
 from redis.asyncio import Redis
 from support import Change, poll, shape
 from test_dead_letter_sinks import entries_in, s3_bucket, s3_objects
+from test_kinesis_source import relay_config as kinesis_config
 
 from segment_relay.app import Relay
 from segment_relay.config import load_config
@@ -172,14 +173,8 @@ async def test_kinesis_refusing_every_call_for_a_while_is_ridden_out_with_nothin
         await put_records(client, stream_name, records, in_flight=1)
     with fault_proxy(int(kinesalite.endpoint.rsplit(":", 1)[1])) as proxy:
         cut = CutAt(proxy, at=len(truth.changes) // 3)
-        config = load_config(
-            None, source=f"kinesis:{stream_name}", state="memory", log_level="WARNING",
-            handlers=[f"jsonl:{tmp_path / 'changes.jsonl'}"],
-            dead_letter=str(tmp_path / "dl.jsonl"), pipeline={"checkpoint_interval_s": 0.2},
-            kinesis={"endpoint_url": proxy.endpoint, "dynamodb_endpoint_url": dynalite.endpoint,
-                     "application": f"app-{uuid.uuid4().hex[:8]}", "idle_wait_s": 0.05, "lease_duration_s": 2.0,
-                     "shard_sync_interval_s": 1.0, "get_records_limit": 50, "min_get_records_interval_s": 0},
-        )
+        config = kinesis_config(stream_name, tmp_path, kinesalite, dynalite, endpoint_url=proxy.endpoint,
+                                get_records_limit=50, min_get_records_interval_s=0)
         relay = Relay(config, extra_handlers=[cut.handler()])
         await ride_out(relay, proxy, lambda: relay.pipeline.records_finished >= len(records), "every record",
                        len(records))
