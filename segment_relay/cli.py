@@ -13,6 +13,7 @@ import typer
 from .config import ConfigError, environment_secrets, load_config, secrets_in
 from .errors import StartupError
 from .provisioning.cli import app as provision_app
+from .state_cli import state_app
 
 app = typer.Typer(
     help="Consume Adobe Real-Time CDP segment exports and call handlers on real enter/exit changes.",
@@ -136,6 +137,7 @@ def demo(
 
 
 app.add_typer(provision_app, name="provision")
+app.add_typer(state_app, name="state")
 
 dead_letter_app = typer.Typer(help="List, show and replay dead-letter entries (a file, s3:// or azblob:// dead letter).",
                               no_args_is_help=True)

@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -455,3 +456,42 @@ def test_replicas_opening_a_new_sqlite_file_together_all_start(tmp_path: Path) -
         for process in processes:
             _, stderr = process.communicate(timeout=60)
             assert process.returncode == 0, stderr.decode()
+
+
+# --- asking the state (segment-relay state) ---------------------------------------------------------
+
+
+async def test_profiles_members_and_stats_read_back_what_was_saved(store: MembershipStore) -> None:
+    from state_cases import AWKWARD_KEYS
+
+    from segment_relay.consumer.state.base import StateQueries
+
+    assert isinstance(store, StateQueries)
+    saved = {
+        f"p{n}": {key: m(EXITED if (n + i) % 3 == 0 else REALIZED, 10 + n) for i, key in enumerate(AWKWARD_KEYS)}
+        for n in range(7)
+    }
+    await store.save_many(saved)
+    await store.flush()
+    assert {key: state async for key, state in store.profiles()} == saved
+    stats = await store.stats()
+    assert (stats.profiles, stats.memberships) == (7, 7 * len(AWKWARD_KEYS))
+    for key in AWKWARD_KEYS:
+        members = sorted([profile async for profile in store.members(key)])
+        assert members == sorted(p for p, state in saved.items() if state[key].is_member), key
+        assert stats.members.get(key, 0) == len(members)
+
+
+async def test_redis_queries_read_only_their_own_prefix_even_with_glob_characters(redis_server: Any) -> None:
+    odd, plain = (RedisStore(redis_server.url, key_prefix=f"{prefix}{uuid.uuid4().hex[:8]}:") for prefix in
+                  ("a*[b]?\\", "a"))
+    for opened in (odd, plain):
+        await opened.open()
+    try:
+        await odd.save_many({"p": {K: m(REALIZED, 1)}})
+        await plain.save_many({"q": {K: m(REALIZED, 1)}})
+        assert [key async for key in odd.members(K)] == ["p"]
+        assert [key async for key, _ in odd.profiles()] == ["p"]
+    finally:
+        for opened in (odd, plain):
+            await opened.close()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from ..stored import SegmentKey, StoredMembership
 
-__all__ = ["MembershipStore", "ProfileState", "SingleProfileAccess", "Updates", "Wanted"]
+__all__ = ["MembershipStore", "ProfileState", "ScanQueries", "SingleProfileAccess", "StateQueries", "StoreStats",
+           "Updates", "Wanted"]
 
 ProfileState = dict[SegmentKey, StoredMembership]
 #: profile key -> the segments its records mention (None: every segment of the profile)
@@ -52,3 +54,58 @@ class SingleProfileAccess:
                    updates: Mapping[SegmentKey, StoredMembership]) -> None:
         if updates:
             await self.save_many({profile_key: updates})
+
+
+# --- asking the state (segment-relay state) ------------------------------------------------------
+@dataclass
+class StoreStats:
+    """What ``segment-relay state stats`` prints."""
+
+    profiles: int = 0  # profiles with at least one stored segment
+    memberships: int = 0  # (profile, segment) values stored, members or not
+    members: dict[SegmentKey, int] = field(default_factory=dict)  # current members per segment
+    how: str = "a full scan"  # how the figures were worked out
+
+
+@runtime_checkable
+class StateQueries(Protocol):
+    """Read-only questions about the stored state, for operators (never on the hot path).
+
+    Every store keys its state by profile, which is what the pipeline needs (one lookup per
+    profile); a question by segment therefore reads every profile. ``scan_note`` says so in
+    the store's own terms."""
+
+    scan_note: str
+
+    def profiles(self) -> AsyncIterator[tuple[str, ProfileState]]: ...
+
+    def members(self, segment: SegmentKey) -> AsyncIterator[str]: ...
+
+    async def stats(self) -> StoreStats: ...
+
+
+class ScanQueries:
+    """``members`` and ``stats`` from a store's ``profiles()``: stores that can ask their backend
+    something narrower override ``members``."""
+
+    scan_note = "reads every profile (a full scan)"
+
+    def profiles(self) -> AsyncIterator[tuple[str, ProfileState]]:
+        raise NotImplementedError
+
+    async def members(self, segment: SegmentKey) -> AsyncIterator[str]:
+        async for profile_key, state in self.profiles():
+            value = state.get(segment)
+            if value is not None and value.is_member:
+                yield profile_key
+
+    async def stats(self) -> StoreStats:
+        stats = StoreStats(how=self.scan_note)
+        members = stats.members
+        async for _, state in self.profiles():
+            stats.profiles += 1
+            stats.memberships += len(state)
+            for segment, value in state.items():
+                if value.is_member:
+                    members[segment] = members.get(segment, 0) + 1
+        return stats

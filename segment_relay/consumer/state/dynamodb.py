@@ -33,7 +33,8 @@ creates has botocore's own retries turned off so that backoff lives in one place
 client keeps whatever retry configuration it was built with (retried here on top of it).
 
 IAM: dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem on the table, and CreateTable if it may be
-missing.
+missing; ``segment-relay state`` needs DescribeTable, Query and Scan (``members`` and ``stats`` Scan the
+whole table: the table is keyed by profile, so nothing narrower can answer a question by segment).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -56,7 +57,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from ...errors import StartupError
 from ...model import SegmentStatus
 from ..stored import SegmentKey, StoredMembership
-from .base import ProfileState, SingleProfileAccess, Updates, Wanted
+from .base import ProfileState, ScanQueries, SingleProfileAccess, Updates, Wanted
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def _decode_item(item: Mapping[str, Any]) -> tuple[SegmentKey, StoredMembership]
     return decode_segment(item[RANGE_KEY]["S"]), StoredMembership(_STATUS[item["status"]["S"]], int(item["qualifiedAtUs"]["N"]))
 
 
-class DynamoDBStore(SingleProfileAccess):
+class DynamoDBStore(SingleProfileAccess, ScanQueries):
     """Membership state in a DynamoDB table (see the module docstring for the item layout).
 
     ``region`` and ``endpoint_url`` default to the standard AWS environment: ``AWS_REGION``, then
@@ -141,6 +142,7 @@ class DynamoDBStore(SingleProfileAccess):
         max_backoff_s: float = 2.0,
         concurrency: int = 16,
         open_timeout_s: float = 300.0,
+        create_table: bool = True,
     ) -> None:
         if not (_TABLE_NAME.fullmatch(table) or table.startswith("arn:")):
             raise ValueError(f"invalid DynamoDB table name {table!r}: 3-255 characters of A-Z a-z 0-9 _ . -")
@@ -154,6 +156,7 @@ class DynamoDBStore(SingleProfileAccess):
         self.max_backoff_s = max_backoff_s
         self.concurrency = concurrency
         self.open_timeout_s = open_timeout_s
+        self.create_table = create_table  # False: a missing table is an error (the state tool)
         # Calls repeated after throttling or a transient error, or for UnprocessedKeys (for metrics and tests).
         self.retries = 0
         self._client: Any = client
@@ -207,6 +210,8 @@ class DynamoDBStore(SingleProfileAccess):
             except ClientError as exc:
                 if _error_code(exc) != "ResourceNotFoundException":
                     raise
+                if not self.create_table:
+                    raise StartupError(f"DynamoDB table {self.table!r} does not exist") from None
                 await self._create_table()  # tolerates a concurrent creator
                 status = "missing"
             else:
@@ -336,6 +341,47 @@ class DynamoDBStore(SingleProfileAccess):
                 extra={"table": self.table, "unprocessed": len(keys), "round": rounds, "delay_s": round(delay, 3)},
             )
             await asyncio.sleep(delay)
+
+    # --- asking the state (operators' tool) -------------------------------------------------
+    scan_note = "a Scan of the whole table: it reads, and is billed for, every item (there is no index by segment)"
+
+    async def _scan(self, **request: Any) -> AsyncIterator[dict[str, Any]]:
+        """Every item a paginated, eventually consistent Scan returns."""
+        assert self._client is not None, "store not opened"
+        request = {"TableName": self.table, **request}
+        while True:
+            page = await self._call(self._client.scan, **request)
+            for item in page.get("Items", ()):
+                yield item
+            last = page.get("LastEvaluatedKey")
+            if not last:
+                return
+            request["ExclusiveStartKey"] = last
+
+    async def profiles(self) -> AsyncIterator[tuple[str, ProfileState]]:
+        # A Scan returns the items of one partition key together (an item collection is stored
+        # together, in range key order), so a profile is complete when the next one starts.
+        current: str | None = None
+        state: ProfileState = {}
+        async for item in self._scan(ProjectionExpression=_BATCH_PROJECTION, ExpressionAttributeNames=_NAMES):
+            profile_key = item[HASH_KEY]["S"]
+            if profile_key != current:
+                if current is not None:
+                    yield current, state
+                current, state = profile_key, {}
+            key, value = _decode_item(item)
+            state[key] = value
+        if current is not None:
+            yield current, state
+
+    async def members(self, segment: SegmentKey) -> AsyncIterator[str]:
+        async for item in self._scan(
+                ProjectionExpression="#pk",
+                ExpressionAttributeNames={"#pk": HASH_KEY, "#sk": RANGE_KEY, "#status": "status"},
+                FilterExpression="#sk = :sk AND #status <> :exited",
+                ExpressionAttributeValues={":sk": {"S": encode_segment(*segment)},
+                                           ":exited": {"S": SegmentStatus.EXITED.value}}):
+            yield item[HASH_KEY]["S"]
 
     async def save_many(self, updates: Updates) -> None:
         assert self._client is not None, "store not opened"

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
-from .base import ProfileState, SingleProfileAccess, Updates, Wanted
+from collections.abc import AsyncIterator
+
+from .base import ProfileState, ScanQueries, SingleProfileAccess, Updates, Wanted
 
 
-class MemoryStore(SingleProfileAccess):
+class MemoryStore(SingleProfileAccess, ScanQueries):
     """State in a dict: for tests, the demo and runs that may start from nothing."""
 
     def __init__(self) -> None:
@@ -35,6 +37,10 @@ class MemoryStore(SingleProfileAccess):
 
     async def close(self) -> None:
         pass
+
+    async def profiles(self) -> AsyncIterator[tuple[str, ProfileState]]:
+        for profile_key, state in list(self._profiles.items()):
+            yield profile_key, dict(state)
 
     def __len__(self) -> int:
         return len(self._profiles)

@@ -26,13 +26,14 @@ Durability is the server's (AOF/RDB, replication): configure it there.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ...errors import StartupError
 from ...model import SegmentStatus
 from ..stored import SegmentKey, StoredMembership
-from .base import ProfileState, SingleProfileAccess, Updates, Wanted
+from .base import ProfileState, ScanQueries, SingleProfileAccess, Updates, Wanted
 from .dynamodb import decode_segment, encode_segment
 
 SCHEMES = ("redis", "rediss")
@@ -109,6 +110,11 @@ def url_password(url: str) -> str | None:
     return None
 
 
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a redis glob (SCAN MATCH)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
 def encode_value(value: StoredMembership) -> str:
     return f"{value.status.value}|{value.qualified_at_us}"
 
@@ -120,7 +126,7 @@ def decode_value(raw: str) -> StoredMembership:
     return StoredMembership(_STATUS[status], int(at))
 
 
-class RedisStore(SingleProfileAccess):
+class RedisStore(SingleProfileAccess, ScanQueries):
     """Membership state in Redis (see the module docstring for the layout), for replicas on many hosts.
 
     ``url`` is a redis-py URL: ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, or ``rediss://`` for TLS.
@@ -141,6 +147,8 @@ class RedisStore(SingleProfileAccess):
 
     def __repr__(self) -> str:
         return f"RedisStore({redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+
+    scan_note = "SCANs every profile key under the store's prefix (there is no index by segment)"
 
     def key(self, profile_key: str) -> str:
         return f"{self.key_prefix}profile:{profile_key}"
@@ -194,6 +202,49 @@ class RedisStore(SingleProfileAccess):
             if state:
                 states[profile_key] = state
         return states
+
+    # --- asking the state (operators' tool) -------------------------------------------------
+    async def _profile_keys(self, count: int = 1000) -> AsyncIterator[list[str]]:
+        """The hash names of every profile, a SCAN page at a time (a key may come twice: SCAN's rule)."""
+        pattern = _glob_escape(self.key(""))+ "*"
+        cursor: int | str = 0
+        while True:
+            cursor, names = await self._client.scan(cursor=cursor, match=pattern, count=count)
+            if names:
+                yield names
+            if int(cursor) == 0:
+                return
+
+    async def profiles(self) -> AsyncIterator[tuple[str, ProfileState]]:
+        assert self._client is not None, "store not opened"
+        skip = len(self.key(""))
+        seen: set[str] = set()  # SCAN may return a key twice while the keyspace is rehashed
+        async for names in self._profile_keys():
+            names = [name for name in names if name not in seen]
+            seen.update(names)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(name)
+                replies = await pipe.execute()
+            for name, reply in zip(names, replies, strict=True):
+                if reply:
+                    yield name[skip:], {decode_segment(field): decode_value(value) for field, value in reply.items()}
+
+    async def members(self, segment: SegmentKey) -> AsyncIterator[str]:
+        assert self._client is not None, "store not opened"
+        skip = len(self.key(""))
+        field = encode_segment(*segment)
+        seen: set[str] = set()
+        async for names in self._profile_keys():
+            names = [name for name in names if name not in seen]
+            seen.update(names)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hget(name, field)  # only the one field: the scan reads keys, not whole profiles
+                replies = await pipe.execute()
+            for name, reply in zip(names, replies, strict=True):
+                if reply is not None and decode_value(reply).is_member:
+                    yield name[skip:]
 
     async def save_many(self, updates: Updates) -> None:
         assert self._client is not None, "store not opened"

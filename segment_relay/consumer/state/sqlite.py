@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ...model import SegmentStatus
 from ..membership import supersedes
 from ..stored import SegmentKey, StoredMembership
-from .base import ProfileState, SingleProfileAccess, Updates, Wanted
+from .base import ProfileState, ScanQueries, SingleProfileAccess, Updates, Wanted
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS membership (
@@ -63,7 +64,9 @@ async def _while_locked(connection: sqlite3.Connection, statement: str, timeout_
         await asyncio.sleep(0.05)
 
 
-class SqliteStore(SingleProfileAccess):
+class SqliteStore(SingleProfileAccess, ScanQueries):
+    scan_note = "reads the whole table (there is no index by segment)"
+
     def __init__(self, path: str | Path, *, max_pending: int = 20_000, busy_timeout_s: float = 30.0) -> None:
         self.path = str(path)
         self.max_pending = max_pending
@@ -171,6 +174,32 @@ class SqliteStore(SingleProfileAccess):
         except BaseException:
             self._writer.execute("ROLLBACK")
             raise
+
+    # --- asking the state (operators' tool; committed rows only) ----------------------------
+    async def profiles(self) -> AsyncIterator[tuple[str, ProfileState]]:
+        reader = self._reader
+        assert reader is not None, "store not opened"
+        current: str | None = None
+        state: ProfileState = {}
+        # The primary key's order: a profile's rows come together.
+        for profile_key, namespace, segment_id, status, qualified_at_us in reader.execute(
+                "SELECT profile_key, namespace, segment_id, status, qualified_at_us FROM membership "
+                "ORDER BY profile_key, namespace, segment_id"):
+            if profile_key != current:
+                if current is not None:
+                    yield current, state
+                current, state = profile_key, {}
+            state[(namespace, segment_id)] = StoredMembership(_STATUS[status], qualified_at_us)
+        if current is not None:
+            yield current, state
+
+    async def members(self, segment: SegmentKey) -> AsyncIterator[str]:
+        reader = self._reader
+        assert reader is not None, "store not opened"
+        for (profile_key,) in reader.execute(
+                "SELECT profile_key FROM membership WHERE namespace = ? AND segment_id = ? AND status <> ? "
+                "ORDER BY profile_key", (*segment, SegmentStatus.EXITED.value)):
+            yield profile_key
 
     async def close(self) -> None:
         try:
