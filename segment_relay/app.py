@@ -18,7 +18,7 @@ from .consumer.pipeline import Pipeline, PipelineSettings
 from .consumer.profile_key import ProfileKeyRule
 from .consumer.sources.base import Source
 from .consumer.sources.file import FileSource
-from .consumer.state import open_store
+from .consumer.state import MembershipStore, open_store
 from .handlers.api import Handler
 from .handlers.circuit import CircuitSettings
 from .handlers.loader import HandlerSpecError, load_handler
@@ -139,15 +139,16 @@ class Relay:
 
     def __init__(self, config: RelayConfig, *, extra_handlers: list[Handler] | None = None,
                  track_profiles: bool = False, on_client: Callable[[str, Any], None] | None = None,
-                 source: Source[Any] | None = None, dead_letter: DeadLetter | None = None) -> None:
+                 source: Source[Any] | None = None, dead_letter: DeadLetter | None = None,
+                 store: MembershipStore | None = None) -> None:
         """``extra_handlers`` join the configured ones (embedding, tests); ``on_client`` sees each
-        cloud client a source creates (a test seam for fault injection); ``source`` and
-        ``dead_letter`` replace the configured ones (a dead-letter replay)."""
+        cloud client a source creates (a test seam for fault injection); ``source``,
+        ``dead_letter`` and ``store`` replace the configured ones (a dead-letter replay, a dry run)."""
         self.config = config
         if config.checkpoint_file and not config.source.startswith("file:"):
             raise ConfigError("config field 'checkpoint_file': only the file source uses it")
         self.source = source if source is not None else build_source(config, on_client)
-        self.store = open_store(config.state)
+        self.store = store if store is not None else open_store(config.state)
         self.dead_letter = dead_letter if dead_letter is not None else build_dead_letter(config)
         circuit = config.circuit
         try:

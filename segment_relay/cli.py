@@ -40,6 +40,7 @@ def run(
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Serve /metrics, /healthz, /readyz on this port")] = None,
     metrics_host: Annotated[str | None, typer.Option("--metrics-host", help="Address for the metrics server")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the changes that would fire (JSON lines on stdout) and the totals; call no handler, save no state, move no checkpoint, write no dead letter. File source only")] = False,
 ) -> None:
     """Run the relay until the source ends or SIGINT/SIGTERM; then drain, checkpoint and exit 0."""
     from .app import Relay
@@ -54,7 +55,7 @@ def run(
         )
         configure_logging(settings.log_level, json=settings.log_format == "json",
                           secrets=[*secrets_in(settings), *environment_secrets()])
-        relay = Relay(settings)
+        relay = _dry_run_relay(settings) if dry_run else Relay(settings)
     except ConfigError as exc:
         _fail(str(exc))
         return
@@ -64,7 +65,18 @@ def run(
     except (StartupError, FileNotFoundError, ValueError, OSError) as exc:  # e.g. no stream, foreign checkpoint
         _fail(str(exc), 1)
         return
-    typer.echo(orjson.dumps({"summary": stats.summary()}).decode(), err=True)
+    summary = {"dry_run": True, **stats.summary()} if dry_run else stats.summary()
+    typer.echo(orjson.dumps({"summary": summary}).decode(), err=True)
+
+
+def _dry_run_relay(settings: Any) -> Any:
+    from .app import Relay, build_source
+    from .consumer.deadletter import MemoryDeadLetter
+    from .dry_run import DryRunSource, DryRunStore, dry_run_config
+
+    config = dry_run_config(settings)
+    return Relay(config, source=DryRunSource(build_source(config)), store=DryRunStore(config.state),
+                 dead_letter=MemoryDeadLetter())
 
 
 @app.command()

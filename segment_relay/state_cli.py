@@ -52,19 +52,14 @@ def _store_spec(config: Path | None, state: str | None) -> str:
 
 @asynccontextmanager
 async def _opened(spec: str) -> AsyncIterator[StateQueries]:
-    from .consumer.state import DynamoDBStore, SqliteStore, open_store
+    from .consumer.state import open_existing_store
 
     if spec == "memory":
         raise StartupError("the memory store lives inside the relay's process and ends with it: there is nothing "
                            "to ask; use sqlite:PATH, dynamodb:TABLE or redis://... for state that outlives the relay")
-    store = open_store(spec)
-    if isinstance(store, SqliteStore) and not Path(store.path).is_file():
-        raise StartupError(f"no sqlite state file at {store.path!r}")
-    if isinstance(store, DynamoDBStore):
-        store.create_table = False
-    assert isinstance(store, StateQueries)
-    await store.open()
+    store = await open_existing_store(spec)
     try:
+        assert isinstance(store, StateQueries)
         yield store
     finally:
         await store.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ...errors import StoreMissing
 from .base import MembershipStore, ProfileState
 from .dynamodb import DynamoDBStore
 from .memory import MemoryStore
@@ -32,4 +35,17 @@ def open_store(spec: str) -> MembershipStore:
     raise ValueError(f"unknown state store {spec!r}: use {STORE_SPECS}")
 
 
-__all__ = ["MembershipStore", "ProfileState", "MemoryStore", "SqliteStore", "DynamoDBStore", "RedisStore", "open_store"]
+async def open_existing_store(spec: str) -> MembershipStore:
+    """``open_store(spec)``, opened, without creating anything: raises ``StoreMissing`` for a
+    sqlite file or a DynamoDB table that is not there (a redis database always is)."""
+    store = open_store(spec)
+    if isinstance(store, SqliteStore) and not Path(store.path).is_file():
+        raise StoreMissing(f"no sqlite state file at {store.path!r}")
+    if isinstance(store, DynamoDBStore):
+        store.create_table = False
+    await store.open()
+    return store
+
+
+__all__ = ["MembershipStore", "ProfileState", "MemoryStore", "SqliteStore", "DynamoDBStore", "RedisStore",
+           "open_existing_store", "open_store"]

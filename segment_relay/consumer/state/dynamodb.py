@@ -54,7 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from ...errors import StartupError
+from ...errors import StartupError, StoreMissing
 from ...model import SegmentStatus
 from ..stored import SegmentKey, StoredMembership
 from .base import ProfileState, ScanQueries, SingleProfileAccess, Updates, Wanted
@@ -211,7 +211,7 @@ class DynamoDBStore(SingleProfileAccess, ScanQueries):
                 if _error_code(exc) != "ResourceNotFoundException":
                     raise
                 if not self.create_table:
-                    raise StartupError(f"DynamoDB table {self.table!r} does not exist") from None
+                    raise StoreMissing(f"DynamoDB table {self.table!r} does not exist") from None
                 await self._create_table()  # tolerates a concurrent creator
                 status = "missing"
             else:

@@ -1,0 +1,126 @@
+"""`segment-relay run --dry-run`: the relay's reading, validation and diff, with no effect anywhere.
+
+What is replaced, and why:
+
+- the handlers: the changes that would fire are printed as JSON lines on stdout instead (the
+  ``jsonl`` handler's format), and no configured handler is built or called;
+- the membership store: read, never written (``DryRunStore``): what the run would save stays in
+  memory, so that a profile's later records are diffed against its earlier ones as in a real run;
+- the source: read from where a real run would start (the file's checkpoint), never committed;
+- the dead letter: kept in memory; the invalid records are counted in the totals.
+
+Only the file source (a file or stdin) can be dry-run for now: a dry run of ``kinesis:`` or
+``eventhubs:`` would take shard leases or partition ownership from the replicas running on
+the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .config import ConfigError, RelayConfig
+from .consumer.membership import supersedes
+from .consumer.sources.base import PartitionListener, Source, SourceSnapshot
+from .consumer.state import open_existing_store
+from .consumer.state.base import MembershipStore, ProfileState, SingleProfileAccess, Updates, Wanted
+from .consumer.stored import SegmentKey, StoredMembership
+from .errors import StoreMissing
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DryRunSource", "DryRunStore", "check_dry_run_source", "dry_run_config"]
+
+#: Where a dry run prints the changes that would fire.
+CHANGES_OUT = "jsonl:/dev/stdout"
+
+
+def check_dry_run_source(config: RelayConfig) -> None:
+    if not config.source.startswith("file:"):
+        raise ConfigError(
+            f"--dry-run: the source {config.source!r} cannot be dry-run: on a stream it would take shard leases "
+            "or partition ownership from the running replicas. Capture records to a file (one export per line) "
+            "and dry-run file:PATH, or pipe them to file:-")
+
+
+def dry_run_config(config: RelayConfig) -> RelayConfig:
+    """The config a dry run builds its relay from: the changes go to stdout, nowhere else."""
+    check_dry_run_source(config)
+    return config.model_copy(update={"handlers": [CHANGES_OUT]})
+
+
+class DryRunStore(SingleProfileAccess):
+    """The configured store, read and never written: saves stay in memory, on top of it.
+
+    A store that does not exist yet (no sqlite file, no DynamoDB table) is read as empty, and
+    not created."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self._inner: MembershipStore | None = None
+        self._saved: dict[str, ProfileState] = {}
+
+    def __repr__(self) -> str:
+        return f"DryRunStore({self._inner!r})" if self._inner is not None else f"DryRunStore({self.spec!r})"
+
+    async def open(self) -> None:
+        if self.spec == "memory":
+            return
+        try:
+            self._inner = await open_existing_store(self.spec)
+        except StoreMissing as missing:
+            log.warning("dry run: the state store does not exist; starting from empty state", extra={
+                "reason": str(missing)})
+
+    async def load_many(self, profiles: Wanted) -> dict[str, ProfileState]:
+        states = await self._inner.load_many(profiles) if self._inner is not None else {}
+        saved = self._saved
+        for profile_key in profiles:
+            mine = saved.get(profile_key)
+            if mine:
+                state = states[profile_key] = dict(states.get(profile_key, {}))
+                for key, value in mine.items():
+                    if supersedes(value, state.get(key)):
+                        state[key] = value
+        return states
+
+    async def save_many(self, updates: Updates) -> None:
+        for profile_key, changes in updates.items():
+            state: dict[SegmentKey, StoredMembership] = self._saved.setdefault(profile_key, {})
+            for key, value in changes.items():
+                if supersedes(value, state.get(key)):
+                    state[key] = value
+
+    async def flush(self) -> None:
+        pass  # nothing is written
+
+    async def close(self) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            await inner.close()
+
+
+class DryRunSource:
+    """A source read as usual and never committed to."""
+
+    def __init__(self, source: Source[Any]) -> None:
+        self._source = source
+        self.name = source.name
+
+    async def start(self, listener: PartitionListener) -> None:
+        await self._source.start(listener)
+
+    def batches(self) -> Any:
+        return self._source.batches()
+
+    async def commit(self, partition: str, position: Any) -> None:
+        pass  # a dry run moves no checkpoint
+
+    def stop(self) -> None:
+        self._source.stop()
+
+    async def close(self) -> None:
+        await self._source.close()
+
+    def snapshot(self) -> SourceSnapshot:
+        return self._source.snapshot()
