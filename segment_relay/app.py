@@ -34,19 +34,25 @@ def build_source(config: RelayConfig, on_client: Callable[[str, Any], None] | No
     if kind == "file":
         return FileSource(arg, checkpoint_path=config.checkpoint_file)
     if kind == "kinesis":
-        from .consumer.sources.kinesis import InitialPosition, KinesisSettings, KinesisSource
+        from .consumer.sources.kinesis import KinesisSource
 
-        section = config.kinesis.model_dump()
-        section["initial_position"] = InitialPosition(section["initial_position"])
-        if section["renew_interval_s"] is None:
-            section["renew_interval_s"] = section["lease_duration_s"] / 3
-        settings = KinesisSettings(stream=arg, read_ahead_records=config.pipeline.max_in_flight_records, **section)
-        return KinesisSource(settings, on_client=on_client)
+        return KinesisSource(kinesis_settings(config, arg), on_client=on_client)
     if kind == "eventhubs":
         return _eventhubs_source(config, arg)
     raise ConfigError(
         f"config field 'source': unknown source {config.source!r}; use file:PATH, file:-, kinesis:STREAM or eventhubs:HUB"
     )
+
+
+def kinesis_settings(config: RelayConfig, stream: str) -> Any:
+    """The Kinesis source's settings: the [kinesis] section, for ``stream``."""
+    from .consumer.sources.kinesis import InitialPosition, KinesisSettings
+
+    section = config.kinesis.model_dump()
+    section["initial_position"] = InitialPosition(section["initial_position"])
+    if section["renew_interval_s"] is None:
+        section["renew_interval_s"] = section["lease_duration_s"] / 3
+    return KinesisSettings(stream=stream, read_ahead_records=config.pipeline.max_in_flight_records, **section)
 
 
 def build_dead_letter(config: RelayConfig) -> DeadLetter:

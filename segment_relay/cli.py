@@ -40,7 +40,7 @@ def run(
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Serve /metrics, /healthz, /readyz on this port")] = None,
     metrics_host: Annotated[str | None, typer.Option("--metrics-host", help="Address for the metrics server")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the changes that would fire (JSON lines on stdout) and the totals; call no handler, save no state, move no checkpoint, write no dead letter. File source only")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the changes that would fire (JSON lines on stdout) and the totals; call no handler, save no state, move no checkpoint, write no dead letter, take no lease. Not for Event Hubs yet")] = False,
 ) -> None:
     """Run the relay until the source ends or SIGINT/SIGTERM; then drain, checkpoint and exit 0."""
     from .app import Relay
@@ -70,12 +70,12 @@ def run(
 
 
 def _dry_run_relay(settings: Any) -> Any:
-    from .app import Relay, build_source
+    from .app import Relay
     from .consumer.deadletter import MemoryDeadLetter
-    from .dry_run import DryRunSource, DryRunStore, dry_run_config
+    from .dry_run import DryRunStore, dry_run_config, dry_run_source
 
     config = dry_run_config(settings)
-    return Relay(config, source=DryRunSource(build_source(config)), store=DryRunStore(config.state),
+    return Relay(config, source=dry_run_source(config), store=DryRunStore(config.state),
                  dead_letter=MemoryDeadLetter())
 
 

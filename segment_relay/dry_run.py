@@ -6,12 +6,13 @@ What is replaced, and why:
   ``jsonl`` handler's format), and no configured handler is built or called;
 - the membership store: read, never written (``DryRunStore``): what the run would save stays in
   memory, so that a profile's later records are diffed against its earlier ones as in a real run;
-- the source: read from where a real run would start (the file's checkpoint), never committed;
+- the source: read from where a real run would start (the file's or the leases' checkpoints),
+  never committed;
 - the dead letter: kept in memory; the invalid records are counted in the totals.
 
-Only the file source (a file or stdin) can be dry-run for now: a dry run of ``kinesis:`` or
-``eventhubs:`` would take shard leases or partition ownership from the replicas running on
-the stream.
+On Kinesis the shards are read without leases (``KinesisReadOnlySource``), so the replicas
+running on the stream are not disturbed. Event Hubs cannot be dry-run yet: its readers would
+take partition ownership from the running replicas.
 """
 
 from __future__ import annotations
@@ -29,24 +30,32 @@ from .errors import StoreMissing
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DryRunSource", "DryRunStore", "check_dry_run_source", "dry_run_config"]
+__all__ = ["DryRunSource", "DryRunStore", "dry_run_config", "dry_run_source"]
 
 #: Where a dry run prints the changes that would fire.
 CHANGES_OUT = "jsonl:/dev/stdout"
 
 
-def check_dry_run_source(config: RelayConfig) -> None:
-    if not config.source.startswith("file:"):
-        raise ConfigError(
-            f"--dry-run: the source {config.source!r} cannot be dry-run: on a stream it would take shard leases "
-            "or partition ownership from the running replicas. Capture records to a file (one export per line) "
-            "and dry-run file:PATH, or pipe them to file:-")
-
-
 def dry_run_config(config: RelayConfig) -> RelayConfig:
     """The config a dry run builds its relay from: the changes go to stdout, nowhere else."""
-    check_dry_run_source(config)
+    if config.source.startswith("eventhubs:"):
+        raise ConfigError(
+            f"--dry-run: the source {config.source!r} cannot be dry-run yet: its readers would take partition "
+            "ownership from the running replicas. Capture events to a file (one export per line) and dry-run "
+            "file:PATH, or pipe them to file:-")
     return config.model_copy(update={"handlers": [CHANGES_OUT]})
+
+
+def dry_run_source(config: RelayConfig) -> Source[Any]:
+    """The configured source, read as a real run would start, committing nothing."""
+    from .app import build_source, kinesis_settings
+
+    kind, _, arg = config.source.partition(":")
+    if kind == "kinesis":
+        from .consumer.sources.kinesis.read_only import KinesisReadOnlySource
+
+        return KinesisReadOnlySource(kinesis_settings(config, arg))  # no leases: see there
+    return DryRunSource(build_source(config))
 
 
 class DryRunStore(SingleProfileAccess):

@@ -3,16 +3,26 @@ and nothing written anywhere (store, checkpoint, dead letter, handlers)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from aiobotocore.session import get_session
+from support import poll, wait_for
 
-from segment_relay.testing.exports import StreamSpec, write_jsonl
+from segment_relay.app import Relay
+from segment_relay.config import load_config
+from segment_relay.testing.aws import Emulator
+from segment_relay.testing.exports import StreamSpec, expected_changes, generate, write_jsonl
+from segment_relay.testing.kinesis import create_stream, put_records
 
 TESTS = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "segment_relay.cli"]
@@ -93,12 +103,113 @@ def test_a_dry_run_starts_from_the_stored_state_and_checkpoint_and_leaves_them_a
     assert changes(dry.stdout) == changes((tmp_path / "second.out").read_text())
 
 
-def test_a_stream_source_cannot_be_dry_run(tmp_path: Path) -> None:
+def test_an_event_hub_cannot_be_dry_run_yet(tmp_path: Path) -> None:
     config = tmp_path / "relay.toml"
     config.write_text('[eventhubs]\nconnection_string = "Endpoint=sb://ns.example/;SharedAccessKeyName=k;SharedAccessKey=v"\n'
                       'checkpoint_path = "checkpoints.db"\n')
-    for source in ("kinesis:exports", "eventhubs:exports"):
-        result = cli("run", "--dry-run", "--config", str(config), "--source", source, cwd=tmp_path)
-        assert result.returncode == 2
-        assert "would take shard leases or partition ownership from the running replicas" in result.stderr
-        assert "Traceback" not in result.stderr
+    result = cli("run", "--dry-run", "--config", str(config), "--source", "eventhubs:exports", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "would take partition ownership from the running replicas" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- Kinesis: every shard read without leases -------------------------------------------------------
+
+
+def _kinesis_config(tmp_path: Path, kinesalite: Emulator, dynalite: Emulator, application: str) -> Path:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'state = "sqlite:{tmp_path / "state.db"}"\n'
+        f'dead_letter = "{tmp_path / "dead.jsonl"}"\n'
+        'handlers = ["jsonl:handled.jsonl"]\n'
+        "[pipeline]\ncheckpoint_interval_s = 0.2\n"
+        f'[kinesis]\nendpoint_url = "{kinesalite.endpoint}"\ndynamodb_endpoint_url = "{dynalite.endpoint}"\n'
+        f'application = "{application}"\nidle_wait_s = 0.05\nlease_duration_s = 2.0\n')
+    return config
+
+
+def _dry_run_until(config: Path, stream: str, cwd: Path, changes_expected: int) -> tuple[str, dict[str, object]]:
+    """A dry run on a stream reads until stopped: stop it (SIGINT) once it printed every change."""
+    out = cwd / "dry-run.out"
+    with open(out, "wb") as stdout:
+        process = subprocess.Popen([*CLI, "run", "--dry-run", "--config", str(config), "--source", f"kinesis:{stream}"],
+                                   cwd=cwd, stdout=stdout, stderr=subprocess.PIPE, env=_env())
+        try:
+            wait_for(lambda: out.read_bytes().count(b"\n") >= changes_expected or process.poll() is not None,
+                     "the dry run's changes")
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == 0, stderr
+    return out.read_text(), json.loads(stderr.decode().strip().splitlines()[-1])["summary"]
+
+
+def _env() -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENT_RELAY_")}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), environment.get("PYTHONPATH", "")]))
+    return environment
+
+
+def _as_changes(lines: str) -> Counter[tuple[str, str, str, str]]:
+    return Counter((c["profile_key"], c["segment_id"], c["change"], c["qualified_at"])  # type: ignore[misc]
+                   for profile in changes(lines).values() for c in profile)
+
+
+async def _lease_items(dynalite: Emulator, table: str) -> list[dict[str, object]] | None:
+    async with get_session().create_client("dynamodb", endpoint_url=dynalite.endpoint) as client:
+        try:
+            return sorted((await client.scan(TableName=table, ConsistentRead=True))["Items"], key=str)
+        except client.exceptions.ResourceNotFoundException:
+            return None
+
+
+async def test_a_kinesis_dry_run_reads_every_shard_without_leases_and_writes_nothing(
+        kinesalite: Emulator, dynalite: Emulator, tmp_path: Path) -> None:
+    stream, application = f"dry-{uuid.uuid4().hex[:8]}", f"app-{uuid.uuid4().hex[:8]}"
+    records = list(generate(StreamSpec(seed=23, profiles=120, records=1200, invalid_rate=0.01)))
+    truth = expected_changes(records)
+    async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
+        await create_stream(client, stream, 4)
+        await put_records(client, stream, records, in_flight=1)
+    config = _kinesis_config(tmp_path, kinesalite, dynalite, application)
+
+    printed, result = await asyncio.to_thread(_dry_run_until, config, stream, tmp_path, len(truth.changes))
+    assert _as_changes(printed) == Counter(truth.changes)
+    assert result["dry_run"] is True and result["records"] == len(records) and result["invalid"] == truth.invalid
+    assert await _lease_items(dynalite, f"{application}-leases") is None  # no lease table: none created
+    assert not (tmp_path / "state.db").exists() and not (tmp_path / "dead.jsonl").exists()
+    assert not (tmp_path / "handled.jsonl").exists()
+
+
+async def test_a_kinesis_dry_run_resumes_at_the_leases_checkpoints_and_leaves_leases_and_state_alone(
+        kinesalite: Emulator, dynalite: Emulator, tmp_path: Path) -> None:
+    stream, application = f"dry-{uuid.uuid4().hex[:8]}", f"app-{uuid.uuid4().hex[:8]}"
+    records = list(generate(StreamSpec(seed=29, profiles=120, records=1600)))
+    first, second = records[:800], records[800:]
+    config = _kinesis_config(tmp_path, kinesalite, dynalite, application)
+    async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
+        await create_stream(client, stream, 4)
+        await put_records(client, stream, first, in_flight=1)
+        # A real run over the first half, stopped gracefully: state saved, every shard checkpointed.
+        relay = Relay(load_config(config, source=f"kinesis:{stream}"))
+        run = asyncio.create_task(relay.run())
+        try:
+            await poll(lambda: relay.pipeline.records_finished == len(first) or run.done(), "the first half")
+        finally:
+            relay.stop()
+            await asyncio.wait_for(run, 60)
+        await put_records(client, stream, second, in_flight=1)
+    leases_before = await _lease_items(dynalite, f"{application}-leases")
+    assert leases_before is not None and len(leases_before) == 4
+    state_before = digest(tmp_path / "state.db")
+    expected = Counter(expected_changes(records).changes) - Counter(expected_changes(first).changes)
+
+    printed, result = await asyncio.to_thread(_dry_run_until, config, stream, tmp_path, sum(expected.values()))
+    assert _as_changes(printed) == expected  # what the next real run would do: the second half's changes
+    assert result["records"] == len(second)
+    assert await _lease_items(dynalite, f"{application}-leases") == leases_before
+    assert digest(tmp_path / "state.db") == state_before
