@@ -121,7 +121,7 @@ def _kinesis_config(tmp_path: Path, kinesalite: Emulator, dynalite: Emulator, ap
     config.write_text(
         f'state = "sqlite:{tmp_path / "state.db"}"\n'
         f'dead_letter = "{tmp_path / "dead.jsonl"}"\n'
-        'handlers = ["jsonl:handled.jsonl"]\n'
+        f'handlers = ["jsonl:{tmp_path / "handled.jsonl"}"]\n'
         "[pipeline]\ncheckpoint_interval_s = 0.2\n"
         f'[kinesis]\nendpoint_url = "{kinesalite.endpoint}"\ndynamodb_endpoint_url = "{dynalite.endpoint}"\n'
         f'application = "{application}"\nidle_wait_s = 0.05\nlease_duration_s = 2.0\n')
