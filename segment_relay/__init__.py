@@ -10,6 +10,7 @@ from .handlers.api import (
     on_change,
     on_enter,
     on_exit,
+    on_merge,
 )
 from .model import ChangeType, IdentityItem, SegmentChange, SegmentStatus
 
@@ -29,4 +30,5 @@ __all__ = [
     "on_change",
     "on_enter",
     "on_exit",
+    "on_merge",
 ]

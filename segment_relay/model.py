@@ -23,6 +23,7 @@ import msgspec
 
 __all__ = [
     "ChangeSink",
+    "MEMBERSHIP_CHANGES",
     "ChangeType",
     "Claim",
     "IdentityItem",
@@ -30,12 +31,18 @@ __all__ = [
     "SegmentChange",
     "SegmentStatus",
     "change_id_for",
+    "merge_id_for",
 ]
 
 
 class ChangeType(StrEnum):
     ENTER = "enter"
     EXIT = "exit"
+    MERGE = "merge"  # two or more profiles found to be one person (identity linking); see SegmentChange
+
+
+#: The changes of a segment membership: what a handler gets unless it asks for merges too.
+MEMBERSHIP_CHANGES = frozenset({ChangeType.ENTER, ChangeType.EXIT})
 
 
 class SegmentStatus(StrEnum):
@@ -68,6 +75,12 @@ class IdentityItem(msgspec.Struct, frozen=True, gc=False):
         return item
 
 
+def merge_id_for(survivor: str, absorbed: Sequence[str]) -> str:
+    """Stable id of a merge: the same profiles merged give the same id, across replays."""
+    material = "\x1f".join(("merge", survivor, *sorted(absorbed)))
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
 def change_id_for(profile_key: str, namespace: str, segment_id: str, status: str, qualified_at_us: int) -> str:
     """Stable id of a change: the same membership event always hashes the same, across replays."""
     material = "\x1f".join((profile_key, namespace, segment_id, status, str(qualified_at_us)))
@@ -75,7 +88,14 @@ def change_id_for(profile_key: str, namespace: str, segment_id: str, status: str
 
 
 class SegmentChange(msgspec.Struct, frozen=True, gc=False):
-    """One real membership change of one profile in one segment.
+    """One real membership change of one profile in one segment, or a merge of profiles.
+
+    A ``merge`` (``change`` is ``ChangeType.MERGE``) says that the profiles ``merged_keys`` were
+    found to be the same person as ``profile_key`` (an export carried identities of each) and
+    were absorbed into it; their memberships are ``profile_key``'s from now on. It comes before
+    the profile's other changes of the same record. Its segment fields are empty,
+    ``qualified_at`` is the newest qualification time of the merged memberships and ``status``
+    carries no meaning (``realized``).
 
     ``gc=False``: nothing in a change refers back to it, so the cyclic collector need not track
     the millions of them a busy relay builds."""
@@ -92,9 +112,23 @@ class SegmentChange(msgspec.Struct, frozen=True, gc=False):
     change_id: str
     partition: str
     position: str
+    merged_keys: tuple[str, ...] = ()  # a merge: the profile keys absorbed into profile_key
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (what the log, jsonl and webhook handlers send)."""
+        if self.change is ChangeType.MERGE:
+            return {
+                "change": self.change.value,
+                "profile_key": self.profile_key,
+                "merged_keys": list(self.merged_keys),
+                "qualified_at": self.qualified_at.isoformat().replace("+00:00", "Z"),
+                "change_id": self.change_id,
+                "identities": {
+                    namespace: [item.to_dict() for item in items] for namespace, items in self.identities.items()
+                },
+                "attributes": dict(self.attributes),
+                "source": {"partition": self.partition, "position": self.position},
+            }
         return {
             "change": self.change.value,
             "segment_id": self.segment_id,

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..model import ChangeType, IdentityItem, SegmentChange, SegmentStatus, change_id_for
+from ..model import MEMBERSHIP_CHANGES, ChangeType, IdentityItem, SegmentChange, SegmentStatus, change_id_for
 
 __all__ = [
     "BatchResult",
@@ -49,6 +49,7 @@ __all__ = [
     "on_change",
     "on_enter",
     "on_exit",
+    "on_merge",
     "wants_context",
 ]
 
@@ -161,7 +162,7 @@ class HandlerContext:
 class Route:
     """Which changes a handler (or one of its methods) wants. Empty ``segments`` means all."""
 
-    changes: frozenset[ChangeType] = frozenset(ChangeType)
+    changes: frozenset[ChangeType] = MEMBERSHIP_CHANGES
     segments: frozenset[str] = frozenset()
 
     def matches(self, change: ChangeType, segment_id: str) -> bool:
@@ -199,7 +200,14 @@ def on_exit(*segment_ids: str) -> Callable[[F], F]:
 
 def on_change(*segment_ids: str) -> Callable[[F], F]:
     """Call the decorated handler on enter and exit of these segments (any, if none given)."""
-    return _route_decorator(set(ChangeType), segment_ids)
+    return _route_decorator(MEMBERSHIP_CHANGES, segment_ids)
+
+
+def on_merge() -> Callable[[F], F]:
+    """Call the decorated handler when profiles are merged (identity linking): the change is a
+    ``merge`` whose ``profile_key`` absorbed ``merged_keys``. Merges reach no handler that does
+    not ask for them."""
+    return _route_decorator({ChangeType.MERGE}, ())
 
 
 def routes_of(obj: object) -> tuple[Route, ...]:

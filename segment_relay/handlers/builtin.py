@@ -24,7 +24,11 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from .api import BatchResult, Handler, HandlerRetry, PermanentHandlerError, SegmentChange
+from ..model import ChangeType
+from .api import BatchResult, Handler, HandlerRetry, PermanentHandlerError, Route, SegmentChange
+
+#: The log and jsonl handlers write every change, merges included (they are a record of what happened).
+_EVERY_CHANGE = (Route(frozenset(ChangeType)),)
 
 __all__ = ["LogHandler", "JsonlHandler", "WebhookBatchHandler", "WebhookHandler", "redact_url", "parse_retry_after"]
 
@@ -74,6 +78,7 @@ class LogHandler(Handler):
     """Writes one JSON line per change to stdout: the zero-configuration way to see what the relay does."""
 
     name = "log"
+    routes = _EVERY_CHANGE
 
     def __init__(self, stream: IO[bytes] | None = None, *, name: str | None = None) -> None:
         # None means "whatever sys.stdout is at write time", so redirection (and test capture) keeps working.
@@ -133,6 +138,7 @@ class JsonlHandler(Handler):
     after it; ``flush`` fsyncs before each checkpoint, for a machine that goes down."""
 
     name = "jsonl"
+    routes = _EVERY_CHANGE
 
     def __init__(self, path: str | os.PathLike[str], *, name: str | None = None) -> None:
         if not str(path):

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from ..model import ChangeType, PendingChange, SegmentChange
+from ..model import MEMBERSHIP_CHANGES, ChangeType, PendingChange, SegmentChange
 from .api import Handler
 from .circuit import CircuitSettings
 from .dispatch import BatchSettings, Chain, Delivery, Dispatcher, FailedChangeSink, HandlerSnapshot, RetryPolicy
@@ -29,6 +29,9 @@ class _NeverRevoked:
 _NEVER_REVOKED = _NeverRevoked()
 
 log = logging.getLogger(__name__)
+
+
+_MERGE = ChangeType.MERGE
 
 
 class Router:
@@ -58,9 +61,13 @@ class Router:
         )
         self._by_handler = {id(d.handler): d for d in self._dispatchers}
         self._routes: dict[tuple[ChangeType, str], tuple[Dispatcher, ...]] = {}
+        # One handler that takes every membership change: no routing needed (merges, which come
+        # first in a profile's changes when there is one, are dropped here unless it takes them).
         everything = len(self._dispatchers) == 1 and any(
-            route.changes == frozenset(ChangeType) and not route.segments for route in self.handlers[0].routes)
+            route.changes >= MEMBERSHIP_CHANGES and not route.segments for route in self.handlers[0].routes)
         self._everything = self._dispatchers[0] if everything else None
+        self._everything_merges = everything and any(
+            route.matches(ChangeType.MERGE, "") for route in self.handlers[0].routes)
         self._started = False
 
     def handlers_for(self, change: ChangeType, segment_id: str) -> tuple[Handler, ...]:
@@ -95,6 +102,9 @@ class Router:
         remaining = delivery.remaining
         everything = self._everything
         if everything is not None:  # one handler that takes every change: no routing needed
+            if not self._everything_merges:
+                profiles = [pending[1:] if pending and pending[0][0].change is _MERGE else pending
+                            for pending in profiles]
             chains = [Chain(delivery, profile, pending) for profile, pending in enumerate(profiles) if pending]
             for chain in chains:
                 remaining[chain.profile] = 1
