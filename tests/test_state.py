@@ -193,7 +193,7 @@ async def test_sqlite_failed_flush_keeps_the_later_save_at_equal_time(tmp_path: 
     await store.open()
     entered, release = threading.Event(), threading.Event()
 
-    def failing_write(rows: list[tuple[str, str, str, str, int]]) -> None:
+    def failing_write(rows: list[tuple[str, str, str, str, int]], *rest: object) -> None:
         entered.set()
         release.wait(10)
         raise OSError("disk full")
@@ -222,12 +222,12 @@ async def test_sqlite_failed_flush_loses_nothing(tmp_path: Path, monkeypatch: py
     calls = 0
     real_write = store._write
 
-    def flaky_write(rows: list[tuple[str, str, str, str, int]]) -> None:
+    def flaky_write(rows: list[tuple[str, str, str, str, int]], redirects: dict[str, str]) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise OSError("transient")
-        real_write(rows)
+        real_write(rows, redirects)
 
     monkeypatch.setattr(store, "_write", flaky_write)
     await store.save("p", {K: m(REALIZED, 1)})

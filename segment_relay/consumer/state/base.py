@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from ..stored import SegmentKey, StoredMembership
 
-__all__ = ["MembershipStore", "ProfileState", "ScanQueries", "SingleProfileAccess", "StateQueries", "StoreStats",
+__all__ = ["AliasIndex", "MembershipStore", "ProfileState", "RedirectFollowing", "ScanQueries", "SingleProfileAccess", "StateQueries", "StoreStats",
            "Updates", "Wanted"]
 
 ProfileState = dict[SegmentKey, StoredMembership]
@@ -109,3 +109,68 @@ class ScanQueries:
                 if value.is_member:
                     members[segment] = members.get(segment, 0) + 1
         return stats
+
+
+# --- the alias index (identity linking) ----------------------------------------------------------
+#: How many redirects a lookup follows: a merge redirects the absorbed key to a smaller one, so
+#: chains only go down and end; the bound guards a store edited by hand.
+MAX_REDIRECTS = 16
+
+
+@runtime_checkable
+class AliasIndex(Protocol):
+    """Which profile each identity belongs to: ``alias`` (``namespace:id``, the namespace in lower
+    case) -> the profile's canonical key. Every store implements it beside its membership state.
+
+    ``find_profiles`` answers the aliases it knows, through redirects (a merged profile's key
+    points to the one that absorbed it). ``claim_aliases`` is a conditional create per alias:
+    an alias nobody holds becomes the given profile's; one already held stays where it is, and
+    either way the answer is its owner now, so two replicas claiming one identity for two
+    profiles agree on one. Claims take effect at once (they record no membership: a replay
+    finds the same profile and repeats its changes). ``redirect_profiles`` ends a merge: each
+    absorbed key points to its survivor, its aliases move there and its state is dropped; it
+    is durable with the next ``flush``, as saved state is, and never ahead of it.
+    ``aliases_of`` lists a profile's aliases (``segment-relay state show``)."""
+
+    async def find_profiles(self, aliases: Collection[str]) -> dict[str, str]: ...
+
+    async def claim_aliases(self, claims: Mapping[str, str]) -> dict[str, str]: ...
+
+    async def redirect_profiles(self, redirects: Mapping[str, str]) -> None: ...
+
+    async def aliases_of(self, profile_key: str) -> list[str]: ...
+
+
+class RedirectFollowing:
+    """``find_profiles`` and ``claim_aliases`` from a store's raw lookups: ``_alias_owners``
+    (alias -> the key stored for it), ``_claim_owners`` (the conditional create, answering the
+    stored keys) and ``_redirect_targets`` (absorbed key -> survivor)."""
+
+    async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
+        raise NotImplementedError
+
+    async def _claim_owners(self, claims: Mapping[str, str]) -> dict[str, str]:
+        raise NotImplementedError
+
+    async def _redirect_targets(self, keys: list[str]) -> dict[str, str]:
+        raise NotImplementedError
+
+    async def find_profiles(self, aliases: Collection[str]) -> dict[str, str]:
+        if not aliases:
+            return {}
+        return await self._follow(await self._alias_owners(list(aliases)))
+
+    async def claim_aliases(self, claims: Mapping[str, str]) -> dict[str, str]:
+        if not claims:
+            return {}
+        return await self._follow(await self._claim_owners(claims))
+
+    async def _follow(self, owners: dict[str, str]) -> dict[str, str]:
+        for _ in range(MAX_REDIRECTS):
+            if not owners:
+                return owners
+            targets = await self._redirect_targets(sorted(set(owners.values())))
+            if not targets:
+                return owners
+            owners = {alias: targets.get(key, key) for alias, key in owners.items()}
+        return owners

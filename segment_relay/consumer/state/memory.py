@@ -1,15 +1,17 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
-from .base import ProfileState, ScanQueries, SingleProfileAccess, Updates, Wanted
+from .base import ProfileState, RedirectFollowing, ScanQueries, SingleProfileAccess, Updates, Wanted
 
 
-class MemoryStore(SingleProfileAccess, ScanQueries):
+class MemoryStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
     """State in a dict: for tests, the demo and runs that may start from nothing."""
 
     def __init__(self) -> None:
         self._profiles: dict[str, ProfileState] = {}
+        self._aliases: dict[str, str] = {}  # alias -> canonical profile key
+        self._redirects: dict[str, str] = {}  # absorbed profile key -> survivor
 
     async def open(self) -> None:
         pass
@@ -37,6 +39,30 @@ class MemoryStore(SingleProfileAccess, ScanQueries):
 
     async def close(self) -> None:
         pass
+
+    # --- the alias index ---------------------------------------------------------------------
+    async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
+        known = self._aliases
+        return {alias: key for alias in aliases if (key := known.get(alias)) is not None}
+
+    async def _claim_owners(self, claims: Mapping[str, str]) -> dict[str, str]:
+        known = self._aliases
+        return {alias: known.setdefault(alias, key) for alias, key in claims.items()}
+
+    async def _redirect_targets(self, keys: list[str]) -> dict[str, str]:
+        redirects = self._redirects
+        return {key: target for key in keys if (target := redirects.get(key)) is not None}
+
+    async def redirect_profiles(self, redirects: Mapping[str, str]) -> None:
+        for absorbed, survivor in redirects.items():
+            self._redirects[absorbed] = survivor
+            self._profiles.pop(absorbed, None)
+        moved = {alias for alias, key in self._aliases.items() if key in redirects}
+        for alias in moved:
+            self._aliases[alias] = redirects[self._aliases[alias]]
+
+    async def aliases_of(self, profile_key: str) -> list[str]:
+        return sorted(alias for alias, key in self._aliases.items() if key == profile_key)
 
     async def profiles(self) -> AsyncIterator[tuple[str, ProfileState]]:
         for profile_key, state in list(self._profiles.items()):

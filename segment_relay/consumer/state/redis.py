@@ -21,19 +21,25 @@ also works on Redis Cluster.
 for whole. Writes are synchronous, so ``flush`` has nothing to do and ``load_many`` sees every
 completed ``save_many``.
 Durability is the server's (AOF/RDB, replication): configure it there.
+
+The alias index (identity linking) lives beside the profiles::
+
+    {key_prefix}alias:{alias}           string: the canonical profile key of an identity (SET NX claims it)
+    {key_prefix}aliases:{profile_key}   set: a profile's aliases (``state show``)
+    {key_prefix}redirect:{profile_key}  string: the profile that absorbed this one in a merge
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ...errors import StartupError
 from ...model import SegmentStatus
 from ..stored import SegmentKey, StoredMembership
-from .base import ProfileState, ScanQueries, SingleProfileAccess, Updates, Wanted
+from .base import ProfileState, RedirectFollowing, ScanQueries, SingleProfileAccess, Updates, Wanted
 from .dynamodb import decode_segment, encode_segment
 
 SCHEMES = ("redis", "rediss")
@@ -126,7 +132,7 @@ def decode_value(raw: str) -> StoredMembership:
     return StoredMembership(_STATUS[status], int(at))
 
 
-class RedisStore(SingleProfileAccess, ScanQueries):
+class RedisStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
     """Membership state in Redis (see the module docstring for the layout), for replicas on many hosts.
 
     ``url`` is a redis-py URL: ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, or ``rediss://`` for TLS.
@@ -202,6 +208,58 @@ class RedisStore(SingleProfileAccess, ScanQueries):
             if state:
                 states[profile_key] = state
         return states
+
+    # --- the alias index ---------------------------------------------------------------------
+    async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
+        assert self._client is not None, "store not opened"
+        values = await self._client.mget([f"{self.key_prefix}alias:{alias}" for alias in aliases])
+        return {alias: key for alias, key in zip(aliases, values, strict=True) if key is not None}
+
+    async def _claim_owners(self, claims: Mapping[str, str]) -> dict[str, str]:
+        assert self._client is not None, "store not opened"
+        aliases = list(claims)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for alias in aliases:
+                name = f"{self.key_prefix}alias:{alias}"
+                pipe.set(name, claims[alias], nx=True)  # the conditional create: the first claim wins
+                pipe.get(name)
+            replies = await pipe.execute()
+        owners = {alias: replies[2 * index + 1] for index, alias in enumerate(aliases)}
+        won: dict[str, list[str]] = {}
+        for index, alias in enumerate(aliases):
+            if replies[2 * index]:
+                won.setdefault(claims[alias], []).append(alias)
+        if won:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, mine in won.items():
+                    pipe.sadd(f"{self.key_prefix}aliases:{key}", *mine)
+                await pipe.execute()
+        return owners
+
+    async def _redirect_targets(self, keys: list[str]) -> dict[str, str]:
+        assert self._client is not None, "store not opened"
+        values = await self._client.mget([f"{self.key_prefix}redirect:{key}" for key in keys])
+        return {key: target for key, target in zip(keys, values, strict=True) if target is not None}
+
+    async def redirect_profiles(self, redirects: Mapping[str, str]) -> None:
+        """The redirect first (lookups follow it from then on), then the aliases moved to the
+        survivor and the absorbed profile dropped: a crash in between leaves only extra work."""
+        assert self._client is not None, "store not opened"
+        prefix = self.key_prefix
+        for absorbed, survivor in redirects.items():
+            await self._client.set(f"{prefix}redirect:{absorbed}", survivor)
+            aliases = await self._client.smembers(f"{prefix}aliases:{absorbed}")
+            async with self._client.pipeline(transaction=False) as pipe:
+                for alias in aliases:
+                    pipe.set(f"{prefix}alias:{alias}", survivor)
+                if aliases:
+                    pipe.sadd(f"{prefix}aliases:{survivor}", *aliases)
+                pipe.delete(f"{prefix}aliases:{absorbed}", self.key(absorbed))
+                await pipe.execute()
+
+    async def aliases_of(self, profile_key: str) -> list[str]:
+        assert self._client is not None, "store not opened"
+        return sorted(await self._client.smembers(f"{self.key_prefix}aliases:{profile_key}"))
 
     # --- asking the state (operators' tool) -------------------------------------------------
     async def _profile_keys(self, count: int = 1000) -> AsyncIterator[list[str]]:

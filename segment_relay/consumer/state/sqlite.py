@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from ...model import SegmentStatus
 from ..membership import supersedes
 from ..stored import SegmentKey, StoredMembership
-from .base import ProfileState, ScanQueries, SingleProfileAccess, Updates, Wanted
+from .base import ProfileState, RedirectFollowing, ScanQueries, SingleProfileAccess, Updates, Wanted
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS membership (
@@ -28,6 +28,15 @@ CREATE TABLE IF NOT EXISTS membership (
     status          TEXT NOT NULL,
     qualified_at_us INTEGER NOT NULL,
     PRIMARY KEY (profile_key, namespace, segment_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alias (
+    alias           TEXT PRIMARY KEY,
+    profile_key     TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS alias_by_profile ON alias (profile_key);
+CREATE TABLE IF NOT EXISTS redirect (
+    profile_key     TEXT PRIMARY KEY,
+    survivor        TEXT NOT NULL
 ) WITHOUT ROWID
 """
 
@@ -41,6 +50,13 @@ SET status = excluded.status, qualified_at_us = excluded.qualified_at_us
 WHERE excluded.qualified_at_us > membership.qualified_at_us
    OR (excluded.qualified_at_us = membership.qualified_at_us AND excluded.status <> membership.status)
 """
+
+# A merge, applied in the transaction that commits the survivor's merged state (flush).
+_REDIRECT = (
+    "INSERT OR REPLACE INTO redirect (profile_key, survivor) VALUES (?, ?)",
+    "UPDATE alias SET profile_key = ? WHERE profile_key = ?",
+    "DELETE FROM membership WHERE profile_key = ?",
+)
 
 _SELECT = "SELECT profile_key, namespace, segment_id, status, qualified_at_us FROM membership WHERE profile_key IN "
 _SELECT_CHUNK = 500  # profile keys per query (well under SQLite's limit on bound parameters)
@@ -64,7 +80,7 @@ async def _while_locked(connection: sqlite3.Connection, statement: str, timeout_
         await asyncio.sleep(0.05)
 
 
-class SqliteStore(SingleProfileAccess, ScanQueries):
+class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
     scan_note = "reads the whole table (there is no index by segment)"
 
     def __init__(self, path: str | Path, *, max_pending: int = 20_000, busy_timeout_s: float = 30.0) -> None:
@@ -76,7 +92,8 @@ class SqliteStore(SingleProfileAccess, ScanQueries):
         self._pending: Pending = {}
         self._pending_rows = 0
         self._flushing: Pending = {}
-        self._flush_lock = asyncio.Lock()
+        self._redirects: dict[str, str] = {}  # merges saved, not yet committed (absorbed -> survivor)
+        self._flush_lock = asyncio.Lock()  # one writer at a time on the writer connection
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r})"
@@ -93,7 +110,7 @@ class SqliteStore(SingleProfileAccess, ScanQueries):
         )
         # Replicas on one host open the file together: switching it to WAL takes an exclusive
         # lock for which SQLite does not always wait (it answers "database is locked" at once).
-        for statement in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", _SCHEMA):
+        for statement in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", *_SCHEMA.split(";")):
             await _while_locked(self._writer, statement, self._busy_timeout_s)
         self._reader = sqlite3.connect(target, timeout=5.0, isolation_level=None, uri=uri)
 
@@ -141,8 +158,9 @@ class SqliteStore(SingleProfileAccess, ScanQueries):
 
     async def flush(self) -> None:
         async with self._flush_lock:
-            if not self._pending:
+            if not self._pending and not self._redirects:
                 return
+            redirects, self._redirects = self._redirects, {}
             self._flushing, self._pending = self._pending, {}
             self._pending_rows = 0
             rows = [
@@ -151,8 +169,9 @@ class SqliteStore(SingleProfileAccess, ScanQueries):
                 for (namespace, segment_id), value in updates.items()
             ]
             try:
-                await asyncio.to_thread(self._write, rows)
+                await asyncio.to_thread(self._write, rows, redirects)
             except BaseException:
+                self._redirects = {**redirects, **self._redirects}
                 # Put the batch back in front of anything saved meanwhile so nothing is lost.
                 for profile_key, updates in self._flushing.items():
                     pending = self._pending.setdefault(profile_key, {})
@@ -165,15 +184,68 @@ class SqliteStore(SingleProfileAccess, ScanQueries):
             finally:
                 self._flushing = {}
 
-    def _write(self, rows: list[tuple[str, str, str, str, int]]) -> None:
+    def _write(self, rows: list[tuple[str, str, str, str, int]], redirects: Mapping[str, str]) -> None:
         assert self._writer is not None
         self._writer.execute("BEGIN IMMEDIATE")
         try:
             self._writer.executemany(_UPSERT, rows)
+            for absorbed, survivor in redirects.items():  # after the upserts: the survivor's merged state
+                insert, move, drop = _REDIRECT
+                self._writer.execute(insert, (absorbed, survivor))
+                self._writer.execute(move, (survivor, absorbed))
+                self._writer.execute(drop, (absorbed,))
             self._writer.execute("COMMIT")
         except BaseException:
             self._writer.execute("ROLLBACK")
             raise
+
+    # --- the alias index ---------------------------------------------------------------------
+    def _select_pairs(self, connection: sqlite3.Connection, query: str, keys: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for start in range(0, len(keys), _SELECT_CHUNK):
+            chunk = keys[start:start + _SELECT_CHUNK]
+            found.update(connection.execute(query + "(" + ",".join("?" * len(chunk)) + ")", chunk))
+        return found
+
+    async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
+        assert self._reader is not None, "store not opened"
+        return self._select_pairs(self._reader, "SELECT alias, profile_key FROM alias WHERE alias IN ", aliases)
+
+    async def _claim_owners(self, claims: Mapping[str, str]) -> dict[str, str]:
+        # Committed at once, in one transaction: another process claiming the same alias waits for
+        # it and then finds it held.
+        async with self._flush_lock:
+            return await asyncio.to_thread(self._claim, dict(claims))
+
+    def _claim(self, claims: dict[str, str]) -> dict[str, str]:
+        writer = self._writer
+        assert writer is not None, "store not opened"
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            writer.executemany("INSERT OR IGNORE INTO alias (alias, profile_key) VALUES (?, ?)", claims.items())
+            owners = self._select_pairs(writer, "SELECT alias, profile_key FROM alias WHERE alias IN ", list(claims))
+            writer.execute("COMMIT")
+        except BaseException:
+            writer.execute("ROLLBACK")
+            raise
+        return owners
+
+    async def _redirect_targets(self, keys: list[str]) -> dict[str, str]:
+        assert self._reader is not None, "store not opened"
+        targets = self._select_pairs(self._reader, "SELECT profile_key, survivor FROM redirect WHERE profile_key IN ",
+                                     keys)
+        pending = self._redirects
+        if pending:
+            targets.update((key, pending[key]) for key in keys if key in pending)
+        return targets
+
+    async def redirect_profiles(self, redirects: Mapping[str, str]) -> None:
+        self._redirects.update(redirects)  # with the next flush, after the survivor's state
+
+    async def aliases_of(self, profile_key: str) -> list[str]:
+        assert self._reader is not None, "store not opened"
+        return [alias for (alias,) in self._reader.execute(
+            "SELECT alias FROM alias WHERE profile_key = ? ORDER BY alias", (profile_key,))]
 
     # --- asking the state (operators' tool; committed rows only) ----------------------------
     async def profiles(self) -> AsyncIterator[tuple[str, ProfileState]]:
