@@ -14,11 +14,13 @@ from typing import Any
 
 from .config import ConfigError, RelayConfig, connection_string_fields
 from .consumer.deadletter import DeadLetter, JsonlDeadLetter, StdoutDeadLetter
+from .consumer.identity import IdentityResolver
 from .consumer.pipeline import Pipeline, PipelineSettings
 from .consumer.profile_key import ProfileKeyRule
 from .consumer.sources.base import Source
 from .consumer.sources.file import FileSource
 from .consumer.state import MembershipStore, open_store
+from .consumer.state.base import AliasIndex
 from .handlers.api import Handler
 from .handlers.circuit import CircuitSettings
 from .handlers.loader import HandlerSpecError, load_handler
@@ -174,9 +176,16 @@ class Relay:
             raise ConfigError(f"config field 'handlers': {exc}") from None
         pipeline_settings = config.pipeline.model_dump()
         del pipeline_settings["concurrency"]  # the router's: calls in flight per handler
+        identity: IdentityResolver | None = None
+        if config.identity.mode == "link":
+            if not isinstance(self.store, AliasIndex):
+                raise ConfigError(f"config field 'identity.mode': the state store {self.store!r} keeps no "
+                                  "identity links; use identity.mode = \"key\" with it")
+            identity = IdentityResolver(self.store, config.identity.link_namespaces)
         self.pipeline = Pipeline(
             self.source, self.store, self.router, self.dead_letter,
             key_rule=ProfileKeyRule(config.identity.namespace_priority, config.identity.prefer_primary),
+            identity=identity,
             settings=PipelineSettings(
                 **pipeline_settings,
                 segment_filter=frozenset(config.segments) if config.segments else None,

@@ -47,8 +47,24 @@ class IdentityConfig(_Section):
         default_factory=list, description="Namespaces tried in order to pick the profile key"
     )
     prefer_primary: bool = Field(True, description="An identity flagged primary wins over the priority list")
+    mode: Literal["link", "key"] = Field(
+        "key", description="link: a profile is found through any of its identities (it keeps its history "
+                            "when it gains one, and profiles Adobe merges are merged); key: a profile is its "
+                            "top-ranked identity only")
+    link_namespaces: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Namespaces whose identities link profiles ('*': every namespace). Leave out any that "
+                    "several people share (a device, a household, an IP address)")
 
-    _split = field_validator("namespace_priority", mode="before")(classmethod(lambda cls, v: _split_list(v)))
+    _split = field_validator("namespace_priority", "link_namespaces", mode="before")(
+        classmethod(lambda cls, v: _split_list(v)))
+
+    @field_validator("link_namespaces")
+    @classmethod
+    def _some_namespace(cls, value: list[str]) -> list[str]:
+        if not value or any(not namespace.strip() for namespace in value):
+            raise ValueError("list at least one namespace (or '*' for every namespace), none of them empty")
+        return value
 
 
 class PipelineConfig(_Section):

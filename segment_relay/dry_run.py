@@ -18,13 +18,15 @@ take partition ownership from the running replicas.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from .config import ConfigError, RelayConfig
 from .consumer.membership import supersedes
 from .consumer.sources.base import PartitionListener, Source, SourceSnapshot
 from .consumer.state import open_existing_store
-from .consumer.state.base import MembershipStore, ProfileState, SingleProfileAccess, Updates, Wanted
+from .consumer.state.base import AliasIndex, MembershipStore, ProfileState, SingleProfileAccess, Updates, Wanted
+from .consumer.state.memory import MemoryStore
 from .consumer.stored import SegmentKey, StoredMembership
 from .errors import StoreMissing
 
@@ -59,7 +61,8 @@ def dry_run_source(config: RelayConfig) -> Source[Any]:
 
 
 class DryRunStore(SingleProfileAccess):
-    """The configured store, read and never written: saves stay in memory, on top of it.
+    """The configured store, read and never written: saves, identity claims and merges stay in
+    memory, on top of it.
 
     A store that does not exist yet (no sqlite file, no DynamoDB table) is read as empty, and
     not created."""
@@ -68,6 +71,7 @@ class DryRunStore(SingleProfileAccess):
         self.spec = spec
         self._inner: MembershipStore | None = None
         self._saved: dict[str, ProfileState] = {}
+        self._links = MemoryStore()  # the aliases and redirects this run would add
 
     def __repr__(self) -> str:
         return f"DryRunStore({self._inner!r})" if self._inner is not None else f"DryRunStore({self.spec!r})"
@@ -99,6 +103,35 @@ class DryRunStore(SingleProfileAccess):
             for key, value in changes.items():
                 if supersedes(value, state.get(key)):
                     state[key] = value
+
+    # --- the alias index: the inner store's, then this run's own ---------------------------------
+    def _inner_index(self) -> AliasIndex | None:
+        return self._inner if isinstance(self._inner, AliasIndex) else None
+
+    async def find_profiles(self, aliases: Collection[str]) -> dict[str, str]:
+        inner = self._inner_index()
+        found = await inner.find_profiles(aliases) if inner is not None else {}
+        mine = await self._links.find_profiles([alias for alias in aliases if alias not in found])
+        return await self._redirected({**found, **mine})
+
+    async def claim_aliases(self, claims: Mapping[str, str]) -> dict[str, str]:
+        inner = self._inner_index()
+        held = await inner.find_profiles(list(claims)) if inner is not None else {}
+        mine = await self._links.claim_aliases({alias: key for alias, key in claims.items() if alias not in held})
+        return await self._redirected({**held, **mine})
+
+    async def _redirected(self, owners: dict[str, str]) -> dict[str, str]:
+        return await self._links._follow(owners)  # this run's merges, on top of the inner store's
+
+    async def redirect_profiles(self, redirects: Mapping[str, str]) -> None:
+        await self._links.redirect_profiles(redirects)
+        for absorbed in redirects:
+            self._saved.pop(absorbed, None)
+
+    async def aliases_of(self, profile_key: str) -> list[str]:
+        inner = self._inner_index()
+        stored = await inner.aliases_of(profile_key) if inner is not None else []
+        return sorted({*stored, *await self._links.aliases_of(profile_key)})
 
     async def flush(self) -> None:
         pass  # nothing is written

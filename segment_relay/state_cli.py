@@ -17,7 +17,7 @@ import orjson
 import typer
 
 from .config import ConfigError, environment_secrets, load_config, secrets_in
-from .consumer.state.base import ProfileState, StateQueries
+from .consumer.state.base import AliasIndex, ProfileState, StateQueries
 from .errors import StartupError
 
 state_app = typer.Typer(
@@ -104,20 +104,29 @@ def _profile_key(identity: str) -> str:
 
 @state_app.command("show")
 def show(
-    identity: Annotated[str, typer.Argument(help="The profile key, NAMESPACE:ID (the namespace in any case)")],
+    identity: Annotated[str, typer.Argument(
+        help="An identity NAMESPACE:ID (the namespace in any case): a profile key, or any identity linked to one")],
     config: ConfigOption = None, state: StateOption = None,
 ) -> None:
-    """Print one profile's stored memberships as JSON; exit 1 if the store has nothing for it."""
-    profile_key = _profile_key(identity)
+    """Print one profile's canonical key, linked identities and stored memberships as JSON; exit 1
+    if the store has nothing for it."""
+    alias = _profile_key(identity)
 
-    async def work(store: StateQueries) -> ProfileState:
-        return await store.load(profile_key)  # type: ignore[attr-defined, no-any-return]
+    async def work(store: StateQueries) -> tuple[str, list[str], ProfileState]:
+        profile_key = alias
+        aliases: list[str] = []
+        if isinstance(store, AliasIndex):  # identity linking: the identity may be any of the profile's
+            profile_key = (await store.find_profiles([alias])).get(alias, alias)
+            aliases = await store.aliases_of(profile_key)
+        return profile_key, aliases, await store.load(profile_key)  # type: ignore[attr-defined]
 
-    found = _run(_store_spec(config, state), work)
+    profile_key, aliases, found = _run(_store_spec(config, state), work)
     if not found:
-        _fail(f"no state stored under the profile key {profile_key!r} (the key is the identity the profile key "
-              "rule picks, see the README's \"The profile key\")", 1)
-    typer.echo(orjson.dumps(profile_view(profile_key, found), option=orjson.OPT_INDENT_2).decode())
+        _fail(f"no state stored for {alias!r}: it is neither a profile key (the identity the profile key rule "
+              "picks, see the README's \"The profile key\") nor an identity linked to one", 1)
+    view = profile_view(profile_key, found)
+    view["aliases"] = aliases
+    typer.echo(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode())
 
 
 @state_app.command("members")

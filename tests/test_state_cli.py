@@ -83,7 +83,7 @@ def test_show_of_an_unknown_profile_says_so(store: tuple[str, dict[str, str]], t
     spec, env = store
     shown = cli("state", "show", "ecid:nobody", "--state", spec, cwd=tmp_path, env=env)
     assert shown.returncode == 1
-    assert "no state stored under the profile key 'ecid:nobody'" in shown.stderr
+    assert "no state stored for 'ecid:nobody'" in shown.stderr
     bad = cli("state", "show", "nobody", "--state", spec, cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "is not NAMESPACE:ID" in bad.stderr
 

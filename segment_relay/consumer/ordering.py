@@ -156,6 +156,9 @@ class ProfileGate(Generic[T]):
                 self._waiting[key] = [item for item in waiting if not predicate(item)]
         return dropped
 
+    def is_busy(self, key: Hashable) -> bool:
+        return key in self._waiting
+
     @property
     def busy(self) -> int:
         return len(self._waiting)

@@ -31,21 +31,32 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
-from ..model import ChangeSink, IdentityItem, PendingChange, SegmentChange, change_id_for
+from ..model import (
+    ChangeSink,
+    ChangeType,
+    IdentityItem,
+    PendingChange,
+    SegmentChange,
+    SegmentStatus,
+    change_id_for,
+    merge_id_for,
+)
 from .deadletter import DeadLetter
 from .export import InvalidEntry, InvalidRecord, LazyAttributes, ProfileExport, parse_export
+from .identity import IdentityResolver, IdentityStats, LinkedKey
 from .membership import diff_membership
 from .ordering import InFlightLimit, PartitionWatermark, ProfileGate
 from .profile_key import ProfileKeyRule
 from .sources.base import Batch, Source, SourceRecord
-from .state.base import MembershipStore, ProfileState
+from .state.base import AliasIndex, MembershipStore, ProfileState
 from .stored import SegmentKey, StoredMembership
 
 log = logging.getLogger(__name__)
@@ -92,6 +103,7 @@ class PipelineSnapshot:
     in_flight_bytes: int
     profiles_waiting: int  # records waiting for a step of their profile to end
     checkpoints: Mapping[str, Any] = field(default_factory=dict)  # partition -> last committed position
+    identity: IdentityStats | None = None  # identity linking (None: identity.mode "key")
     profiles_seen: int | None = None
     invalid_entries: Mapping[str, int] = field(default_factory=dict)  # audience entries dead-lettered alone, by reason
 
@@ -131,19 +143,33 @@ class _Item(msgspec.Struct, gc=False):
 
 
 class _Wanted(Mapping[str, "frozenset[SegmentKey] | None"]):
-    """The segments each profile of a step mentions, worked out only if a store asks (DynamoDB)."""
+    """The segments each profile of a step mentions, worked out only if a store asks (DynamoDB);
+    ``whole``: profiles loaded with all their segments (the two sides of a merge)."""
 
-    def __init__(self, groups: dict[str, list[_Item]]) -> None:
+    def __init__(self, groups: dict[str, list[_Item]], whole: frozenset[str] = frozenset()) -> None:
         self._groups = groups
+        self._whole = whole
+        self._extra = [key for key in whole if key not in groups]
 
-    def __getitem__(self, key: str) -> frozenset[SegmentKey]:
+    def __getitem__(self, key: str) -> frozenset[SegmentKey] | None:
+        if key in self._whole:
+            return None
         return frozenset(e.key for item in self._groups[key] for e in item.export.segments)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._groups)
+        yield from self._groups
+        yield from self._extra
 
     def __len__(self) -> int:
-        return len(self._groups)
+        return len(self._groups) + len(self._extra)
+
+
+class _Merge(msgspec.Struct, gc=False):
+    """Profiles found to be the survivor's person, to be combined into it by its next step."""
+
+    absorbed: tuple[str, ...]
+    announced: tuple[str, ...]  # the ones a ``merge`` change names (existing profiles)
+    item: _Item  # the record that showed it
 
 
 class _Completion:
@@ -174,6 +200,34 @@ class _Completion:
 
 _EMPTY: ProfileState = {}
 _REVOKED: Any = object()  # what a store call returns when its step has nothing left to do
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _combine(key: str, state: ProfileState, states: Mapping[str, ProfileState], merge: _Merge,
+             pending: list[PendingChange]) -> tuple[ProfileState, dict[SegmentKey, StoredMembership]]:
+    """The survivor's state with the absorbed profiles' combined into it, per segment by the newer
+    qualification time (a tie keeps the survivor's: the same result in any arrival order), the
+    values it gains (to save), and the ``merge`` change appended to ``pending`` if it names any."""
+    combined = dict(state)
+    gained: dict[SegmentKey, StoredMembership] = {}
+    for absorbed in merge.absorbed:  # sorted: the same order every time
+        for segment, value in states.get(absorbed, _EMPTY).items():
+            old = combined.get(segment)
+            if old is None or value.qualified_at_us > old.qualified_at_us:
+                combined[segment] = gained[segment] = value
+    if merge.announced:
+        item = merge.item
+        newest = max((value.qualified_at_us for value in combined.values()), default=0)
+        export = item.export
+        change = SegmentChange(
+            ChangeType.MERGE, "", "", None, key,
+            MappingProxyType(export.identity_map) if export is not None else MappingProxyType({}),
+            LazyAttributes(export) if export is not None else MappingProxyType({}),
+            _EPOCH + timedelta(microseconds=newest), SegmentStatus.REALIZED,
+            merge_id_for(key, merge.announced), item.partition.name,
+            str(item.record.position) if item.record is not None else "", merge.announced)
+        pending.append((change, item.partition))
+    return combined, gained
 
 
 class Pipeline:
@@ -186,13 +240,19 @@ class Pipeline:
         *,
         key_rule: ProfileKeyRule | None = None,
         settings: PipelineSettings | None = None,
+        identity: IdentityResolver | None = None,
     ) -> None:
+        """``identity``: link profiles through their identities (identity.mode "link"); without
+        it a profile is its key by ``key_rule`` alone."""
         self.source = source
         self.store = store
         self.sink = sink
         self.dead_letter = dead_letter
         self.key_rule = key_rule or ProfileKeyRule()
         self.settings = settings or PipelineSettings()
+        self.identity = identity
+        self._merging: dict[str, _Merge] = {}  # survivor -> the merge its next step carries out
+        self._released = asyncio.Event()  # set whenever profiles are released (a merge waits for one)
         self._partitions: dict[str, _Partition] = {}
         self._limit = InFlightLimit(self.settings.max_in_flight_records, self.settings.max_in_flight_bytes)
         self._gate: ProfileGate[_Item] = ProfileGate()
@@ -356,7 +416,10 @@ class Pipeline:
                         limit.release(len(chunk), size)
                         self._records_dropped += len(chunk)
                         continue
-                self._admit(chunk, part)
+                if self.identity is None:
+                    self._admit(chunk, part)
+                else:
+                    await self._admit_linked(chunk, part)
             if stopping.is_set():
                 return
 
@@ -378,8 +441,11 @@ class Pipeline:
         if start < len(records):
             yield records[start:], size
 
-    def _admit(self, records: Sequence[SourceRecord[Any]], part: _Partition) -> None:
-        """Decode, validate and key ``records`` (room already taken), and start their step."""
+    def _admit(self, records: Sequence[SourceRecord[Any]], part: _Partition,
+               linked: list[_Item] | None = None) -> None:
+        """Decode, validate and key ``records`` (room already taken), and start their step.
+        ``linked``: collect the valid records there instead (identity linking groups them once
+        their profiles are known, ``_admit_linked``); their step starts with the invalid ones."""
         self._records_read += len(records)
         key_for = self.key_rule.key_for
         admit = self._gate.admit
@@ -400,6 +466,9 @@ class Pipeline:
             if export.invalid_entries:
                 entries.extend((record, entry, export.identity_map) for entry in export.invalid_entries)
             item = _Item(record, part, ticket, export, key, len(data), now)
+            if linked is not None:
+                linked.append(item)
+                continue
             group = groups.get(key)
             if group is not None:
                 group.append(item)
@@ -408,6 +477,70 @@ class Pipeline:
             # else: the profile is in another step; the item waits in the gate
         if groups or invalid or entries:
             self._start_step(groups, invalid, part, entries)
+
+    async def _admit_linked(self, records: Sequence[SourceRecord[Any]], part: _Partition) -> None:
+        """``_admit`` with identity linking: the records' profiles are looked up (and their new
+        identities claimed) before they are grouped, in read order (the reader waits for it)."""
+        items: list[_Item] = []
+        self._admit(records, part, items)
+        if not items:
+            return
+        linked = await self._resolve(items, part)
+        if linked is not None:
+            await self._link(items, linked)
+        if part.revoked:  # taken away while the profiles were looked up: its new owner reads them
+            self._limit.release(len(items), sum(item.size for item in items))
+            self._records_dropped += len(items)
+            return
+        assert linked is not None
+        groups: dict[str, list[_Item]] = {}
+        admit = self._gate.admit
+        for item in items:
+            group = groups.get(item.key)
+            if group is not None:
+                group.append(item)
+            elif admit(item.key, item):
+                groups[item.key] = [item]
+        if groups:
+            self._start_step(groups, [], part)
+
+    async def _resolve(self, items: list[_Item], part: _Partition) -> list[LinkedKey] | None:
+        """The items' profiles, retried with backoff while the store fails; None if ``part`` is
+        revoked meanwhile."""
+        assert self.identity is not None
+        records = [(item.export.identity_map, item.key) for item in items]
+        delay = self.settings.record_retry_backoff_s
+        attempt = 0
+        while True:
+            try:
+                return await self.identity.resolve(records)
+            except Exception:  # noqa: BLE001 - the store is down: wait, reading waits too
+                attempt += 1
+                log.exception("identity lookup failed; will retry", extra={
+                    "attempt": attempt, "retry_in_s": round(delay, 3)})
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
+                if part.revoked:
+                    return None
+
+    async def _link(self, items: list[_Item], linked: list[LinkedKey]) -> None:
+        """Each item to its profile; a merge waits until the profiles it absorbs have no step in
+        flight here (their records go to the survivor from now on), then rides on the survivor."""
+        absorbed: list[str] = []
+        for item, link in zip(items, linked, strict=True):
+            item.key = link.key
+            if link.absorbed:
+                absorbed.extend(link.absorbed)
+                earlier = self._merging.get(link.key)
+                if earlier is not None:  # two merges into one survivor before its next step: one merge
+                    link = LinkedKey(link.key, tuple(sorted({*earlier.absorbed, *link.absorbed})),
+                                     tuple(sorted({*earlier.announced, *link.announced})))
+                self._merging[link.key] = _Merge(link.absorbed, link.announced, item)
+        if absorbed:
+            is_busy = self._gate.is_busy
+            while any(is_busy(key) for key in absorbed):
+                self._released.clear()
+                await self._released.wait()
 
     def _start_step(self, groups: dict[str, list[_Item]],
                     invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None,
@@ -451,6 +584,8 @@ class Pipeline:
             waiting = release(key)
             if waiting is not None:
                 following[key] = waiting
+        if self._merging:
+            self._released.set()  # a merge may wait for one of these
         if following and not self._closing:
             self._start_step(following, [], None)
 
@@ -458,11 +593,22 @@ class Pipeline:
         """Load, diff, hand over; then, profile by profile as each one's changes are done, save
         its new state and finish its records (a slow profile holds up nobody else)."""
         seen = self._revocations
-        states = await self._retry_store("load", lambda: self.store.load_many(_Wanted(groups)), groups, groups.keys())
-        if states is not _REVOKED:
+        merges: dict[str, _Merge] | None = None
+        whole: frozenset[str] = frozenset()
+        if self._merging:  # rare: only with identity linking, when an export joins profiles
+            merges = {key: self._merging.pop(key) for key in groups if key in self._merging} or None
+            if merges:
+                whole = frozenset(k for key, merge in merges.items() for k in (key, *merge.absorbed))
+        states = await self._retry_store("load", lambda: self.store.load_many(_Wanted(groups, whole)), groups,
+                                         groups.keys())
+        if states is _REVOKED:
+            if merges:
+                for key, merge in merges.items():  # not carried out: the survivor's next step does it
+                    self._merging.setdefault(key, merge)
+        else:
             if self._revocations != seen:
                 self._drop_revoked(groups)  # records of a revoked partition not dispatched yet are dropped here
-            keys, profiles, saves = self._diff(groups, states)
+            keys, profiles, saves = self._diff(groups, states, merges)
             changed = set(keys)
             completion = _Completion(keys, [key for key in groups if key not in changed])  # nothing to hand over
             if keys:
@@ -473,7 +619,7 @@ class Pipeline:
             while True:
                 ready = completion.take()
                 if ready:
-                    await self._save_and_finish(ready, groups, saves, seen)
+                    await self._save_and_finish(ready, groups, saves, seen, merges)
                     released.update(ready)
                     self._continue(ready)
                 if len(released) == len(groups):
@@ -483,9 +629,11 @@ class Pipeline:
         self._continue(list(groups))
 
     async def _save_and_finish(self, keys: list[str], groups: dict[str, list[_Item]],
-                               saves: dict[str, dict[SegmentKey, StoredMembership]], seen: int) -> None:
+                               saves: dict[str, dict[SegmentKey, StoredMembership]], seen: int,
+                               merges: dict[str, _Merge] | None = None) -> None:
         """Save the new state of profiles whose changes are all done, then finish their records.
-        State after handlers: a crash before this repeats the changes, never loses them."""
+        State after handlers: a crash before this repeats the changes, never loses them. A merge
+        is redirected in the store after the survivor's combined state is saved."""
         updates = {key: saves[key] for key in keys if key in saves}
         if updates and self._revocations != seen:
             # A profile with a record revoked meanwhile saves nothing: its new owner reads it again.
@@ -494,6 +642,17 @@ class Pipeline:
         if updates:
             if await self._retry_store("save", lambda: self.store.save_many(updates), groups, keys) is _REVOKED:
                 return
+        if merges:
+            redirects = {absorbed: key for key in keys if key in merges
+                         and not any(item.partition.revoked for item in groups[key])
+                         for absorbed in merges[key].absorbed}
+            if redirects:
+                index = cast(AliasIndex, self.store)  # linking is only built on a store with one
+                if await self._retry_store("redirect", lambda: index.redirect_profiles(redirects), groups,
+                                           keys) is _REVOKED:
+                    return
+                assert self.identity is not None
+                self.identity.redirected(redirects)
         self._finish(groups[key] for key in keys)
 
     def _drop_revoked(self, groups: dict[str, list[_Item]]) -> None:
@@ -526,7 +685,8 @@ class Pipeline:
                 if not any(subset.values()):
                     return _REVOKED
 
-    def _diff(self, groups: dict[str, list[_Item]], states: dict[str, ProfileState]
+    def _diff(self, groups: dict[str, list[_Item]], states: dict[str, ProfileState],
+              merges: dict[str, _Merge] | None = None,
               ) -> tuple[list[str], list[list[PendingChange]], dict[str, dict[SegmentKey, StoredMembership]]]:
         """Every profile's records against its state, in order: the profiles with changes and
         their changes (for the sink), and the new state per profile (saved after the sink)."""
@@ -540,6 +700,8 @@ class Pipeline:
             state = states.get(key, _EMPTY)
             pending: list[PendingChange] = []
             updates: dict[SegmentKey, StoredMembership] | None = None
+            if merges is not None and key in merges:
+                state, updates = _combine(key, state, states, merges[key], pending)
             for item in items:
                 export, record = item.export, item.record
                 # Nothing after the diff needs them (a change keeps what it uses): a record is
@@ -725,6 +887,7 @@ class Pipeline:
             in_flight_bytes=self._limit.bytes,
             profiles_waiting=self._gate.waiting,
             checkpoints=dict(self._checkpoints),
+            identity=replace(self.identity.stats) if self.identity is not None else None,
             profiles_seen=len(self._profiles_seen) if self._profiles_seen is not None else None,
             invalid_entries=dict(self._invalid_entries),
         )

@@ -130,6 +130,13 @@ def _pipeline_metrics(s: RelaySnapshot) -> Iterator[Any]:
     for kind, n in s.dead_letters.items():
         dead.add_metric([kind], n)
     yield dead
+    if p.identity is not None:  # identity.mode "link"
+        yield CounterMetricFamily("segment_relay_profiles_created", "New canonical profiles (identity linking)",
+                                  value=p.identity.profiles_created)
+        yield CounterMetricFamily("segment_relay_identities_linked", "Identities linked to a profile",
+                                  value=p.identity.identities_linked)
+        yield CounterMetricFamily("segment_relay_profile_merges", "Profiles absorbed into another by a merge",
+                                  value=p.identity.merges)
     yield GaugeMetricFamily("segment_relay_in_flight_records", "Records admitted, not finished",
                             value=p.in_flight_records)
     yield GaugeMetricFamily("segment_relay_in_flight_bytes", "Bytes admitted, not finished", value=p.in_flight_bytes)

@@ -23,10 +23,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from typing import Any
 
 from ..consumer.deadletter import DeadLetter, MemoryDeadLetter
+from ..consumer.identity import IdentityResolver
 from ..consumer.pipeline import Pipeline, PipelineSettings
 from ..consumer.profile_key import ProfileKeyRule
 from ..consumer.sources.base import Batch, PartitionListener, SourceRecord, SourceSnapshot
-from ..consumer.state.base import MembershipStore
+from ..consumer.state.base import AliasIndex, MembershipStore
 from ..consumer.state.memory import MemoryStore
 from ..handlers.api import (
     BatchResult,
@@ -146,6 +147,7 @@ async def run_exports(
     circuit: CircuitSettings | None = None,
     concurrency: int = 64,
     partition: str = "exports",
+    link_namespaces: Collection[str] | None = None,
 ) -> dict[str, list[SegmentChange]]:
     """Feed ``records`` (JSON export records, one per item) through the pipeline to ``handlers``
     and return, by handler name, the changes each one handled successfully.
@@ -156,7 +158,8 @@ async def run_exports(
     list of a single-change handler follow the stream). A change a handler gave up on is not
     listed; it went to ``dead_letter`` (pass a ``MemoryDeadLetter`` to look at it), as do
     invalid records. ``segments`` keeps only those segment ids, like the ``segments`` setting;
-    pass a ``store`` to start from, or keep, membership state across runs.
+    pass a ``store`` to start from, or keep, membership state across runs. ``link_namespaces``
+    turns identity linking on (``identity.mode = "link"``; ``["*"]`` for every namespace).
     """
     seen: dict[str, list[SegmentChange]] = {}
     recording: list[Handler] = []
@@ -166,12 +169,19 @@ async def run_exports(
         wrapper = _RecordingBatches if is_batch_handler(handler) else _Recording
         recording.append(wrapper(handler, seen.setdefault(handler.name, [])))
     dead = dead_letter if dead_letter is not None else MemoryDeadLetter()
+    store = store if store is not None else MemoryStore()
+    identity = None
+    if link_namespaces is not None:
+        if not isinstance(store, AliasIndex):
+            raise ValueError(f"{store!r} keeps no identity links")
+        identity = IdentityResolver(store, link_namespaces)
     pipeline = Pipeline(
         RecordsSource(records, partition=partition),
-        store if store is not None else MemoryStore(),
+        store,
         Router(recording, dead, retry=retry, batch=batch, circuit=circuit, concurrency=concurrency),
         dead,
         key_rule=key_rule,
+        identity=identity,
         settings=PipelineSettings(
             checkpoint_interval_s=3600.0,  # one final checkpoint is all a test needs
             segment_filter=frozenset(segments) if segments else None,

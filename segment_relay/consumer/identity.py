@@ -1,0 +1,186 @@
+"""Identity linking: which stored profile an export belongs to, whatever identity now ranks first.
+
+Every usable identity of an export in a linking namespace is an *alias* (``namespace:id``, the
+namespace in lower case, as in a profile key). The store's alias index (``AliasIndex``) maps each
+alias to the canonical key of its profile. For the records of a batch, in read order:
+
+- no alias known: a new profile, keyed by the ``ProfileKeyRule``, owning all the aliases;
+- the aliases name one profile: that one (new aliases are added to it);
+- they name several: one person Adobe has now merged. The smallest key survives (the same
+  result whatever the arrival order); the others are *absorbed*: the pipeline combines their
+  memberships into the survivor, emits a ``merge`` change, and, after the handlers, redirects
+  each absorbed key to the survivor (``redirect_profiles``).
+
+New aliases are claimed by conditional create before the record's changes are handed over, so
+two replicas seeing one person at once agree on one profile: a claim that finds its alias held
+by another profile makes that a merge, resolved in the next round. Claims record no membership,
+so a crash after them repeats the record's changes, never loses them.
+
+An identity that disappears from a later export stays linked: Adobe's graph may drop it from one
+export and carry it again in the next, and unlinking would split the history.
+
+Within this process, a merge decided here but not yet redirected in the store is remembered
+(``_absorbed``), so later records of the absorbed profile go to the survivor at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ..model import IdentityItem
+from .state.base import AliasIndex
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IdentityMode", "IdentityResolver", "IdentityStats", "LinkedKey", "aliases_of"]
+
+IdentityMap = Mapping[str, Sequence[IdentityItem]]
+
+ALL_NAMESPACES = "*"
+MAX_ROUNDS = 8  # claim rounds per batch: each one settles every alias it claims, so two are the usual most
+
+
+class IdentityMode(StrEnum):
+    LINK = "link"  # a profile is found through any of its linked identities
+    KEY = "key"  # a profile is its top-ranked identity (the profile key rule) and nothing else
+
+
+@dataclass
+class IdentityStats:
+    """What linking did (metrics)."""
+
+    profiles_created: int = 0  # new canonical profiles
+    identities_linked: int = 0  # aliases claimed for a profile
+    merges: int = 0  # profiles absorbed into another
+
+
+@dataclass(frozen=True)
+class LinkedKey:
+    """Where one record goes: its profile, and the profiles it merges into it (if any)."""
+
+    key: str
+    absorbed: tuple[str, ...] = ()  # profiles this record showed to be ``key``'s person
+    announced: tuple[str, ...] = ()  # of those, the ones that existed before (a ``merge`` change names them)
+
+
+def aliases_of(identity_map: IdentityMap, namespaces: Collection[str] | None) -> list[str]:
+    """The aliases of an export: ``namespace:id`` of every identity in a linking namespace
+    (``namespaces`` lower case; None: every namespace)."""
+    aliases: list[str] = []
+    for namespace, items in identity_map.items():
+        lowered = namespace.lower()
+        if namespaces is not None and lowered not in namespaces:
+            continue
+        for item in items:
+            if item.id:
+                aliases.append(f"{lowered}:{item.id}")
+    return aliases
+
+
+class IdentityResolver:
+    """Resolves the records of a batch to canonical profiles (see the module docstring)."""
+
+    def __init__(self, index: AliasIndex, link_namespaces: Collection[str] = (ALL_NAMESPACES,)) -> None:
+        self.index = index
+        lowered = {namespace.lower() for namespace in link_namespaces}
+        self.namespaces: frozenset[str] | None = None if ALL_NAMESPACES in lowered else frozenset(lowered)
+        self.stats = IdentityStats()
+        self._absorbed: dict[str, str] = {}  # absorbed -> survivor, decided here, not yet redirected in the store
+
+    def _survivor(self, key: str, decided: Mapping[str, str]) -> str:
+        absorbed = self._absorbed
+        while True:
+            target = decided.get(key) or absorbed.get(key)
+            if target is None:
+                return key
+            key = target
+
+    async def resolve(self, records: Sequence[tuple[IdentityMap, str]]) -> list[LinkedKey]:
+        """The profile of each export (its identities, and its key by the profile key rule), in
+        order; claims the new aliases. Raises what the store raises; nothing is decided then (the
+        caller retries the whole batch, and claims already made are found again)."""
+        identity_maps = [identity_map for identity_map, _ in records]
+        rule_keys = [key for _, key in records]
+        wanted = [aliases_of(identity_map, self.namespaces) for identity_map in identity_maps]
+        owners = await self.index.find_profiles({alias for aliases in wanted for alias in aliases})
+        created: set[str] = set()  # profiles this call made
+        counted: set[str] = set()  # ...of which those already counted in profiles_created
+        for _ in range(MAX_ROUNDS):
+            claims: dict[str, str] = {}
+            decided: dict[str, str] = {}  # absorbed -> survivor, merges decided in this round
+            plan = self._plan(rule_keys, wanted, owners, claims, decided, created)
+            if not claims:
+                return self._settle(plan, decided)
+            won = await self.index.claim_aliases(claims)
+            owners.update(won)
+            mine = {alias for alias, key in claims.items() if won.get(alias, key) == key}
+            self.stats.identities_linked += len(mine)
+            new_profiles = {claims[alias] for alias in mine} & created - counted
+            self.stats.profiles_created += len(new_profiles)
+            counted |= new_profiles
+            if len(mine) == len(claims):
+                return self._settle(plan, decided)
+            # Another writer holds some of them: plan again knowing it (the claims won stay ours).
+            log.debug("identity claims raced with another writer; resolving again",
+                      extra={"lost": len(claims) - len(mine)})
+        raise RuntimeError(f"identity claims did not settle in {MAX_ROUNDS} rounds")  # a store that answers wrong
+
+    def _plan(self, rule_keys: Sequence[str], wanted: list[list[str]], owners: Mapping[str, str],
+              claims: dict[str, str], decided: dict[str, str], created: set[str]) -> list[str]:
+        """Each record's profile, with the aliases to claim in ``claims`` and the merges in
+        ``decided``. Records are taken in order: a later one sees what an earlier one decided."""
+        plan: list[str] = []
+        for rule_key, aliases in zip(rule_keys, wanted, strict=True):
+            stored = {key for alias in aliases if (key := owners.get(alias) or claims.get(alias)) is not None}
+            if not stored:
+                key = self._survivor(rule_key, decided)
+                if aliases:
+                    created.add(key)
+            else:
+                survivors = {self._survivor(key, decided) for key in stored}
+                key = min(survivors)
+                # A stored key merged here but not redirected in the store yet is merged again
+                # (silently: combining is idempotent): the record that carried the merge may have
+                # been dropped (its partition revoked) before it was saved.
+                for other in stored | survivors:
+                    if other != key:
+                        decided[other] = key
+            for alias in aliases:
+                if alias not in owners and alias not in claims:
+                    claims[alias] = key
+            plan.append(key)
+        return plan
+
+    def _settle(self, plan: list[str], decided: dict[str, str]) -> list[LinkedKey]:
+        """Every record to its final survivor (a merge decided for a later record of the batch
+        applies to an earlier one too); each merge rides on the first record of its survivor."""
+        if not decided:
+            return [LinkedKey(key) for key in plan]
+        fresh = {key for key in decided if key not in self._absorbed}  # merged again (see _plan): silent
+        self._absorbed.update(decided)
+        absorbed_by: dict[str, list[str]] = {}
+        for key in decided:
+            absorbed_by.setdefault(self._survivor(key, {}), []).append(key)
+        results: list[LinkedKey] = []
+        for key in plan:
+            final = self._survivor(key, {})
+            joined = absorbed_by.pop(final, None)
+            if joined is None:
+                results.append(LinkedKey(final))
+                continue
+            ordered = tuple(sorted(joined))
+            announced = tuple(other for other in ordered if other in fresh)
+            self.stats.merges += len(announced)
+            results.append(LinkedKey(final, ordered, announced))
+        return results
+
+    def redirected(self, absorbed: Collection[str]) -> None:
+        """The store now redirects these keys itself: forget them here."""
+        for key in absorbed:
+            self._absorbed.pop(key, None)
+
+    def pending_merges(self) -> int:
+        return len(self._absorbed)

@@ -1,0 +1,215 @@
+"""Identity linking (identity.mode = "link") through the public CLI, on memory, sqlite and redis
+(redis-server started by the session fixture). DynamoDB does not keep identity links yet: a
+relay asked to link on it refuses to start, and that is tested too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from redis import Redis
+
+from segment_relay import Handler, SegmentChange, on_enter, on_merge
+from segment_relay.consumer.identity import IdentityResolver, aliases_of
+from segment_relay.consumer.state import MemoryStore
+from segment_relay.model import IdentityItem
+from segment_relay.testing.pipeline import run_exports
+
+CLI = [sys.executable, "-m", "segment_relay.cli"]
+REDIS_DB = 12  # this module's own database on the session's redis-server: emptied per test
+
+
+def export(identities: dict[str, list[dict[str, object]]], at: str, **segments: str) -> bytes:
+    audiences = {segment: {"status": status, "lastQualificationTime": at} for segment, status in segments.items()}
+    return orjson.dumps({"identityMap": identities, "segmentMembership": {"ups": audiences}})
+
+
+def run(tmp_path: Path, lines: list[bytes], state: str, mode: str = "link") -> list[dict[str, object]]:
+    """A relay run over ``lines`` (file source, jsonl handler): the changes it handed over."""
+    exports = tmp_path / f"exports-{len(list(tmp_path.iterdir()))}.jsonl"
+    exports.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "changes.jsonl"
+    out.unlink(missing_ok=True)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENT_RELAY_")}
+    environment["SEGMENT_RELAY_IDENTITY__MODE"] = mode
+    result = subprocess.run(
+        [*CLI, "run", "--source", f"file:{exports}", "--state", state, "--handler", f"jsonl:{out}",
+         "--dead-letter", str(tmp_path / "dead.jsonl")],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "memory":
+        yield "memory"
+    elif request.param == "sqlite":
+        yield f"sqlite:{tmp_path / 'state.db'}"
+    else:
+        redis_server = request.getfixturevalue("redis_server")
+        spec = f"redis://127.0.0.1:{redis_server.port}/{REDIS_DB}"
+        with Redis.from_url(spec) as client:
+            client.flushdb()
+        yield spec
+
+
+ECID = {"ECID": [{"id": "visitor-1"}]}
+LOGGED_IN = {"ECID": [{"id": "visitor-1"}], "Email": [{"id": "ann@example.com", "primary": True}]}
+
+
+def login_stream() -> list[bytes]:
+    return [
+        export(ECID, "2026-01-01T00:00:00Z", gold="realized", silver="realized"),
+        # the visitor logs in: the email now ranks first (primary)
+        export(LOGGED_IN, "2026-01-02T00:00:00Z", gold="realized", silver="realized"),
+        export(LOGGED_IN, "2026-01-03T00:00:00Z", gold="realized", silver="exited"),
+    ]
+
+
+def summary(changes: list[dict[str, object]]) -> list[tuple[object, ...]]:
+    return [(c["change"], c.get("segment_id"), c["profile_key"]) for c in changes]
+
+
+def test_a_visitor_who_logs_in_keeps_their_history(tmp_path: Path, state: str) -> None:
+    changes = run(tmp_path, login_stream(), state)
+    assert summary(changes) == [
+        ("enter", "gold", "ecid:visitor-1"), ("enter", "silver", "ecid:visitor-1"),
+        ("exit", "silver", "ecid:visitor-1"),
+    ]
+
+
+def test_key_mode_keeps_todays_behaviour(tmp_path: Path) -> None:
+    # The key follows the top-ranked identity: the login starts a new history (a second enter).
+    changes = run(tmp_path, login_stream(), "memory", mode="key")
+    assert summary(changes) == [
+        ("enter", "gold", "ecid:visitor-1"), ("enter", "silver", "ecid:visitor-1"),
+        ("enter", "gold", "email:ann@example.com"), ("enter", "silver", "email:ann@example.com"),
+        ("exit", "silver", "email:ann@example.com"),
+    ]
+
+
+def merge_stream(order: str) -> list[bytes]:
+    phone = export({"Phone": [{"id": "555"}]}, "2026-01-01T00:00:00Z", gold="realized", bronze="realized")
+    cookie = export({"ECID": [{"id": "cookie-9"}]}, "2026-01-02T00:00:00Z", silver="realized", bronze="exited")
+    both = export({"ECID": [{"id": "cookie-9"}], "Phone": [{"id": "555"}]}, "2026-01-03T00:00:00Z",
+                  gold="realized", silver="realized")
+    return [phone, cookie, both] if order == "phone-first" else [cookie, phone, both]
+
+
+@pytest.mark.parametrize("order", ["phone-first", "cookie-first"])
+def test_two_profiles_adobe_merges_become_one(tmp_path: Path, state: str, order: str) -> None:
+    later = export({"Phone": [{"id": "555"}]}, "2026-01-04T00:00:00Z",
+                   gold="realized", silver="realized", bronze="realized")
+    *separate, both = merge_stream(order)
+    if state == "memory":  # one run: the merge is carried out before the batch's records are diffed
+        changes = run(tmp_path, [*separate, both, later], state)
+    else:  # the two profiles are stored, then an export joins them
+        before = run(tmp_path, separate, state)
+        assert {c["profile_key"] for c in before} == {"phone:555", "ecid:cookie-9"}
+        changes = run(tmp_path, [both, later], state)
+    merges = [c for c in changes if c["change"] == "merge"]
+    assert len(merges) == 1
+    assert (merges[0]["profile_key"], merges[0]["merged_keys"]) == ("ecid:cookie-9", ["phone:555"])
+    if state != "memory":
+        # The joining export fires nothing (gold and silver were known members); bronze is the
+        # newer of the two (exited on 01-02), so the later export through the phone alone enters
+        # it, under the surviving key.
+        assert summary(changes) == [("merge", None, "ecid:cookie-9"), ("enter", "bronze", "ecid:cookie-9")]
+
+
+def test_the_merged_result_is_the_same_in_both_arrival_orders(tmp_path: Path) -> None:
+    seen = []
+    for order in ("phone-first", "cookie-first"):
+        path = tmp_path / order
+        path.mkdir()
+        run(path, merge_stream(order), f"sqlite:{path / 'state.db'}")
+        shown = subprocess.run([*CLI, "state", "show", "phone:555", "--state", f"sqlite:{path / 'state.db'}",
+                                ], capture_output=True, text=True, timeout=60, cwd=path)
+        assert shown.returncode == 0, shown.stderr
+        seen.append(json.loads(shown.stdout))
+    assert seen[0] == seen[1]
+    assert seen[0]["profile_key"] == "ecid:cookie-9"
+
+
+def test_linking_on_dynamodb_is_refused_at_start_with_what_to_do(tmp_path: Path) -> None:
+    exports = tmp_path / "exports.jsonl"
+    exports.write_bytes(login_stream()[0] + b"\n")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENT_RELAY_")}
+    environment.update(SEGMENT_RELAY_IDENTITY__MODE="link", AWS_ENDPOINT_URL_DYNAMODB="http://127.0.0.1:9",
+                       AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_REGION="us-east-1")
+    result = subprocess.run([*CLI, "run", "--source", f"file:{exports}", "--state", "dynamodb:t-identity"],
+                            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "identity.mode" in result.stderr and "key" in result.stderr
+
+
+async def test_two_resolvers_racing_on_one_store_agree_on_one_profile() -> None:
+    # Two replicas' resolvers, one store: each sees a different export of one new person, and
+    # both look the aliases up before either claims (the race); the claims settle it.
+    store = MemoryStore()
+    first, second = IdentityResolver(store), IdentityResolver(store)
+    a = {"ECID": [IdentityItem("v")]}
+    b = {"ECID": [IdentityItem("v")], "Email": [IdentityItem("e", primary=True)]}
+    original = store.find_profiles
+    looked: list[int] = []
+
+    async def slow_find(aliases):  # type: ignore[no-untyped-def]
+        found = await original(aliases)
+        looked.append(1)
+        while len(looked) < 2:  # both lookups happen before any claim
+            await asyncio.sleep(0)
+        return found
+
+    store.find_profiles = slow_find  # type: ignore[method-assign]
+    one, two = await asyncio.gather(first.resolve([(a, "ecid:v")]), second.resolve([(b, "email:e")]))
+    assert one[0].key == two[0].key
+    assert await store.find_profiles(["ecid:v", "email:e"]) == {"ecid:v": one[0].key, "email:e": one[0].key}
+
+
+def test_aliases_are_lower_case_namespaces_and_only_linking_ones() -> None:
+    identities = {"ECID": [IdentityItem("A")], "Household": [IdentityItem("h1")]}
+    assert aliases_of(identities, None) == ["ecid:A", "household:h1"]
+    assert aliases_of(identities, frozenset({"ecid"})) == ["ecid:A"]
+
+
+
+
+
+class Crm(Handler):
+    """A user's handler: welcomes members of gold, and merges contacts when profiles merge."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, tuple[str, ...]]] = []
+
+    @on_enter("gold")
+    async def welcome(self, change: SegmentChange) -> None:
+        self.calls.append(("welcome", change.profile_key, ()))
+
+    @on_merge()
+    async def merged(self, change: SegmentChange) -> None:
+        self.calls.append(("merge", change.profile_key, change.merged_keys))
+
+
+async def test_handlers_that_ask_for_merges_get_them_and_others_do_not() -> None:
+    store = MemoryStore()
+    crm, plain = Crm(), []
+
+    async def everything(change: SegmentChange) -> None:
+        plain.append(change.change.value)
+
+    await run_exports(merge_stream("phone-first")[:2], [crm, everything], store=store, link_namespaces=["*"])
+    await run_exports(merge_stream("phone-first")[2:], [crm, everything], store=store, link_namespaces=["*"])
+    assert crm.calls == [("welcome", "phone:555", ()), ("merge", "ecid:cookie-9", ("phone:555",))]
+    assert "merge" not in plain
+    # The merge was saved: the survivor holds both profiles' memberships, the absorbed key is gone.
+    assert set(await store.load("ecid:cookie-9")) == {("ups", "gold"), ("ups", "silver"), ("ups", "bronze")}
+    assert await store.load("phone:555") == {}
+    assert await store.aliases_of("ecid:cookie-9") == ["ecid:cookie-9", "phone:555"]
