@@ -828,6 +828,10 @@ class Pipeline:
             # The interval, or earlier once checkpoint_every_records have finished.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._checkpoint_due.wait(), self.settings.checkpoint_interval_s)
+            if not self.running:
+                # run() is ending. Python 3.11's wait_for can swallow the cancel run() sends when the
+                # event is set at that same moment, so the loop must not rely on the cancel alone.
+                return
             self._checkpoint_due.clear()
             try:
                 await self.checkpoint()
