@@ -28,24 +28,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 from ..model import IdentityItem
 from .state.base import AliasIndex
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IdentityMode", "IdentityResolver", "IdentityStats", "LinkedKey", "aliases_of"]
+__all__ = ["IdentityResolver", "IdentityStats", "LinkedKey", "aliases_of"]
 
 IdentityMap = Mapping[str, Sequence[IdentityItem]]
 
 ALL_NAMESPACES = "*"
 MAX_ROUNDS = 8  # claim rounds per batch: each one settles every alias it claims, so two are the usual most
-
-
-class IdentityMode(StrEnum):
-    LINK = "link"  # a profile is found through any of its linked identities
-    KEY = "key"  # a profile is its top-ranked identity (the profile key rule) and nothing else
 
 
 @dataclass
@@ -181,6 +175,3 @@ class IdentityResolver:
         """The store now redirects these keys itself: forget them here."""
         for key in absorbed:
             self._absorbed.pop(key, None)
-
-    def pending_merges(self) -> int:
-        return len(self._absorbed)

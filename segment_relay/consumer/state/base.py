@@ -8,8 +8,8 @@ from typing import Protocol, runtime_checkable
 
 from ..stored import SegmentKey, StoredMembership
 
-__all__ = ["AliasIndex", "MembershipStore", "ProfileState", "RedirectFollowing", "ScanQueries", "SingleProfileAccess", "StateQueries", "StoreStats",
-           "Updates", "Wanted"]
+__all__ = ["AliasIndex", "MembershipStore", "ProfileState", "RedirectFollowing", "ScanQueries", "SingleProfileAccess",
+           "StateQueries", "StoreStats", "Updates", "Wanted"]
 
 ProfileState = dict[SegmentKey, StoredMembership]
 #: profile key -> the segments its records mention (None: every segment of the profile)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from ...model import SegmentStatus
 from ..membership import supersedes
@@ -64,6 +65,17 @@ _SELECT_CHUNK = 500  # profile keys per query (well under SQLite's limit on boun
 _STATUS = {status.value: status for status in SegmentStatus}
 
 Pending = dict[str, dict[SegmentKey, StoredMembership]]
+
+
+def _rows_in(connection: sqlite3.Connection, query: str, keys: list[str]) -> Iterator[Any]:
+    """The rows of ``query`` (ending in ``... IN ``) for ``keys``, a chunk of keys per statement."""
+    for start in range(0, len(keys), _SELECT_CHUNK):
+        chunk = keys[start:start + _SELECT_CHUNK]
+        yield from connection.execute(query + "(" + ",".join("?" * len(chunk)) + ")", chunk)
+
+
+def _pairs_in(connection: sqlite3.Connection, query: str, keys: list[str]) -> dict[str, str]:
+    return dict(_rows_in(connection, query, keys))
 
 
 async def _while_locked(connection: sqlite3.Connection, statement: str, timeout_s: float) -> None:
@@ -120,14 +132,11 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         keys = list(profiles)
         states: dict[str, ProfileState] = {}
         status_of = _STATUS
-        for start in range(0, len(keys), _SELECT_CHUNK):
-            chunk = keys[start:start + _SELECT_CHUNK]
-            query = _SELECT + "(" + ",".join("?" * len(chunk)) + ")"
-            for profile_key, namespace, segment_id, status, qualified_at_us in reader.execute(query, chunk):
-                state = states.get(profile_key)
-                if state is None:
-                    state = states[profile_key] = {}
-                state[(namespace, segment_id)] = StoredMembership(status_of[status], qualified_at_us)
+        for profile_key, namespace, segment_id, status, qualified_at_us in _rows_in(reader, _SELECT, keys):
+            state = states.get(profile_key)
+            if state is None:
+                state = states[profile_key] = {}
+            state[(namespace, segment_id)] = StoredMembership(status_of[status], qualified_at_us)
         for overlay in (self._flushing, self._pending):  # saved, not yet committed
             if not overlay:
                 continue
@@ -200,16 +209,9 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
             raise
 
     # --- the alias index ---------------------------------------------------------------------
-    def _select_pairs(self, connection: sqlite3.Connection, query: str, keys: list[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for start in range(0, len(keys), _SELECT_CHUNK):
-            chunk = keys[start:start + _SELECT_CHUNK]
-            found.update(connection.execute(query + "(" + ",".join("?" * len(chunk)) + ")", chunk))
-        return found
-
     async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
         assert self._reader is not None, "store not opened"
-        return self._select_pairs(self._reader, "SELECT alias, profile_key FROM alias WHERE alias IN ", aliases)
+        return _pairs_in(self._reader, "SELECT alias, profile_key FROM alias WHERE alias IN ", aliases)
 
     async def _claim_owners(self, claims: Mapping[str, str]) -> dict[str, str]:
         # Committed at once, in one transaction: another process claiming the same alias waits for
@@ -223,7 +225,7 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         writer.execute("BEGIN IMMEDIATE")
         try:
             writer.executemany("INSERT OR IGNORE INTO alias (alias, profile_key) VALUES (?, ?)", claims.items())
-            owners = self._select_pairs(writer, "SELECT alias, profile_key FROM alias WHERE alias IN ", list(claims))
+            owners = _pairs_in(writer, "SELECT alias, profile_key FROM alias WHERE alias IN ", list(claims))
             writer.execute("COMMIT")
         except BaseException:
             writer.execute("ROLLBACK")
@@ -232,7 +234,7 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
 
     async def _redirect_targets(self, keys: list[str]) -> dict[str, str]:
         assert self._reader is not None, "store not opened"
-        targets = self._select_pairs(self._reader, "SELECT profile_key, survivor FROM redirect WHERE profile_key IN ",
+        targets = _pairs_in(self._reader, "SELECT profile_key, survivor FROM redirect WHERE profile_key IN ",
                                      keys)
         pending = self._redirects
         if pending:
