@@ -1,6 +1,5 @@
-"""Identity linking (identity.mode = "link") through the public CLI, on memory, sqlite and redis
-(redis-server started by the session fixture). DynamoDB does not keep identity links yet: a
-relay asked to link on it refuses to start, and that is tested too."""
+"""Identity linking (identity.mode = "link") through the public CLI, on every store: memory, sqlite,
+DynamoDB (dynalite) and redis (redis-server), the servers started by the session fixtures."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,12 +47,16 @@ def run(tmp_path: Path, lines: list[bytes], state: str, mode: str = "link") -> l
     return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(params=["memory", "sqlite", "dynamodb", "redis"])
+def state(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     if request.param == "memory":
         yield "memory"
     elif request.param == "sqlite":
         yield f"sqlite:{tmp_path / 'state.db'}"
+    elif request.param == "dynamodb":
+        dynalite = request.getfixturevalue("dynalite")
+        monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", dynalite.endpoint)  # the relay's subprocesses inherit it
+        yield f"dynamodb:identity-{uuid.uuid4().hex[:12]}"
     else:
         redis_server = request.getfixturevalue("redis_server")
         spec = f"redis://127.0.0.1:{redis_server.port}/{REDIS_DB}"
@@ -137,18 +141,6 @@ def test_the_merged_result_is_the_same_in_both_arrival_orders(tmp_path: Path) ->
         seen.append(json.loads(shown.stdout))
     assert seen[0] == seen[1]
     assert seen[0]["profile_key"] == "ecid:cookie-9"
-
-
-def test_linking_on_dynamodb_is_refused_at_start_with_what_to_do(tmp_path: Path) -> None:
-    exports = tmp_path / "exports.jsonl"
-    exports.write_bytes(login_stream()[0] + b"\n")
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("SEGMENT_RELAY_")}
-    environment.update(SEGMENT_RELAY_IDENTITY__MODE="link", AWS_ENDPOINT_URL_DYNAMODB="http://127.0.0.1:9",
-                       AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_REGION="us-east-1")
-    result = subprocess.run([*CLI, "run", "--source", f"file:{exports}", "--state", "dynamodb:t-identity"],
-                            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "identity.mode" in result.stderr and "key" in result.stderr
 
 
 async def test_two_resolvers_racing_on_one_store_agree_on_one_profile() -> None:

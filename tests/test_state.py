@@ -377,18 +377,23 @@ async def test_two_processes_share_one_sqlite_store(tmp_path: Path) -> None:
 # --- replicas racing on a shared store --------------------------------------------------------
 
 
-@pytest.fixture(params=["dynamodb", "redis"])
-async def two_stores(request: pytest.FixtureRequest) -> AsyncIterator[list[MembershipStore]]:
-    """Two clients of one shared store, as two replicas on two hosts have."""
-    stores: list[MembershipStore]
-    if request.param == "dynamodb":
+def two_clients(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> list[Any]:
+    """Two clients of one shared store, as two replicas on two hosts have (sqlite: two connections to one file)."""
+    if kind == "dynamodb":
         dynalite = request.getfixturevalue("dynalite")
         table = f"race-{uuid.uuid4().hex[:12]}"
-        stores = [DynamoDBStore(table, endpoint_url=dynalite.endpoint) for _ in range(2)]
-    else:
+        return [DynamoDBStore(table, endpoint_url=dynalite.endpoint) for _ in range(2)]
+    if kind == "redis":
         redis_server = request.getfixturevalue("redis_server")
         prefix = f"race-{uuid.uuid4().hex[:12]}:"
-        stores = [RedisStore(redis_server.url, key_prefix=prefix) for _ in range(2)]
+        return [RedisStore(redis_server.url, key_prefix=prefix) for _ in range(2)]
+    return [SqliteStore(tmp_path / "state.db") for _ in range(2)]
+
+
+@pytest.fixture(params=["dynamodb", "redis"])
+async def two_stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[list[MembershipStore]]:
+    """Two clients of a store that writes through at once (sqlite's saves wait for a flush)."""
+    stores = two_clients(request, request.param, tmp_path)
     for store in stores:
         await store.open()
     yield stores
@@ -495,3 +500,64 @@ async def test_redis_queries_read_only_their_own_prefix_even_with_glob_character
     finally:
         for opened in (odd, plain):
             await opened.close()
+
+
+# --- the alias index (identity linking) -----------------------------------------------------------
+
+
+async def test_alias_index_claims_follows_redirects_and_keeps_state_apart(store: MembershipStore) -> None:
+    from segment_relay.consumer.state.base import AliasIndex, StateQueries
+
+    assert isinstance(store, AliasIndex) and isinstance(store, StateQueries)
+    assert await store.find_profiles(["ecid:a"]) == {}
+    assert await store.claim_aliases({"ecid:a": "ecid:a", "email:x": "ecid:a"}) == {"ecid:a": "ecid:a",
+                                                                                     "email:x": "ecid:a"}
+    # A later claim of a held alias answers its owner and changes nothing.
+    assert await store.claim_aliases({"email:x": "phone:1", "phone:1": "phone:1"}) == {"email:x": "ecid:a",
+                                                                                       "phone:1": "phone:1"}
+    await store.save_many({"phone:1": {K: m(REALIZED, 5)}, "ecid:a": {("ups", "seg-2"): m(REALIZED, 6)}})
+    await store.flush()
+    assert await store.aliases_of("ecid:a") == ["ecid:a", "email:x"]
+    # A merge: phone:1 is absorbed by ecid:a (its state was combined into the survivor's by the
+    # pipeline, which saved it first).
+    await store.save_many({"ecid:a": {K: m(REALIZED, 5)}})
+    await store.redirect_profiles({"phone:1": "ecid:a"})
+    await store.flush()
+    assert await store.find_profiles(["phone:1", "email:x", "nobody:0"]) == {"phone:1": "ecid:a", "email:x": "ecid:a"}
+    assert await store.claim_aliases({"phone:1": "phone:1"}) == {"phone:1": "ecid:a"}
+    assert await store.aliases_of("ecid:a") == ["ecid:a", "email:x", "phone:1"]
+    assert await store.aliases_of("phone:1") == []
+    assert await store.load_many({"phone:1": None}) == {}
+    assert await store.load("ecid:a") == {K: m(REALIZED, 5), ("ups", "seg-2"): m(REALIZED, 6)}
+    # The index is not state: the operators' queries see one profile and its two memberships.
+    assert [key async for key, _ in store.profiles()] == ["ecid:a"]
+    stats = await store.stats()
+    assert (stats.profiles, stats.memberships) == (1, 2)
+
+
+@pytest.fixture(params=["sqlite", "dynamodb", "redis"])
+async def claimants(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[list[Any]]:
+    """Two clients of one shared alias index: claims take effect at once on every store."""
+    stores = two_clients(request, request.param, tmp_path)
+    for store in stores:
+        await store.open()
+    yield stores
+    for store in stores:
+        await store.close()
+
+
+async def test_two_stores_claiming_one_identity_agree_on_its_owner(claimants: list[Any]) -> None:
+    # Two replicas each meet a new person through a different export, and claim its identities
+    # for two different profile keys at the same moment: every alias ends with one owner, and
+    # both replicas are told the same one.
+    first, second = claimants
+    for round_ in range(20):
+        shared = f"ecid:v{round_}"
+        answers = await asyncio.gather(
+            first.claim_aliases({shared: shared}),
+            second.claim_aliases({shared: f"email:e{round_}", f"email:e{round_}": f"email:e{round_}"}),
+        )
+        assert answers[0][shared] == answers[1][shared]
+        owner = answers[0][shared]
+        assert await first.find_profiles([shared]) == {shared: owner}
+        assert shared in await second.aliases_of(owner)

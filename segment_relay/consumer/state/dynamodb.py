@@ -32,8 +32,18 @@ exponential backoff, then raised: the pipeline retries the record anyway. A clie
 creates has botocore's own retries turned off so that backoff lives in one place; an injected
 client keeps whatever retry configuration it was built with (retried here on top of it).
 
-IAM: dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem on the table, and CreateTable if it may be
-missing; ``segment-relay state`` needs DescribeTable, Query and Scan (``members`` and ``stats`` Scan the
+The alias index (identity linking) shares the table, under sort keys that hold no ``/`` (every
+segment's does, so a profile's Query and the Scans tell them apart)::
+
+    profileKey = ALIAS        segment = "@alias"     profile S   the canonical key of an identity
+    profileKey = PROFILE KEY  segment = "@aliases"   aliases SS  a profile's aliases (``state show``)
+    profileKey = PROFILE KEY  segment = "@redirect"  profile S   the profile that absorbed this one
+
+A claim is a PutItem conditioned on ``attribute_not_exists(profileKey)``: the first replica to claim
+an identity owns it, a later one reads the owner back (strongly consistent GetItem).
+
+IAM: dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem, PutItem, GetItem and DeleteItem on
+the table (the last three for identity linking), and CreateTable if it may be missing; ``segment-relay state`` needs DescribeTable, Query and Scan (``members`` and ``stats`` Scan the
 whole table: the table is keyed by profile, so nothing narrower can answer a question by segment).
 """
 
@@ -57,7 +67,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from ...errors import StartupError, StoreMissing
 from ...model import SegmentStatus
 from ..stored import SegmentKey, StoredMembership
-from .base import ProfileState, ScanQueries, SingleProfileAccess, Updates, Wanted
+from .base import ProfileState, RedirectFollowing, ScanQueries, SingleProfileAccess, Updates, Wanted
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +81,13 @@ _SUPERSEDES = "attribute_not_exists(#at) OR #at < :t OR (#at = :t AND #status <>
 # BatchGetItem answers items of many profiles in one list: the hash key tells them apart.
 _BATCH_PROJECTION = "#pk, #sk, #status, #at"
 BATCH_GET_MAX_KEYS = 100  # DynamoDB's limit per BatchGetItem request
+
+# The alias index's sort keys: no "/", so never a segment's (see the module docstring).
+ALIAS_SK = "@alias"
+ALIASES_SK = "@aliases"
+REDIRECT_SK = "@redirect"
+_CLAIM_FREE = "attribute_not_exists(#pk)"
+_POINTER_NAMES = {"#pk": HASH_KEY, "#profile": "profile"}
 
 THROTTLING_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"})
 _TRANSIENT_CODES = THROTTLING_CODES | {"InternalServerError", "ServiceUnavailable"}
@@ -117,11 +134,20 @@ def _without_userinfo(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=host))
 
 
+def _item_key(hash_key: str, sort_key: str) -> dict[str, Any]:
+    return {HASH_KEY: {"S": hash_key}, RANGE_KEY: {"S": sort_key}}
+
+
+def _is_segment_item(item: Mapping[str, Any]) -> bool:
+    """A membership item, not one of the alias index's (their sort keys hold no ``/``)."""
+    return "/" in item[RANGE_KEY]["S"]
+
+
 def _decode_item(item: Mapping[str, Any]) -> tuple[SegmentKey, StoredMembership]:
     return decode_segment(item[RANGE_KEY]["S"]), StoredMembership(_STATUS[item["status"]["S"]], int(item["qualifiedAtUs"]["N"]))
 
 
-class DynamoDBStore(SingleProfileAccess, ScanQueries):
+class DynamoDBStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
     """Membership state in a DynamoDB table (see the module docstring for the item layout).
 
     ``region`` and ``endpoint_url`` default to the standard AWS environment: ``AWS_REGION``, then
@@ -296,8 +322,9 @@ class DynamoDBStore(SingleProfileAccess, ScanQueries):
         while True:
             page = await self._call(query, **request)
             for item in page.get("Items", ()):
-                key, value = _decode_item(item)
-                state[key] = value
+                if _is_segment_item(item):
+                    key, value = _decode_item(item)
+                    state[key] = value
             last = page.get("LastEvaluatedKey")
             if not last:
                 break
@@ -307,6 +334,15 @@ class DynamoDBStore(SingleProfileAccess, ScanQueries):
 
     async def _batch_get(self, keys: list[dict[str, Any]], states: dict[str, ProfileState]) -> None:
         """The items of ``keys`` (at most 100) that exist into ``states``, following UnprocessedKeys."""
+        def collect(item: Mapping[str, Any]) -> None:
+            key, value = _decode_item(item)
+            states.setdefault(item[HASH_KEY]["S"], {})[key] = value
+
+        await self._batch_get_items(keys, _BATCH_PROJECTION, _NAMES, collect)
+
+    async def _batch_get_items(self, keys: list[dict[str, Any]], projection: str, names: Mapping[str, str],
+                               sink: Callable[[Mapping[str, Any]], None]) -> None:
+        """Each existing item of ``keys`` (at most 100) to ``sink``, following UnprocessedKeys."""
         get = self._client.batch_get_item
         rounds = 0
         while True:
@@ -316,15 +352,14 @@ class DynamoDBStore(SingleProfileAccess, ScanQueries):
                     self.table: {
                         "Keys": keys,
                         "ConsistentRead": True,
-                        "ProjectionExpression": _BATCH_PROJECTION,
-                        "ExpressionAttributeNames": _NAMES,
+                        "ProjectionExpression": projection,
+                        "ExpressionAttributeNames": names,
                     }
                 },
             )
             for items in page.get("Responses", {}).values():  # one table asked: whatever name it is keyed by
                 for item in items:
-                    key, value = _decode_item(item)
-                    states.setdefault(item[HASH_KEY]["S"], {})[key] = value
+                    sink(item)
             # Only the keys are taken from UnprocessedKeys; the request around them is rebuilt, so the
             # projection and consistency never depend on what the answer echoes back.
             keys = [key for pending in page.get("UnprocessedKeys", {}).values() for key in pending.get("Keys", ())]
@@ -341,6 +376,112 @@ class DynamoDBStore(SingleProfileAccess, ScanQueries):
                 extra={"table": self.table, "unprocessed": len(keys), "round": rounds, "delay_s": round(delay, 3)},
             )
             await asyncio.sleep(delay)
+
+    # --- the alias index (identity linking) ----------------------------------------------------
+    async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
+        return await self._pointers(aliases, ALIAS_SK)
+
+    async def _redirect_targets(self, keys: list[str]) -> dict[str, str]:
+        return await self._pointers(keys, REDIRECT_SK)
+
+    async def _pointers(self, keys: list[str], sort_key: str) -> dict[str, str]:
+        """hash key -> its ``profile`` attribute, for the items (key, ``sort_key``) that exist."""
+        found: dict[str, str] = {}
+
+        def collect(item: Mapping[str, Any]) -> None:
+            found[item[HASH_KEY]["S"]] = item["profile"]["S"]
+
+        unique = list(dict.fromkeys(keys))  # BatchGetItem refuses a request that names one key twice
+        await self._run_bounded(
+            partial(self._batch_get_items, [_item_key(key, sort_key) for key in unique[start:start + BATCH_GET_MAX_KEYS]],
+                    "#pk, #profile", _POINTER_NAMES, collect)
+            for start in range(0, len(unique), BATCH_GET_MAX_KEYS))
+        return found
+
+    async def _claim_owners(self, claims: Mapping[str, str]) -> dict[str, str]:
+        owners: dict[str, str] = {}
+        await self._run_bounded(partial(self._claim, alias, key, owners) for alias, key in claims.items())
+        won: dict[str, list[str]] = {}
+        for alias, key in claims.items():
+            if owners[alias] == key:
+                won.setdefault(key, []).append(alias)
+        await self._run_bounded(partial(self._add_aliases, key, aliases) for key, aliases in won.items())
+        return owners
+
+    async def _claim(self, alias: str, key: str, owners: dict[str, str]) -> None:
+        """The conditional create of one alias item; ``owners[alias]`` is then whoever holds it."""
+        try:
+            await self._put_pointer(alias, ALIAS_SK, key, condition=_CLAIM_FREE)
+        except ClientError as exc:
+            if _error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            # Held already: by whom? (Alias items are overwritten by merges, never deleted, so it exists.)
+            item = await self._get_item(alias, ALIAS_SK, "#profile", {"#profile": "profile"})
+            owners[alias] = item["profile"]["S"] if item else key
+        else:
+            owners[alias] = key
+
+    async def _add_aliases(self, profile_key: str, aliases: list[str]) -> None:
+        await self._call(
+            self._client.update_item,
+            TableName=self.table,
+            Key=_item_key(profile_key, ALIASES_SK),
+            UpdateExpression="ADD #aliases :a",
+            ExpressionAttributeNames={"#aliases": "aliases"},
+            ExpressionAttributeValues={":a": {"SS": sorted(set(aliases))}},
+        )
+
+    async def redirect_profiles(self, redirects: Mapping[str, str]) -> None:
+        assert self._client is not None, "store not opened"
+        await self._run_bounded(partial(self._redirect, absorbed, survivor) for absorbed, survivor in redirects.items())
+
+    async def _redirect(self, absorbed: str, survivor: str) -> None:
+        # The redirect first: from then on every lookup that reaches the absorbed key goes on to
+        # the survivor, whichever later step an outage interrupts.
+        await self._put_pointer(absorbed, REDIRECT_SK, survivor)
+        aliases = await self.aliases_of(absorbed)
+        if aliases:
+            await self._add_aliases(survivor, aliases)
+            await self._run_bounded(partial(self._put_pointer, alias, ALIAS_SK, survivor) for alias in aliases)
+        # Then the absorbed profile's own items: its membership (the survivor's now) and its alias set.
+        doomed: list[str] = []
+        request: dict[str, Any] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "#pk = :pk",
+            "ProjectionExpression": "#sk",
+            "ExpressionAttributeNames": {"#pk": HASH_KEY, "#sk": RANGE_KEY},
+            "ExpressionAttributeValues": {":pk": {"S": absorbed}},
+            "ConsistentRead": True,
+        }
+        while True:
+            page = await self._call(self._client.query, **request)
+            doomed.extend(sort_key for item in page.get("Items", ())
+                          if "/" in (sort_key := item[RANGE_KEY]["S"]) or sort_key == ALIASES_SK)
+            if not (last := page.get("LastEvaluatedKey")):
+                break
+            request["ExclusiveStartKey"] = last
+        await self._run_bounded(
+            partial(self._call, self._client.delete_item, TableName=self.table, Key=_item_key(absorbed, sort_key))
+            for sort_key in doomed)
+
+    async def aliases_of(self, profile_key: str) -> list[str]:
+        item = await self._get_item(profile_key, ALIASES_SK, "#aliases", {"#aliases": "aliases"})
+        return sorted(item["aliases"]["SS"]) if item else []
+
+    async def _put_pointer(self, hash_key: str, sort_key: str, profile_key: str, condition: str | None = None) -> None:
+        request: dict[str, Any] = {"TableName": self.table,
+                                   "Item": {**_item_key(hash_key, sort_key), "profile": {"S": profile_key}}}
+        if condition is not None:
+            request.update(ConditionExpression=condition, ExpressionAttributeNames={"#pk": HASH_KEY})
+        await self._call(self._client.put_item, **request)
+
+    async def _get_item(self, hash_key: str, sort_key: str, projection: str,
+                        names: Mapping[str, str]) -> Mapping[str, Any] | None:
+        assert self._client is not None, "store not opened"
+        page = await self._call(self._client.get_item, TableName=self.table, Key=_item_key(hash_key, sort_key),
+                                ConsistentRead=True, ProjectionExpression=projection, ExpressionAttributeNames=names)
+        item: Mapping[str, Any] | None = page.get("Item")
+        return item
 
     # --- asking the state (operators' tool) -------------------------------------------------
     scan_note = "a Scan of the whole table: it reads, and is billed for, every item (there is no index by segment)"
@@ -364,6 +505,8 @@ class DynamoDBStore(SingleProfileAccess, ScanQueries):
         current: str | None = None
         state: ProfileState = {}
         async for item in self._scan(ProjectionExpression=_BATCH_PROJECTION, ExpressionAttributeNames=_NAMES):
+            if not _is_segment_item(item):
+                continue
             profile_key = item[HASH_KEY]["S"]
             if profile_key != current:
                 if current is not None:
@@ -459,7 +602,7 @@ def _describe_aws_error(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         message = str(error.get("Message", "")).splitlines()[0] if error.get("Message") else ""
-        hint = " (grant dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem and CreateTable)" if "AccessDenied" in str(
-            error.get("Code")) else ""
+        hint = (" (grant dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem, PutItem, GetItem, DeleteItem"
+                " and CreateTable)") if "AccessDenied" in str(error.get("Code")) else ""
         return f"{exc.operation_name} gave {error.get('Code')}: {message}{hint}"
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
