@@ -88,6 +88,14 @@ def test_a_visitor_who_logs_in_keeps_their_history(tmp_path: Path, state: str) -
         ("enter", "gold", "ecid:visitor-1"), ("enter", "silver", "ecid:visitor-1"),
         ("exit", "silver", "ecid:visitor-1"),
     ]
+    if state != "memory":  # the state tool finds the profile through the identity it gained
+        shown = subprocess.run([*CLI, "state", "show", "email:ann@example.com", "--state", state],
+                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert shown.returncode == 0, shown.stderr
+        profile = json.loads(shown.stdout)
+        assert profile["profile_key"] == "ecid:visitor-1"
+        assert profile["aliases"] == ["ecid:visitor-1", "email:ann@example.com"]
+        assert profile["member_of"] == ["gold"]
 
 
 def test_key_mode_keeps_todays_behaviour(tmp_path: Path) -> None:

@@ -498,5 +498,5 @@ def test_access_denied_names_every_permission_the_store_needs() -> None:
                          "BatchGetItem")
     assert _describe_aws_error(denied) == (
         "BatchGetItem gave AccessDeniedException: not authorized"
-        " (grant dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem and CreateTable)"
+        " (grant dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem, PutItem, GetItem, DeleteItem and CreateTable)"
     )
