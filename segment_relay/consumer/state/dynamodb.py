@@ -43,8 +43,9 @@ A claim is a PutItem conditioned on ``attribute_not_exists(profileKey)``: the fi
 an identity owns it, a later one reads the owner back (strongly consistent GetItem).
 
 IAM: dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem, PutItem, GetItem and DeleteItem on
-the table (the last three for identity linking), and CreateTable if it may be missing; ``segment-relay state`` needs DescribeTable, Query and Scan (``members`` and ``stats`` Scan the
-whole table: the table is keyed by profile, so nothing narrower can answer a question by segment).
+the table (the last three for identity linking), and CreateTable if it may be missing;
+``segment-relay state`` needs DescribeTable, Query and Scan (``members`` and ``stats`` Scan the whole
+table: the table is keyed by profile, so nothing narrower can answer a question by segment).
 """
 
 from __future__ import annotations
@@ -410,16 +411,21 @@ class DynamoDBStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
 
     async def _claim(self, alias: str, key: str, owners: dict[str, str]) -> None:
         """The conditional create of one alias item; ``owners[alias]`` is then whoever holds it."""
-        try:
-            await self._put_pointer(alias, ALIAS_SK, key, condition=_CLAIM_FREE)
-        except ClientError as exc:
-            if _error_code(exc) != "ConditionalCheckFailedException":
-                raise
-            # Held already: by whom? (Alias items are overwritten by merges, never deleted, so it exists.)
+        while True:
+            try:
+                await self._put_pointer(alias, ALIAS_SK, key, condition=_CLAIM_FREE)
+            except ClientError as exc:
+                if _error_code(exc) != "ConditionalCheckFailedException":
+                    raise
+            else:
+                owners[alias] = key
+                return
+            # Held already: by whom? Alias items are overwritten by merges, never deleted, so it is
+            # there; if someone deleted it by hand meanwhile, the claim is simply made again.
             item = await self._get_item(alias, ALIAS_SK, "#profile", {"#profile": "profile"})
-            owners[alias] = item["profile"]["S"] if item else key
-        else:
-            owners[alias] = key
+            if item is not None:
+                owners[alias] = item["profile"]["S"]
+                return
 
     async def _add_aliases(self, profile_key: str, aliases: list[str]) -> None:
         await self._call(
