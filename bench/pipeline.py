@@ -7,7 +7,9 @@ records/s of (a) bare ``orjson.loads`` over the same records, (b) the whole pipe
 (FileSource -> decode, validate, key, diff, dispatch to a no-op async handler, checkpoints on)
 with MemoryStore, (c) the same with SqliteStore, and (d) ``changes``: a change-heavy stream
 (every record flips about two memberships) through the pipeline with MemoryStore and the
-built-in ``jsonl`` handler writing to /dev/null. Each pipeline variant runs in a fresh
+built-in ``jsonl`` handler writing to /dev/null, and (e, f) ``memory-link`` and ``sqlite-link``:
+(b) and (c) with identity linking (``identity.mode = "link"``), each judged against its key-mode
+variant in the same run (the linking cost). Each pipeline variant runs in a fresh
 subprocess (``--variant NAME``) so its peak RSS is its own; every measurement is pinned to one
 CPU (the pipeline is single-threaded asyncio; SQLite's flush and the file reads use worker
 threads, which then share that CPU). The variants run ``--repeat`` times, interleaved; each run
@@ -37,9 +39,12 @@ if str(ROOT) not in sys.path:
 
 from bench.common import peak_rss_kb, print_areas, print_pstats, run_variant, self_time_by_area  # noqa: E402
 
-VARIANTS = ("memory", "sqlite", "changes")
+VARIANTS = ("memory", "sqlite", "changes", "memory-link", "sqlite-link")
 # Each variant's records/s against bare orjson.loads over the same records, in the same run.
-TARGETS = {"memory": 0.20, "sqlite": 0.12, "changes": 0.06}
+TARGETS = {"memory": 0.20, "sqlite": 0.12, "changes": 0.06, "memory-link": 0.17, "sqlite-link": 0.10}
+LINK_SUFFIX = "-link"
+# A linking variant's median ratio against its key-mode variant's, in the same run: at most 15% slower.
+LINK_COST_TARGET = 0.85
 CHANGE_HEAVY = {"reexport_rate": 0.0, "duplicate_rate": 0.0, "out_of_order_rate": 0.0, "flips_per_event": 2}
 
 
@@ -73,6 +78,7 @@ def bench_orjson(path: Path) -> dict[str, float]:
 # --- the pipeline, in a child process -------------------------------------------------------
 async def _run_pipeline(path: Path, variant: str, workdir: Path, checkpoint_interval_s: float) -> dict:
     from segment_relay.consumer.deadletter import MemoryDeadLetter
+    from segment_relay.consumer.identity import IdentityResolver
     from segment_relay.consumer.pipeline import Pipeline, PipelineSettings
     from segment_relay.consumer.sources.file import FileSource
     from segment_relay.consumer.state import MemoryStore, SqliteStore
@@ -85,11 +91,12 @@ async def _run_pipeline(path: Path, variant: str, workdir: Path, checkpoint_inte
         return None
 
     handler: Handler = JsonlHandler(os.devnull) if variant == "changes" else FunctionHandler(noop, name="noop")
-    store = SqliteStore(workdir / f"state-{os.getpid()}.db") if variant == "sqlite" else MemoryStore()
+    store = SqliteStore(workdir / f"state-{os.getpid()}.db") if variant.startswith("sqlite") else MemoryStore()
+    identity = IdentityResolver(store) if variant.endswith(LINK_SUFFIX) else None
     dead_letter = MemoryDeadLetter()
     checkpoint = workdir / f"checkpoint-{variant}-{os.getpid()}.json"
     source = FileSource(str(path), checkpoint_path=str(checkpoint))
-    pipeline = Pipeline(source, store, Router([handler], dead_letter), dead_letter,
+    pipeline = Pipeline(source, store, Router([handler], dead_letter), dead_letter, identity=identity,
                         settings=PipelineSettings(checkpoint_interval_s=checkpoint_interval_s))
     tune_gc()  # what `segment-relay run` does at start
     rss_before = peak_rss_kb()
@@ -135,6 +142,11 @@ def _run_child_once(path: Path, variant: str, workdir: Path, args: argparse.Name
     if cpu is not None:
         command += ["--cpu", str(cpu)]
     return run_variant(command, f"{variant} variant")
+
+
+def _median_ratio(results: list[dict]) -> float:
+    ratios = sorted(run["ratio"] for run in results)
+    return ratios[len(ratios) // 2]
 
 
 # --- --profile --------------------------------------------------------------------------
@@ -225,7 +237,8 @@ def main() -> None:
                   f"{truth.enters:,} enters, {truth.exits:,} exits "
                   f"({(truth.enters + truth.exits) / truth.records:.2f} changes/record), {truth.stale:,} stale "
                   f"and {truth.duplicates:,} duplicate segment entries")
-        stream_of = {"memory": "realistic", "sqlite": "realistic", "changes": "change-heavy"}
+        stream_of = {"memory": "realistic", "sqlite": "realistic", "changes": "change-heavy",
+                     "memory-link": "realistic", "sqlite-link": "realistic"}
         if args.profile:
             _pin(cpu)
             for variant in ("memory", "changes"):
@@ -267,6 +280,13 @@ def main() -> None:
         print(f"{variant}: runs {each} (median {ratios[len(ratios) // 2]:.3f}x, best {ratios[-1]:.3f}x); "
               f"RSS {results[0]['rss_before_kb'] / 1024:.0f} MiB after imports -> "
               f"{max(run['peak_rss_kb'] for run in results) / 1024:.0f} MiB peak")
+    for variant, results in runs.items():
+        key_mode = variant.removesuffix(LINK_SUFFIX)
+        if variant == key_mode or key_mode not in runs:
+            continue
+        cost = _median_ratio(results) / _median_ratio(runs[key_mode])
+        print(f"identity linking: {variant} / {key_mode} = {cost:.3f}x of the key mode's throughput (target >= "
+              f"{LINK_COST_TARGET:.2f}x): {'PASS' if cost >= LINK_COST_TARGET else 'MISS'}")
     print("changes: " + ("match the reference model" if not problems else "MISMATCH\n  " + "\n  ".join(problems)))
 
 

@@ -193,7 +193,9 @@ class _Generator:
         rng = self.rng
         profile = _Profile(index)
         first, last = rng.choice(_FIRST), rng.choice(_LAST)
-        email = f"{first}.{last}{rng.randrange(1, 999)}@{rng.choice(_DOMAINS)}".lower()
+        # The index keeps every profile's email its own: two generated people sharing one would be
+        # one person to identity linking (and to Adobe), which the reference model does not expect.
+        email = f"{first}.{last}{rng.randrange(1, 999)}.{index}@{rng.choice(_DOMAINS)}".lower()
         ecids = [{"id": str(rng.randrange(10**37, 10**38))} for _ in range(2 if rng.random() < 0.2 else 1)]
         identity_map: dict[str, list[dict[str, Any]]] = {"ecid": ecids}
         if rng.random() < 0.85:
