@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
@@ -377,7 +378,7 @@ async def test_two_processes_share_one_sqlite_store(tmp_path: Path) -> None:
 # --- replicas racing on a shared store --------------------------------------------------------
 
 
-def two_clients(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> list[Any]:
+def _two_clients(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> list[Any]:
     """Two clients of one shared store, as two replicas on two hosts have (sqlite: two connections to one file)."""
     if kind == "dynamodb":
         dynalite = request.getfixturevalue("dynalite")
@@ -390,15 +391,24 @@ def two_clients(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> li
     return [SqliteStore(tmp_path / "state.db") for _ in range(2)]
 
 
+@contextlib.asynccontextmanager
+async def two_clients(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> AsyncIterator[list[Any]]:
+    """``_two_clients``, opened for the block and closed after it."""
+    stores = _two_clients(request, kind, tmp_path)
+    for store in stores:
+        await store.open()
+    try:
+        yield stores
+    finally:
+        for store in stores:
+            await store.close()
+
+
 @pytest.fixture(params=["dynamodb", "redis"])
 async def two_stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[list[MembershipStore]]:
     """Two clients of a store that writes through at once (sqlite's saves wait for a flush)."""
-    stores = two_clients(request, request.param, tmp_path)
-    for store in stores:
-        await store.open()
-    yield stores
-    for store in stores:
-        await store.close()
+    async with two_clients(request, request.param, tmp_path) as stores:
+        yield stores
 
 
 async def test_a_second_store_sees_saves_at_once(two_stores: list[MembershipStore]) -> None:
@@ -538,12 +548,8 @@ async def test_alias_index_claims_follows_redirects_and_keeps_state_apart(store:
 @pytest.fixture(params=["sqlite", "dynamodb", "redis"])
 async def claimants(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[list[Any]]:
     """Two clients of one shared alias index: claims take effect at once on every store."""
-    stores = two_clients(request, request.param, tmp_path)
-    for store in stores:
-        await store.open()
-    yield stores
-    for store in stores:
-        await store.close()
+    async with two_clients(request, request.param, tmp_path) as stores:
+        yield stores
 
 
 async def test_two_stores_claiming_one_identity_agree_on_its_owner(claimants: list[Any]) -> None:
