@@ -310,28 +310,33 @@ class DynamoDBStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
 
     async def _query(self, profile_key: str, states: dict[str, ProfileState]) -> None:
         """Every segment of one profile into ``states`` (nothing when it has none)."""
-        query = self._client.query
+        state: ProfileState = {}
+        async for item in self._profile_items(profile_key, "#sk, #status, #at", _NAMES):
+            if _is_segment_item(item):
+                key, value = _decode_item(item)
+                state[key] = value
+        if state:
+            states[profile_key] = state
+
+    async def _profile_items(self, profile_key: str, projection: str,
+                             names: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
+        """Every item under one hash key: a paginated, strongly consistent Query (``names`` maps ``#pk``)."""
         request: dict[str, Any] = {
             "TableName": self.table,
             "KeyConditionExpression": "#pk = :pk",
-            "ProjectionExpression": "#sk, #status, #at",
-            "ExpressionAttributeNames": _NAMES,
+            "ProjectionExpression": projection,
+            "ExpressionAttributeNames": names,
             "ExpressionAttributeValues": {":pk": {"S": profile_key}},
             "ConsistentRead": True,
         }
-        state: ProfileState = {}
         while True:
-            page = await self._call(query, **request)
+            page = await self._call(self._client.query, **request)
             for item in page.get("Items", ()):
-                if _is_segment_item(item):
-                    key, value = _decode_item(item)
-                    state[key] = value
+                yield item
             last = page.get("LastEvaluatedKey")
             if not last:
-                break
+                return
             request["ExclusiveStartKey"] = last
-        if state:
-            states[profile_key] = state
 
     async def _batch_get(self, keys: list[dict[str, Any]], states: dict[str, ProfileState]) -> None:
         """The items of ``keys`` (at most 100) that exist into ``states``, following UnprocessedKeys."""
@@ -450,22 +455,8 @@ class DynamoDBStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
             await self._add_aliases(survivor, aliases)
             await self._run_bounded(partial(self._put_pointer, alias, ALIAS_SK, survivor) for alias in aliases)
         # Then the absorbed profile's own items: its membership (the survivor's now) and its alias set.
-        doomed: list[str] = []
-        request: dict[str, Any] = {
-            "TableName": self.table,
-            "KeyConditionExpression": "#pk = :pk",
-            "ProjectionExpression": "#sk",
-            "ExpressionAttributeNames": {"#pk": HASH_KEY, "#sk": RANGE_KEY},
-            "ExpressionAttributeValues": {":pk": {"S": absorbed}},
-            "ConsistentRead": True,
-        }
-        while True:
-            page = await self._call(self._client.query, **request)
-            doomed.extend(sort_key for item in page.get("Items", ())
-                          if "/" in (sort_key := item[RANGE_KEY]["S"]) or sort_key == ALIASES_SK)
-            if not (last := page.get("LastEvaluatedKey")):
-                break
-            request["ExclusiveStartKey"] = last
+        doomed = [sort_key async for item in self._profile_items(absorbed, "#sk", {"#pk": HASH_KEY, "#sk": RANGE_KEY})
+                  if "/" in (sort_key := item[RANGE_KEY]["S"]) or sort_key == ALIASES_SK]
         await self._run_bounded(
             partial(self._call, self._client.delete_item, TableName=self.table, Key=_item_key(absorbed, sort_key))
             for sort_key in doomed)
