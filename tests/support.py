@@ -29,12 +29,15 @@ async def poll(condition: Callable[[], bool], what: str, timeout_s: float = 30.0
         await asyncio.sleep(0.02)
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> float:
-    """Block until ``condition()`` holds; returns how long it took."""
+def wait_for(
+    condition: Callable[[], bool], what: str, timeout_s: float = 60.0, seen: Callable[[], object] | None = None
+) -> float:
+    """Block until ``condition()`` holds; returns how long it took. On a timeout the error shows
+    ``seen()``, what was there instead, so that an intermittent failure can be diagnosed."""
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}" + ("" if seen is None else f"; saw {seen()!r}"))
         time.sleep(0.05)
     return time.monotonic() - started
 

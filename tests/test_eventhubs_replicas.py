@@ -126,7 +126,8 @@ def test_two_replicas_split_four_partitions_and_one_takes_all_when_the_other_sto
     # partition is read again (README, "What a rebalance repeats"). Once every partition is
     # checkpointed at its end, nothing of the first half can come again.
     ends_first = {pid: n - 1 for pid, n in Counter(partition_of_each(first)).items()}
-    wait_for(lambda: cluster.checkpoints() == ends_first, "every partition checkpointed at the end of the first half")
+    wait_for(lambda: cluster.checkpoints() == ends_first, f"every partition checkpointed at {ends_first}",
+             seen=lambda: (cluster.checkpoints(), cluster.log("a")[-4000:], cluster.log("b")[-4000:]))
     before = changes_in(cluster.outputs)
     assert set(before) == set(truth_first), "a change was lost or invented"
 

@@ -1,4 +1,4 @@
-"""Builds the SDK's consumer client and Blob checkpoint store from settings, and turns the
+"""Builds the SDK's consumer client and the checkpoint store from settings, and turns the
 errors that stop a relay from starting into one clear line."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Clients(contextlib.AsyncExitStack):
 
 
 async def open_clients(settings: EventHubsSettings) -> Clients:
-    from azure.eventhub.extensions.checkpointstoreblobaio import BlobCheckpointStore
+    from .blob_checkpoints import ForwardOnlyBlobCheckpointStore
 
     clients = Clients()
     credential = settings.credential
@@ -60,12 +60,14 @@ async def open_clients(settings: EventHubsSettings) -> Clients:
             await clients.aclose()
             raise StartupError(f"eventhubs.checkpoint_path {settings.checkpoint_path!r}: cannot use it: {exc}") from None
     elif settings.checkpoint_connection_string is not None:
-        store = BlobCheckpointStore.from_connection_string(
+        store = ForwardOnlyBlobCheckpointStore.from_connection_string(
             settings.checkpoint_connection_string, settings.checkpoint_container
         )
     else:
         assert settings.checkpoint_account_url is not None  # EventHubsSettings checks one of the three is set
-        store = BlobCheckpointStore(settings.checkpoint_account_url, settings.checkpoint_container, credential=credential)
+        store = ForwardOnlyBlobCheckpointStore.from_account_url(
+            settings.checkpoint_account_url, settings.checkpoint_container, credential
+        )
     clients.push_async_callback(store.close)
     shared = {**shared_tls(settings.client_options), **settings.client_options}
     options: dict[str, Any] = {

@@ -1,7 +1,8 @@
 """A CheckpointStore for the Event Hubs SDK in one sqlite file: checkpoints and partition
 ownership for replicas on one host (the demo, tests, a single machine), where Blob storage is
-not at hand. Same semantics as the SDK's BlobCheckpointStore: an ownership claim succeeds only
-with the etag the claimer last saw (or, for a new row, when nobody created it meanwhile).
+not at hand. Same semantics as the Blob store the relay uses: an ownership claim succeeds only
+with the etag the claimer last saw (or, for a new row, when nobody created it meanwhile), and a
+checkpoint only moves forward.
 KEDA cannot read it; use Blob storage with KEDA."""
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class SqliteCheckpointStore(CheckpointStore):  # type: ignore[misc]  # the SDK's
         offset = checkpoint.get("offset")
         self._db.execute(
             "INSERT INTO checkpoint VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-            "offset = excluded.offset, sequence_number = excluded.sequence_number",
+            "offset = excluded.offset, sequence_number = excluded.sequence_number "
+            "WHERE excluded.sequence_number > checkpoint.sequence_number",  # never back: see blob_checkpoints.py
             (*self._key(checkpoint), None if offset is None else str(offset), int(checkpoint["sequence_number"])),
         )
 
