@@ -16,7 +16,7 @@ import orjson
 import pytest
 from redis import Redis
 
-from segment_relay import Handler, SegmentChange, on_enter, on_merge
+from segment_relay import Handler, SegmentChange, on_enter, on_exit, on_merge
 from segment_relay.consumer.identity import IdentityResolver, aliases_of
 from segment_relay.consumer.state import MemoryStore
 from segment_relay.model import IdentityItem
@@ -121,20 +121,22 @@ def test_two_profiles_adobe_merges_become_one(tmp_path: Path, state: str, order:
     later = export({"Phone": [{"id": "555"}]}, "2026-01-04T00:00:00Z",
                    gold="realized", silver="realized", bronze="realized")
     *separate, both = merge_stream(order)
-    if state == "memory":  # one run: the merge is carried out before the batch's records are diffed
+    before = run(tmp_path, separate, state)
+    assert {c["profile_key"] for c in before} == {"phone:555", "ecid:cookie-9"}
+    if state == "memory":  # one run: the two profiles and the export that joins them in one batch
         changes = run(tmp_path, [*separate, both, later], state)
+        # The same as two runs: the records before the merge are diffed under their own profiles.
+        assert sorted(summary(changes[:len(before)])) == sorted(summary(before))
+        changes = changes[len(before):]
     else:  # the two profiles are stored, then an export joins them
-        before = run(tmp_path, separate, state)
-        assert {c["profile_key"] for c in before} == {"phone:555", "ecid:cookie-9"}
         changes = run(tmp_path, [both, later], state)
     merges = [c for c in changes if c["change"] == "merge"]
     assert len(merges) == 1
     assert (merges[0]["profile_key"], merges[0]["merged_keys"]) == ("ecid:cookie-9", ["phone:555"])
-    if state != "memory":
-        # The joining export fires nothing (gold and silver were known members); bronze is the
-        # newer of the two (exited on 01-02), so the later export through the phone alone enters
-        # it, under the surviving key.
-        assert summary(changes) == [("merge", None, "ecid:cookie-9"), ("enter", "bronze", "ecid:cookie-9")]
+    # The joining export fires nothing (gold and silver were known members); bronze is the
+    # newer of the two (exited on 01-02), so the later export through the phone alone enters
+    # it, under the surviving key.
+    assert summary(changes) == [("merge", None, "ecid:cookie-9"), ("enter", "bronze", "ecid:cookie-9")]
 
 
 def test_the_merged_result_is_the_same_in_both_arrival_orders(tmp_path: Path) -> None:
@@ -149,6 +151,74 @@ def test_the_merged_result_is_the_same_in_both_arrival_orders(tmp_path: Path) ->
         seen.append(json.loads(shown.stdout))
     assert seen[0] == seen[1]
     assert seen[0]["profile_key"] == "ecid:cookie-9"
+
+
+def batching_stream() -> list[bytes]:
+    """Profiles that Adobe merges, with records of each side before and after the merge, a merge
+    of a merged profile into a third (a chain), and a bystander, interleaved."""
+    a, b, c = {"Phone": [{"id": "1"}]}, {"ECID": [{"id": "2"}]}, {"Email": [{"id": "0"}]}
+    bystander = {"ECID": [{"id": "9"}]}
+    return [
+        export(a, "2026-01-01T00:00:00Z", gold="realized"),
+        export(b, "2026-01-01T01:00:00Z", silver="realized", gold="exited"),
+        export(bystander, "2026-01-01T02:00:00Z", gold="realized"),
+        export(b, "2026-01-02T00:00:00Z", silver="realized", bronze="realized"),
+        export({**a, **b}, "2026-01-03T00:00:00Z", gold="realized", silver="realized"),  # a and b: one person
+        export(b, "2026-01-04T00:00:00Z", silver="exited", bronze="realized"),
+        export(c, "2026-01-04T01:00:00Z", platinum="realized"),
+        export(a, "2026-01-05T00:00:00Z", gold="realized", bronze="realized"),
+        export({**c, **a}, "2026-01-06T00:00:00Z", gold="realized", platinum="realized"),  # ... and c
+        export(b, "2026-01-07T00:00:00Z", gold="exited", bronze="realized"),
+        export(bystander, "2026-01-07T01:00:00Z", gold="exited"),
+    ]
+
+
+class Recorder(Handler):
+    """Every change, merges included, in the order handled."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, ...]] = []
+
+    def _record(self, change: SegmentChange) -> None:
+        self.seen.append((change.change.value, change.segment_id or None, change.profile_key, change.merged_keys))
+
+    @on_enter()
+    async def entered(self, change: SegmentChange) -> None:
+        self._record(change)
+
+    @on_exit()
+    async def exited(self, change: SegmentChange) -> None:
+        self._record(change)
+
+    @on_merge()
+    async def merged(self, change: SegmentChange) -> None:
+        self._record(change)
+
+
+async def changes_of(records: list[bytes], batch_size: int) -> dict[object, list[tuple[object, ...]]]:
+    """Each profile's changes in order (profiles interleave as their steps finish)."""
+    recorder = Recorder()
+    await run_exports(records, [recorder], store=MemoryStore(), link_namespaces=["*"], batch_size=batch_size)
+    by_profile: dict[object, list[tuple[object, ...]]] = {}
+    for kind, segment, key, merged in recorder.seen:
+        by_profile.setdefault(key, []).append((kind, segment, *merged))
+    return by_profile
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 500])
+async def test_the_changes_do_not_depend_on_how_the_records_are_batched(batch_size: int) -> None:
+    one_at_a_time = await changes_of(batching_stream(), 1)
+    assert await changes_of(batching_stream(), batch_size) == one_at_a_time
+    # Before a merge each side fires under its own key. At the first merge gold is b's "exited"
+    # (newer than a's "realized"), so the joining export's gold enters it; each merge is announced once.
+    assert one_at_a_time == {
+        "phone:1": [("enter", "gold")],
+        "email:0": [("enter", "platinum")],
+        "ecid:9": [("enter", "gold"), ("exit", "gold")],
+        "ecid:2": [("enter", "silver"), ("exit", "gold"), ("enter", "bronze"),
+                   ("merge", None, "phone:1"), ("enter", "gold"), ("exit", "silver"),
+                   ("merge", None, "email:0"), ("exit", "gold")],
+    }
 
 
 async def test_two_resolvers_racing_on_one_store_agree_on_one_profile() -> None:

@@ -19,8 +19,11 @@ so a crash after them repeats the record's changes, never loses them.
 An identity that disappears from a later export stays linked: Adobe's graph may drop it from one
 export and carry it again in the next, and unlinking would split the history.
 
-Within this process, a merge decided here but not yet redirected in the store is remembered
-(``_absorbed``), so later records of the absorbed profile go to the survivor at once.
+Each record keeps the profile it had when it came, and a merge rides on the record that showed
+it, so the changes are the same however the records were batched. Within this process, a merge
+decided here but not yet redirected in the store is remembered (``_absorbed``), so later records
+of the absorbed profile go to the survivor at once (and merge it again, silently: combining is
+idempotent, and the record that carried the merge may have been dropped before it was saved).
 """
 
 from __future__ import annotations
@@ -105,9 +108,9 @@ class IdentityResolver:
         for _ in range(MAX_ROUNDS):
             claims: dict[str, str] = {}
             decided: dict[str, str] = {}  # absorbed -> survivor, merges decided in this round
-            plan = self._plan(rule_keys, wanted, owners, claims, decided, created)
+            plan, joins = self._plan(rule_keys, wanted, owners, claims, decided, created)
             if not claims:
-                return self._settle(plan, decided)
+                return self._settle(plan, joins, created)
             won = await self.index.claim_aliases(claims)
             owners.update(won)
             mine = {alias for alias, key in claims.items() if won.get(alias, key) == key}
@@ -116,18 +119,22 @@ class IdentityResolver:
             self.stats.profiles_created += len(new_profiles)
             counted |= new_profiles
             if len(mine) == len(claims):
-                return self._settle(plan, decided)
+                return self._settle(plan, joins, created)
             # Another writer holds some of them: plan again knowing it (the claims won stay ours).
             log.debug("identity claims raced with another writer; resolving again",
                       extra={"lost": len(claims) - len(mine)})
         raise RuntimeError(f"identity claims did not settle in {MAX_ROUNDS} rounds")  # a store that answers wrong
 
     def _plan(self, rule_keys: Sequence[str], wanted: list[list[str]], owners: Mapping[str, str],
-              claims: dict[str, str], decided: dict[str, str], created: set[str]) -> list[str]:
-        """Each record's profile, with the aliases to claim in ``claims`` and the merges in
-        ``decided``. Records are taken in order: a later one sees what an earlier one decided."""
+              claims: dict[str, str], decided: dict[str, str], created: set[str],
+              ) -> tuple[list[str], list[list[str]]]:
+        """Each record's profile and the profiles it joins to it, with the aliases to claim in
+        ``claims`` and the merges in ``decided``. Records are taken in order: a later one sees
+        what an earlier one decided, an earlier one keeps the profile it had."""
         plan: list[str] = []
+        joins: list[list[str]] = []
         for rule_key, aliases in zip(rule_keys, wanted, strict=True):
+            joined: list[str] = []
             stored = {key for alias in aliases if (key := owners.get(alias) or claims.get(alias)) is not None}
             if not stored:
                 key = self._survivor(rule_key, decided)
@@ -140,35 +147,37 @@ class IdentityResolver:
                 # (silently: combining is idempotent): the record that carried the merge may have
                 # been dropped (its partition revoked) before it was saved.
                 for other in stored | survivors:
-                    if other != key:
+                    if other != key and decided.get(other) != key:
                         decided[other] = key
+                        joined.append(other)
             for alias in aliases:
                 if alias not in owners and alias not in claims:
                     claims[alias] = key
             plan.append(key)
-        return plan
+            joins.append(joined)
+        return plan, joins
 
-    def _settle(self, plan: list[str], decided: dict[str, str]) -> list[LinkedKey]:
-        """Every record to its final survivor (a merge decided for a later record of the batch
-        applies to an earlier one too); each merge rides on the first record of its survivor."""
-        if not decided:
+    def _settle(self, plan: list[str], joins: list[list[str]], created: set[str]) -> list[LinkedKey]:
+        """Every record to the profile it had when it came, carrying the merges it decided.
+        A merge is announced for the profiles that existed before it: stored before this batch
+        (and not merged here already), or given to an earlier record of the batch. A profile this
+        call created only to lose its claims to another writer's (the race) was never seen."""
+        if not any(joins):
             return [LinkedKey(key) for key in plan]
-        fresh = {key for key in decided if key not in self._absorbed}  # merged again (see _plan): silent
-        self._absorbed.update(decided)
-        absorbed_by: dict[str, list[str]] = {}
-        for key in decided:
-            absorbed_by.setdefault(self._survivor(key, {}), []).append(key)
         results: list[LinkedKey] = []
-        for key in plan:
-            final = self._survivor(key, {})
-            joined = absorbed_by.pop(final, None)
-            if joined is None:
-                results.append(LinkedKey(final))
-                continue
-            ordered = tuple(sorted(joined))
-            announced = tuple(other for other in ordered if other in fresh)
-            self.stats.merges += len(announced)
-            results.append(LinkedKey(final, ordered, announced))
+        keyed: set[str] = set()
+        absorbed = self._absorbed
+        for key, joined in zip(plan, joins, strict=True):
+            if joined:
+                ordered = tuple(sorted(joined))
+                announced = tuple(other for other in ordered
+                                  if other not in absorbed and (other not in created or other in keyed))
+                self.stats.merges += len(announced)
+                absorbed.update(dict.fromkeys(ordered, key))
+                results.append(LinkedKey(key, ordered, announced))
+            else:
+                results.append(LinkedKey(key))
+            keyed.add(key)
         return results
 
     def redirected(self, absorbed: Collection[str]) -> None:

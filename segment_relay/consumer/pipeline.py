@@ -129,6 +129,14 @@ class _Partition:
         self.read = False  # a batch of this assignment arrived
 
 
+class _Merge(msgspec.Struct, gc=False):
+    """Profiles a record showed to be its profile's person: combined into it just before that
+    record is diffed, as if the records had come one at a time (see ``_admit_linked``)."""
+
+    absorbed: tuple[str, ...]
+    announced: tuple[str, ...]  # the ones a ``merge`` change names (existing profiles)
+
+
 class _Item(msgspec.Struct, gc=False):
     """One valid record on its way through a step (a Struct: one is built per record).
     ``record`` and ``export`` are dropped (None) once the step's diff has used them."""
@@ -140,6 +148,7 @@ class _Item(msgspec.Struct, gc=False):
     key: str
     size: int
     read_at: float  # time.monotonic() when it was admitted: where the age of its changes starts
+    merge: _Merge | None = None  # identity linking: profiles this record joins to its own
 
 
 class _Wanted(Mapping[str, "frozenset[SegmentKey] | None"]):
@@ -162,14 +171,6 @@ class _Wanted(Mapping[str, "frozenset[SegmentKey] | None"]):
 
     def __len__(self) -> int:
         return len(self._groups) + len(self._extra)
-
-
-class _Merge(msgspec.Struct, gc=False):
-    """Profiles found to be the survivor's person, to be combined into it by its next step."""
-
-    absorbed: tuple[str, ...]
-    announced: tuple[str, ...]  # the ones a ``merge`` change names (existing profiles)
-    item: _Item  # the record that showed it
 
 
 class _Completion:
@@ -203,7 +204,7 @@ _REVOKED: Any = object()  # what a store call returns when its step has nothing 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _combine(key: str, state: ProfileState, states: Mapping[str, ProfileState], merge: _Merge,
+def _combine(key: str, state: ProfileState, states: Mapping[str, ProfileState], merge: _Merge, item: _Item,
              pending: list[PendingChange]) -> tuple[ProfileState, dict[SegmentKey, StoredMembership]]:
     """The survivor's state with the absorbed profiles' combined into it, per segment by the newer
     qualification time (a tie keeps the survivor's: the same result in any arrival order), the
@@ -216,7 +217,6 @@ def _combine(key: str, state: ProfileState, states: Mapping[str, ProfileState], 
             if old is None or value.qualified_at_us > old.qualified_at_us:
                 combined[segment] = gained[segment] = value
     if merge.announced:
-        item = merge.item
         newest = max((value.qualified_at_us for value in combined.values()), default=0)
         export = item.export
         change = SegmentChange(
@@ -251,8 +251,8 @@ class Pipeline:
         self.key_rule = key_rule or ProfileKeyRule()
         self.settings = settings or PipelineSettings()
         self.identity = identity
-        self._merging: dict[str, _Merge] = {}  # survivor -> the merge its next step carries out
-        self._released = asyncio.Event()  # set whenever profiles are released (a merge waits for one)
+        self._merge_waiting = False  # the reader waits for profiles a merge absorbs to be free
+        self._released = asyncio.Event()  # set whenever profiles are released while it waits
         self._partitions: dict[str, _Partition] = {}
         self._limit = InFlightLimit(self.settings.max_in_flight_records, self.settings.max_in_flight_bytes)
         self._gate: ProfileGate[_Item] = ProfileGate()
@@ -480,19 +480,39 @@ class Pipeline:
 
     async def _admit_linked(self, records: Sequence[SourceRecord[Any]], part: _Partition) -> None:
         """``_admit`` with identity linking: the records' profiles are looked up (and their new
-        identities claimed) before they are grouped, in read order (the reader waits for it)."""
+        identities claimed) before they are grouped, in read order (the reader waits for it).
+
+        A record that merges profiles splits the chunk: the records before it start first, and
+        it waits until the profiles it absorbs have no step left here, so that the merge loads
+        their final state. Every record is then diffed under the profile it had when it came, and
+        the merge is carried out just before its own record: the changes are the same however
+        the records were batched."""
         items: list[_Item] = []
         self._admit(records, part, items)
         if not items:
             return
         linked = await self._resolve(items, part)
+        start = 0
         if linked is not None:
-            await self._link(items, linked)
-        if part.revoked:  # taken away while the profiles were looked up: its new owner reads them
-            self._limit.release(len(items), sum(item.size for item in items))
-            self._records_dropped += len(items)
+            for index, (item, link) in enumerate(zip(items, linked, strict=True)):
+                item.key = link.key
+                if not link.absorbed:
+                    continue
+                item.merge = _Merge(link.absorbed, link.announced)
+                if index > start:
+                    self._group_and_start(items[start:index], part)
+                    start = index
+                await self._wait_until_free(link.absorbed)
+                if part.revoked:
+                    break
+        if linked is None or part.revoked:  # taken away meanwhile: its new owner reads them
+            rest = items[start:]
+            self._limit.release(len(rest), sum(item.size for item in rest))
+            self._records_dropped += len(rest)
             return
-        assert linked is not None
+        self._group_and_start(items[start:], part)
+
+    def _group_and_start(self, items: Sequence[_Item], part: _Partition) -> None:
         groups: dict[str, list[_Item]] = {}
         admit = self._gate.admit
         for item in items:
@@ -503,6 +523,16 @@ class Pipeline:
                 groups[item.key] = [item]
         if groups:
             self._start_step(groups, [], part)
+
+    async def _wait_until_free(self, keys: Sequence[str]) -> None:
+        is_busy = self._gate.is_busy
+        self._merge_waiting = True
+        try:
+            while any(is_busy(key) for key in keys):
+                self._released.clear()
+                await self._released.wait()
+        finally:
+            self._merge_waiting = False
 
     async def _resolve(self, items: list[_Item], part: _Partition) -> list[LinkedKey] | None:
         """The items' profiles, retried with backoff while the store fails; None if ``part`` is
@@ -522,25 +552,6 @@ class Pipeline:
                 delay = min(30.0, delay * 2)
                 if part.revoked:
                     return None
-
-    async def _link(self, items: list[_Item], linked: list[LinkedKey]) -> None:
-        """Each item to its profile; a merge waits until the profiles it absorbs have no step in
-        flight here (their records go to the survivor from now on), then rides on the survivor."""
-        absorbed: list[str] = []
-        for item, link in zip(items, linked, strict=True):
-            item.key = link.key
-            if link.absorbed:
-                absorbed.extend(link.absorbed)
-                earlier = self._merging.get(link.key)
-                if earlier is not None:  # two merges into one survivor before its next step: one merge
-                    link = LinkedKey(link.key, tuple(sorted({*earlier.absorbed, *link.absorbed})),
-                                     tuple(sorted({*earlier.announced, *link.announced})))
-                self._merging[link.key] = _Merge(link.absorbed, link.announced, item)
-        if absorbed:
-            is_busy = self._gate.is_busy
-            while any(is_busy(key) for key in absorbed):
-                self._released.clear()
-                await self._released.wait()
 
     def _start_step(self, groups: dict[str, list[_Item]],
                     invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None,
@@ -584,7 +595,7 @@ class Pipeline:
             waiting = release(key)
             if waiting is not None:
                 following[key] = waiting
-        if self._merging:
+        if self._merge_waiting:
             self._released.set()  # a merge may wait for one of these
         if following and not self._closing:
             self._start_step(following, [], None)
@@ -593,22 +604,15 @@ class Pipeline:
         """Load, diff, hand over; then, profile by profile as each one's changes are done, save
         its new state and finish its records (a slow profile holds up nobody else)."""
         seen = self._revocations
-        merges: dict[str, _Merge] | None = None
-        whole: frozenset[str] = frozenset()
-        if self._merging:  # rare: only with identity linking, when an export joins profiles
-            merges = {key: self._merging.pop(key) for key in groups if key in self._merging} or None
-            if merges:
-                whole = frozenset(k for key, merge in merges.items() for k in (key, *merge.absorbed))
+        # A merge loads both sides whole (rare: only with identity linking, when an export joins profiles).
+        whole = frozenset(k for items in groups.values() for item in items if item.merge is not None
+                          for k in (item.key, *item.merge.absorbed)) if self.identity is not None else frozenset()
         states = await self._retry_store("load", lambda: self.store.load_many(_Wanted(groups, whole)), groups,
                                          groups.keys())
-        if states is _REVOKED:
-            if merges:
-                for key, merge in merges.items():  # not carried out: the survivor's next step does it
-                    self._merging.setdefault(key, merge)
-        else:
+        if states is not _REVOKED:
             if self._revocations != seen:
                 self._drop_revoked(groups)  # records of a revoked partition not dispatched yet are dropped here
-            keys, profiles, saves = self._diff(groups, states, merges)
+            keys, profiles, saves = self._diff(groups, states)
             changed = set(keys)
             completion = _Completion(keys, [key for key in groups if key not in changed])  # nothing to hand over
             if keys:
@@ -619,7 +623,7 @@ class Pipeline:
             while True:
                 ready = completion.take()
                 if ready:
-                    await self._save_and_finish(ready, groups, saves, seen, merges)
+                    await self._save_and_finish(ready, groups, saves, seen)
                     released.update(ready)
                     self._continue(ready)
                 if len(released) == len(groups):
@@ -629,8 +633,7 @@ class Pipeline:
         self._continue(list(groups))
 
     async def _save_and_finish(self, keys: list[str], groups: dict[str, list[_Item]],
-                               saves: dict[str, dict[SegmentKey, StoredMembership]], seen: int,
-                               merges: dict[str, _Merge] | None = None) -> None:
+                               saves: dict[str, dict[SegmentKey, StoredMembership]], seen: int) -> None:
         """Save the new state of profiles whose changes are all done, then finish their records.
         State after handlers: a crash before this repeats the changes, never loses them. A merge
         is redirected in the store after the survivor's combined state is saved."""
@@ -642,10 +645,12 @@ class Pipeline:
         if updates:
             if await self._retry_store("save", lambda: self.store.save_many(updates), groups, keys) is _REVOKED:
                 return
-        if merges:
-            redirects = {absorbed: key for key in keys if key in merges
-                         and not any(item.partition.revoked for item in groups[key])
-                         for absorbed in merges[key].absorbed}
+        if self.identity is not None:
+            # A profile with a record revoked saved nothing (above): its merges are not redirected
+            # either. A merge dropped so is decided again by the next record of the absorbed
+            # profile (IdentityResolver._plan), here or at the partition's new owner.
+            redirects = {absorbed: key for key in keys if not any(item.partition.revoked for item in groups[key])
+                         for item in groups[key] if item.merge is not None for absorbed in item.merge.absorbed}
             if redirects:
                 index = cast(AliasIndex, self.store)  # linking is only built on a store with one
                 if await self._retry_store("redirect", lambda: index.redirect_profiles(redirects), groups,
@@ -686,7 +691,6 @@ class Pipeline:
                     return _REVOKED
 
     def _diff(self, groups: dict[str, list[_Item]], states: dict[str, ProfileState],
-              merges: dict[str, _Merge] | None = None,
               ) -> tuple[list[str], list[list[PendingChange]], dict[str, dict[SegmentKey, StoredMembership]]]:
         """Every profile's records against its state, in order: the profiles with changes and
         their changes (for the sink), and the new state per profile (saved after the sink)."""
@@ -700,9 +704,13 @@ class Pipeline:
             state = states.get(key, _EMPTY)
             pending: list[PendingChange] = []
             updates: dict[SegmentKey, StoredMembership] | None = None
-            if merges is not None and key in merges:
-                state, updates = _combine(key, state, states, merges[key], pending)
             for item in items:
+                if item.merge is not None:  # the profiles this record joins, just before it
+                    state, gained = _combine(key, state, states, item.merge, item, pending)
+                    if updates is None:
+                        updates = gained
+                    else:
+                        updates.update(gained)
                 export, record = item.export, item.record
                 # Nothing after the diff needs them (a change keeps what it uses): a record is
                 # freed here, while it is still in the CPU cache, not with the whole step.

@@ -148,6 +148,7 @@ async def run_exports(
     concurrency: int = 64,
     partition: str = "exports",
     link_namespaces: Collection[str] | None = None,
+    batch_size: int = 500,
 ) -> dict[str, list[SegmentChange]]:
     """Feed ``records`` (JSON export records, one per item) through the pipeline to ``handlers``
     and return, by handler name, the changes each one handled successfully.
@@ -160,6 +161,7 @@ async def run_exports(
     invalid records. ``segments`` keeps only those segment ids, like the ``segments`` setting;
     pass a ``store`` to start from, or keep, membership state across runs. ``link_namespaces``
     turns identity linking on (``identity.mode = "link"``; ``["*"]`` for every namespace).
+    ``batch_size``: records per source batch (the handlers' ``batch`` settings are apart).
     """
     seen: dict[str, list[SegmentChange]] = {}
     recording: list[Handler] = []
@@ -176,7 +178,7 @@ async def run_exports(
             raise ValueError(f"{store!r} keeps no identity links")
         identity = IdentityResolver(store, link_namespaces)
     pipeline = Pipeline(
-        RecordsSource(records, partition=partition),
+        RecordsSource(records, partition=partition, batch_size=batch_size),
         store,
         Router(recording, dead, retry=retry, batch=batch, circuit=circuit, concurrency=concurrency),
         dead,
