@@ -34,12 +34,16 @@ from .config import RelayConfig, load_config
 from .ops.logging import configure_logging
 from .ops.metrics import RelaySnapshot
 from .ops.runtime import tune_gc
-from .testing.exports import StreamSpec, StreamTruth, write_jsonl
+from .testing.exports import Change, Merge, StreamSpec, StreamTruth, write_jsonl
 
 HUB = "adobe-exports"  # lower case: the checkpoint names KEDA reads are lower-cased
 STREAM = "adobe-exports"
 DEMO_AUDIENCE_COUNT = 4
 DEMO_ATTRIBUTES = ["person.name.firstName", "person.name.lastName", "personalEmail.address", "loyalty.tier"]
+# Identity stitching in the simulated traffic: visitors who log in (their top-ranked identity
+# changes) and people with two profiles that Adobe later merges.
+DEMO_LOGIN_RATE = 0.02
+DEMO_MERGE_RATE = 0.1
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,8 @@ async def _platform_demo(options: DemoOptions, console: Console) -> int:
 
     audiences = DEFAULT_AUDIENCES[:DEMO_AUDIENCE_COUNT]
     exports = ExportSettings(records=options.records, profiles=options.profiles, seed=options.seed,
-                             rate=options.rate, invalid_rate=0.002)
+                             rate=options.rate, invalid_rate=0.002, login_rate=DEMO_LOGIN_RATE,
+                             merge_rate=DEMO_MERGE_RATE)
     async with contextlib.AsyncExitStack() as stack:
         target = await stack.enter_async_context(_target(options, console))
         fake = await stack.enter_async_context(
@@ -128,7 +133,7 @@ async def _platform_demo(options: DemoOptions, console: Console) -> int:
             return 1
         title = (f"segment-relay demo ({options.source}): {stats.records_read:,} exports in {elapsed:.1f} s, "
                  f"checked against the simulator's truth")
-        return _summary(console, stats, simulation.truth, options.out_dir, title)
+        return _summary(console, stats, simulation.truth_for(_linking(config)), options.out_dir, title)
 
 
 @dataclass
@@ -240,12 +245,13 @@ def _file_demo(options: DemoOptions, console: Console) -> int:
     stream_path = out / "exports.jsonl"
     console.print(f"[bold]Generating[/] {options.records:,} exports of {options.profiles:,} profiles "
                   f"(seed {options.seed}) -> {stream_path}")
-    truth = write_jsonl(StreamSpec(seed=options.seed, profiles=options.profiles, records=options.records,
-                                   invalid_rate=0.002), stream_path)
     config: RelayConfig = load_config(
         None, source=f"file:{stream_path}", state="memory", handlers=_handlers(options),
         dead_letter=str(out / "dead-letter.jsonl"), metrics_port=options.metrics_port, log_level="ERROR",
     )
+    truth = write_jsonl(StreamSpec(seed=options.seed, profiles=options.profiles, records=options.records,
+                                   invalid_rate=0.002, login_rate=DEMO_LOGIN_RATE, merge_rate=DEMO_MERGE_RATE),
+                        stream_path, _linking(config))
     relay = Relay(config, track_profiles=True)
     started = time.perf_counter()
     stats = asyncio.run(relay.run())
@@ -253,6 +259,11 @@ def _file_demo(options: DemoOptions, console: Console) -> int:
     title = (f"segment-relay demo (file): {stats.records_read:,} records in {elapsed:.2f} s "
              f"({stats.records_read / max(elapsed, 1e-9):,.0f} records/s)")
     return _summary(console, stats, truth, out, title)
+
+
+def _linking(config: RelayConfig) -> list[str] | None:
+    """The namespaces the relay links identities in, for the truth (None: it keys profiles only)."""
+    return config.identity.link_namespaces if config.identity.mode == "link" else None
 
 
 # --- the verdict ------------------------------------------------------------------------------------
@@ -269,16 +280,18 @@ def _summary(console: Console, stats: RelaySnapshot, truth: StreamTruth, out: Pa
         ("stale suppressed", summary["stale_suppressed"], truth.stale),
         ("duplicates suppressed", summary["duplicates_suppressed"], truth.duplicates),
         ("dead letters", summary["dead_letters"], truth.dead_letters),
+        ("profiles merged", summary.get("merges", 0), sum(len(absorbed) for _, absorbed, _ in truth.merges)),
     ]
-    emitted = _changes_in(out / "changes.jsonl")
-    expected = Counter(truth.changes)
+    emitted, merged = _changes_in(out / "changes.jsonl")
+    expected, merges = Counter(truth.changes), Counter(truth.merges)
     rows.append(("changes, one by one", sum((emitted & expected).values()), len(truth.changes)))
+    rows.append(("merges, one by one", sum((merged & merges).values()), len(truth.merges)))
     table = Table(title=title)
     table.add_column("")
     table.add_column("relay", justify="right")
     table.add_column("truth", justify="right")
     table.add_column("")
-    all_equal = emitted == expected
+    all_equal = emitted == expected and merged == merges
     for label, got, want in rows:
         equal = got == want
         all_equal &= equal
@@ -292,12 +305,15 @@ def _summary(console: Console, stats: RelaySnapshot, truth: StreamTruth, out: Pa
     return 0
 
 
-def _changes_in(path: Path) -> Counter[tuple[str, str, str, str]]:
-    """The changes the jsonl handler wrote, in the reference model's shape."""
-    if not path.exists():
-        return Counter()
-    with open(path, "rb") as handle:
-        return Counter(
-            (c["profile_key"], c["segment_id"], c["change"], c["qualified_at"])
-            for c in map(orjson.loads, handle)
-        )
+def _changes_in(path: Path) -> tuple[Counter[Change], Counter[Merge]]:
+    """The membership changes and the merges the jsonl handler wrote, in the reference model's shapes."""
+    changes: Counter[Change] = Counter()
+    merges: Counter[Merge] = Counter()
+    if path.exists():
+        with open(path, "rb") as handle:
+            for c in map(orjson.loads, handle):
+                if c["change"] == "merge":
+                    merges[(c["profile_key"], tuple(c["merged_keys"]), c["qualified_at"])] += 1
+                else:
+                    changes[(c["profile_key"], c["segment_id"], c["change"], c["qualified_at"])] += 1
+    return changes, merges

@@ -57,7 +57,8 @@ def changes_in(paths: list[Path]) -> Counter[Change]:
                         c = json.loads(line)
                     except ValueError:
                         continue
-                    found[(c["profile_key"], c["segment_id"], c["change"], c["qualified_at"])] += 1
+                    if c["change"] != "merge":  # identity linking: a merge names no segment
+                        found[(c["profile_key"], c["segment_id"], c["change"], c["qualified_at"])] += 1
     return found
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from segment_relay import Handler, SegmentChange, on_enter, on_exit, on_merge
 from segment_relay.consumer.identity import IdentityResolver, aliases_of
 from segment_relay.consumer.state import MemoryStore
 from segment_relay.model import IdentityItem
+from segment_relay.testing.exports import Change, Merge, StreamSpec, expected_changes, generate, iso_utc
 from segment_relay.testing.pipeline import run_exports
 
 CLI = [sys.executable, "-m", "segment_relay.cli"]
@@ -177,10 +179,14 @@ class Recorder(Handler):
     """Every change, merges included, in the order handled."""
 
     def __init__(self) -> None:
-        self.seen: list[tuple[object, ...]] = []
+        self.changes: list[SegmentChange] = []
+
+    @property
+    def seen(self) -> list[tuple[object, ...]]:
+        return [(c.change.value, c.segment_id or None, c.profile_key, c.merged_keys) for c in self.changes]
 
     def _record(self, change: SegmentChange) -> None:
-        self.seen.append((change.change.value, change.segment_id or None, change.profile_key, change.merged_keys))
+        self.changes.append(change)
 
     @on_enter()
     async def entered(self, change: SegmentChange) -> None:
@@ -283,3 +289,49 @@ async def test_handlers_that_ask_for_merges_get_them_and_others_do_not() -> None
     assert set(await store.load("ecid:cookie-9")) == {("ups", "gold"), ("ups", "silver"), ("ups", "bronze")}
     assert await store.load("phone:555") == {}
     assert await store.aliases_of("ecid:cookie-9") == ["ecid:cookie-9", "phone:555"]
+
+
+STITCHED = StreamSpec(seed=29, profiles=300, records=4000, login_rate=0.05, merge_rate=0.25)
+
+
+def as_truth(changes: list[SegmentChange]) -> tuple[Counter[Change], list[Merge]]:
+    memberships: Counter[Change] = Counter()
+    merges: list[Merge] = []
+    for c in changes:
+        if c.change.value == "merge":
+            merges.append((c.profile_key, c.merged_keys, iso_utc(c.qualified_at)))
+        else:
+            memberships[(c.profile_key, c.segment_id, c.change.value, iso_utc(c.qualified_at))] += 1
+    return memberships, merges
+
+
+@pytest.mark.parametrize("batch_size", [1, 500])
+async def test_a_stream_with_logins_and_merges_matches_the_reference_model(batch_size: int) -> None:
+    records = list(generate(STITCHED))
+    truth = expected_changes(records, link_namespaces=["*"])
+    assert len(truth.merges) >= 10 and truth.profiles < STITCHED.profiles  # the stream does stitch
+    recorder = Recorder()
+    await run_exports(records, [recorder], store=MemoryStore(), link_namespaces=["*"], batch_size=batch_size)
+    memberships, merges = as_truth(recorder.changes)
+    assert memberships == Counter(truth.changes)
+    assert sorted(merges) == sorted(truth.merges)
+
+
+async def test_in_key_mode_the_same_stream_fires_what_the_key_rule_implies() -> None:
+    records = list(generate(STITCHED))
+    key_truth, link_truth = expected_changes(records), expected_changes(records, link_namespaces=["*"])
+    assert key_truth.enters > link_truth.enters  # a login re-enters every segment the person is in
+    recorder = Recorder()
+    await run_exports(records, [recorder], store=MemoryStore())
+    assert as_truth(recorder.changes) == (Counter(key_truth.changes), [])
+
+
+def test_every_store_matches_the_reference_model_on_a_stitched_stream(tmp_path: Path, state: str) -> None:
+    records = list(generate(StreamSpec(seed=31, profiles=200, records=2000, login_rate=0.05, merge_rate=0.25)))
+    truth = expected_changes(records, link_namespaces=["*"])
+    changes = run(tmp_path, records, state)
+    merges = [(c["profile_key"], tuple(c["merged_keys"]), c["qualified_at"]) for c in changes if c["change"] == "merge"]
+    memberships = Counter((c["profile_key"], c["segment_id"], c["change"], c["qualified_at"])
+                          for c in changes if c["change"] != "merge")
+    assert memberships == Counter(truth.changes)
+    assert sorted(merges) == sorted(truth.merges) and merges

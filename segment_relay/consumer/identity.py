@@ -86,6 +86,7 @@ class IdentityResolver:
         self.namespaces: frozenset[str] | None = None if ALL_NAMESPACES in lowered else frozenset(lowered)
         self.stats = IdentityStats()
         self._absorbed: dict[str, str] = {}  # absorbed -> survivor, decided here, not yet redirected in the store
+        self._redirected: dict[str, str] = {}  # ...redirected since the last resolve started
 
     def _survivor(self, key: str, decided: Mapping[str, str]) -> str:
         absorbed = self._absorbed
@@ -99,6 +100,7 @@ class IdentityResolver:
         """The profile of each export (its identities, and its key by the profile key rule), in
         order; claims the new aliases. Raises what the store raises; nothing is decided then (the
         caller retries the whole batch, and claims already made are found again)."""
+        self._forget_redirected()  # before the lookup: from now on it sees those redirects
         identity_maps = [identity_map for identity_map, _ in records]
         rule_keys = [key for _, key in records]
         wanted = [aliases_of(identity_map, self.namespaces) for identity_map in identity_maps]
@@ -180,7 +182,16 @@ class IdentityResolver:
             keyed.add(key)
         return results
 
-    def redirected(self, absorbed: Collection[str]) -> None:
-        """The store now redirects these keys itself: forget them here."""
-        for key in absorbed:
-            self._absorbed.pop(key, None)
+    def redirected(self, redirects: Mapping[str, str]) -> None:
+        """The store now redirects these keys (absorbed -> survivor) itself: they are forgotten
+        here when the next resolve starts. Not at once: a resolve in flight may have looked them
+        up before the redirect, and must still know them, or it would take an absorbed profile
+        for a live one (and announce its merge again)."""
+        self._redirected.update(redirects)
+
+    def _forget_redirected(self) -> None:
+        absorbed = self._absorbed
+        for key, survivor in self._redirected.items():
+            if absorbed.get(key) == survivor:  # not merged on elsewhere meanwhile (a chain)
+                del absorbed[key]
+        self._redirected.clear()

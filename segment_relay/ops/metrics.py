@@ -71,6 +71,8 @@ class RelaySnapshot:
             summary["dropped_revoked"] = p.records_dropped
         if p.profiles_seen is not None:
             summary["profiles"] = p.profiles_seen
+        if p.identity is not None:  # identity.mode "link"
+            summary["merges"] = p.identity.merges
         return summary
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,6 +35,7 @@ __all__ = [
     "StreamSpec",
     "StreamTruth",
     "Change",
+    "Merge",
     "generate",
     "write_jsonl",
     "expected_changes",
@@ -80,6 +81,12 @@ class StreamSpec:
     # Memberships one new event flips: None is the realistic mix (mostly one, sometimes two, of the
     # profile's usual segments); a number flips that many of all segments (a change-heavy stream).
     flips_per_event: int | None = None
+    # Identity stitching, per new event: an anonymous profile logs in (its next exports add a CRM id
+    # marked primary, so the top-ranked identity changes); per new profile: it is a second,
+    # anonymous profile of an earlier person (another device), which a later event of theirs
+    # merges with the first (the exports then carry both profiles' identities).
+    login_rate: float = 0.0
+    merge_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.profiles < 1 or self.records < 0:
@@ -87,7 +94,7 @@ class StreamSpec:
         if len(self.segments) < 2:
             raise ValueError("give at least two segments")
         for name in ("duplicate_rate", "reexport_rate", "out_of_order_rate", "invalid_rate",
-                     "legacy_existing_rate", "plus_0000_rate"):
+                     "legacy_existing_rate", "plus_0000_rate", "login_rate", "merge_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1")
         if self.duplicate_rate + self.invalid_rate >= 1.0:
@@ -95,6 +102,7 @@ class StreamSpec:
 
 
 Change = tuple[str, str, str, str]  # (profile_key, segment_id, "enter" | "exit", qualified_at ISO, UTC "Z")
+Merge = tuple[str, tuple[str, ...], str]  # (surviving key, absorbed keys sorted, newest qualified_at ISO, UTC "Z")
 
 
 @dataclass
@@ -111,6 +119,7 @@ class StreamTruth:
     stale: int = 0
     duplicates: int = 0
     changes: list[Change] = field(default_factory=list)  # in delivery order
+    merges: list[Merge] = field(default_factory=list)  # identity linking only; in delivery order
 
     @property
     def dead_letters(self) -> int:
@@ -139,7 +148,7 @@ _COLOURS = ("BLK", "WHT", "RED", "NVY", "GRN", "GRY")
 
 
 class _Profile:
-    __slots__ = ("index", "identity_map", "attributes", "affinity", "segments", "last_t", "born")
+    __slots__ = ("index", "identity_map", "attributes", "affinity", "segments", "last_t", "born", "partner")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -150,6 +159,7 @@ class _Profile:
         self.segments: dict[int, list[Any]] = {}
         self.last_t = 0
         self.born = False
+        self.partner: _Profile | None = None  # the same person's other profile, until they merge
 
 
 class _Generator:
@@ -187,7 +197,38 @@ class _Generator:
         profile = self.profiles[index]
         if profile is None:
             profile = self.profiles[index] = self._new_profile(index)
+            if self.spec.merge_rate and rng.random() < self.spec.merge_rate:
+                self._make_partner(profile)
         return profile
+
+    def _make_partner(self, profile: _Profile) -> None:
+        """``profile`` becomes the second device of an earlier person: anonymous (its own ECID
+        only) until a later event merges the two. Both carry the person's email address as an
+        attribute (not an identity), which ``partition_key_of`` uses: one person, one partition."""
+        if not self.born:
+            return
+        first = self.profiles[self.rng.choice(self.born)]
+        if first is None or first.partner is not None or self.profiles[first.index] is not first:
+            return  # already paired, or merged: this one stays a person of its own
+        profile.identity_map = {"ecid": [{"id": str(self.rng.randrange(10**37, 10**38))}]}
+        profile.attributes["person"] = first.attributes["person"]
+        profile.attributes["personalEmail"] = first.attributes["personalEmail"]
+        profile.partner, first.partner = first, profile
+
+    def _merge_partners(self, profile: _Profile) -> None:
+        """Adobe stitches the person's two profiles: from now on both indexes export one profile
+        with both identity sets and, per segment, the newer of the two memberships."""
+        other = profile.partner
+        assert other is not None
+        for namespace, items in other.identity_map.items():
+            profile.identity_map.setdefault(namespace, []).extend(items)
+        for index, (member, t) in other.segments.items():
+            mine = profile.segments.get(index)
+            if mine is None or t > mine[1]:
+                profile.segments[index] = [member, t]
+        profile.last_t = max(profile.last_t, other.last_t)
+        profile.partner = other.partner = None
+        self.profiles[other.index] = profile
 
     def _new_profile(self, index: int) -> _Profile:
         rng = self.rng
@@ -271,6 +312,11 @@ class _Generator:
                 unseen = [i for i in range(len(self.spec.segments)) if i not in segments]
                 if unseen:
                     segments[rng.choice(unseen)] = [False, t]
+        elif (partner := profile.partner) is not None and partner.born and rng.random() < 0.3:
+            self._merge_partners(profile)
+        elif self.spec.login_rate and "crmid" not in profile.identity_map and rng.random() < self.spec.login_rate:
+            profile.identity_map["crmid"] = [
+                {"id": f"CRM-{profile.index:07d}", "primary": True, "authenticatedState": "authenticated"}]
         elif rng.random() < self.spec.reexport_rate:
             for state in segments.values():  # re-evaluated members may carry a newer qualification time
                 if state[0] and rng.random() < 0.3:
@@ -440,8 +486,9 @@ def generate(spec: StreamSpec) -> Iterator[bytes]:
     return iter(_Generator(spec))
 
 
-def write_jsonl(spec: StreamSpec, path: str | Path) -> StreamTruth:
-    """Write the stream to ``path`` (one record per line) and return what the relay must make of it."""
+def write_jsonl(spec: StreamSpec, path: str | Path, link_namespaces: Collection[str] | None = None) -> StreamTruth:
+    """Write the stream to ``path`` (one record per line) and return what the relay must make of
+    it (``link_namespaces``: with identity linking, see ``expected_changes``)."""
     with open(path, "wb") as handle:
         write = handle.write
 
@@ -451,7 +498,7 @@ def write_jsonl(spec: StreamSpec, path: str | Path) -> StreamTruth:
                 write(b"\n")
                 yield record
 
-        return expected_changes(tee())
+        return expected_changes(tee(), link_namespaces=link_namespaces)
 
 
 # --------------------------------------------------------------------------------------
@@ -558,7 +605,7 @@ def _read(raw: bytes, strict_entries: bool = False
 
 def expected_changes(
     records: Iterable[bytes], key: Callable[[IdentityMap], str] = reference_profile_key, *,
-    strict_entries: bool = False,
+    strict_entries: bool = False, link_namespaces: Collection[str] | None = None,
 ) -> StreamTruth:
     """Apply the DESIGN.md rules to ``records`` in delivery order, one (profile, namespace,
     segment) at a time, and return every change the relay must emit, in order.
@@ -572,10 +619,20 @@ def expected_changes(
     - non-member -> member: enter; member -> non-member: exit
     - first sighting of ``exited``: exit; member -> member: nothing
     - ``realized`` and ``existing`` are members, ``exited`` is not
+
+    ``link_namespaces`` (``identity.mode = "link"``; ``["*"]`` for every namespace): a record
+    belongs to the profile that already owns one of its identities (``namespace:id``, the
+    namespace lower case), whatever its key would be now; a record whose identities belong to
+    several profiles merges them into the one with the smallest key, each segment keeping the
+    membership with the newer time (the survivor's on a tie), before its own entries count.
+    Without it, a profile is ``key(identities)`` alone.
     """
     truth = StreamTruth()
-    stored: dict[tuple[str, str, str], tuple[str, datetime]] = {}
+    stored: dict[str, dict[tuple[str, str], tuple[str, datetime]]] = {}  # profile -> segment -> (status, time)
     profiles: set[str] = set()
+    linking = None if link_namespaces is None else {namespace.lower() for namespace in link_namespaces}
+    owner: dict[str, str] = {}  # identity -> the profile it belongs to
+    identities_of: dict[str, list[str]] = {}  # profile -> its identities
     for raw in records:
         truth.records += 1
         read = _read(raw, strict_entries)
@@ -584,11 +641,24 @@ def expected_changes(
             continue
         identities, entries, dropped = read
         truth.invalid_entries += dropped
-        profile = key(identities)
+        if linking is None:
+            profile = key(identities)
+        else:
+            mine = [f"{namespace.lower()}:{item['id']}" for namespace, items in identities.items()
+                    if "*" in linking or namespace.lower() in linking for item in items]
+            owners = sorted({owner[identity] for identity in mine if identity in owner})
+            profile = owners[0] if owners else key(identities)
+            if len(owners) > 1:
+                truth.merges.append(_merge(profile, owners[1:], stored, owner, identities_of))
+            for identity in mine:
+                if identity not in owner:
+                    owner[identity] = profile
+                    identities_of.setdefault(profile, []).append(identity)
         profiles.add(profile)
+        state = stored.setdefault(profile, {})
         for namespace, segment_id, status, moment in entries:
-            slot = (profile, namespace, segment_id)
-            old = stored.get(slot)
+            slot = (namespace, segment_id)
+            old = state.get(slot)
             if old is not None:
                 old_status, old_moment = old
                 if moment < old_moment:
@@ -597,7 +667,7 @@ def expected_changes(
                 if moment == old_moment and status == old_status:
                     truth.duplicates += 1
                     continue
-            stored[slot] = (status, moment)
+            state[slot] = (status, moment)
             is_member = status in _MEMBER
             was_member = old is not None and old[0] in _MEMBER
             if is_member and not was_member:
@@ -608,3 +678,19 @@ def expected_changes(
                 truth.changes.append((profile, segment_id, "exit", iso_utc(moment)))
     truth.profiles = len(profiles)
     return truth
+
+
+def _merge(survivor: str, absorbed: list[str], stored: dict[str, dict[tuple[str, str], tuple[str, datetime]]],
+           owner: dict[str, str], identities_of: dict[str, list[str]]) -> Merge:
+    """Fold the ``absorbed`` profiles (sorted) into ``survivor``: memberships, then identities."""
+    state = stored.setdefault(survivor, {})
+    for other in absorbed:
+        for slot, value in stored.pop(other, {}).items():
+            old = state.get(slot)
+            if old is None or value[1] > old[1]:
+                state[slot] = value
+        for identity in identities_of.pop(other, []):
+            owner[identity] = survivor
+            identities_of.setdefault(survivor, []).append(identity)
+    newest = max((moment for _, moment in state.values()), default=datetime(1970, 1, 1, tzinfo=UTC))
+    return survivor, tuple(absorbed), iso_utc(newest)

@@ -18,9 +18,15 @@ PUT_BATCH = 500  # the PutRecords maximum
 
 
 def partition_key_of(record: bytes) -> str:
-    """The profile key when the record has one; otherwise a stable key of the bytes (garbage)."""
+    """The person's email address attribute when the record has one (it stays the same when the
+    person logs in, and the generator gives both profiles of a person it later merges the same
+    one: one person, one partition, so their records keep their order); else the profile key;
+    else a stable key of the bytes (garbage)."""
     try:
         document = orjson.loads(record)
+        email = document.get("personalEmail", {}).get("address")
+        if isinstance(email, str) and email:
+            return email[:256]
         return reference_profile_key(document["identityMap"])[:256]
     except Exception:  # noqa: BLE001 - invalid records still need a partition key
         return f"invalid-{hash(record) & 0xFFFF}"

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urlparse
@@ -61,6 +61,8 @@ class ExportSettings:
     legacy_existing_rate: float = 0.0
     plus_0000_rate: float = 0.5
     invalid_rate: float = 0.0
+    login_rate: float = 0.0
+    merge_rate: float = 0.0
     batch_size: int = 100
     start_delay_s: float = 0.1  # mappings usually come in a few PATCHes: start once they settle
 
@@ -248,7 +250,7 @@ class Simulation:
         self._done = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._halted = 0  # the phase asked to stop (it ends at its next batch boundary)
-        self._truth: tuple[int, StreamTruth] | None = None
+        self._truth: tuple[int, Collection[str] | None, StreamTruth] | None = None
 
     @property
     def sent(self) -> int:
@@ -261,9 +263,14 @@ class Simulation:
     @property
     def truth(self) -> StreamTruth:
         """The enter/exit changes the delivered records must produce (``expected_changes``)."""
-        if self._truth is None or self._truth[0] != len(self.records):
-            self._truth = (len(self.records), expected_changes(list(self.records)))
-        return self._truth[1]
+        return self.truth_for(None)
+
+    def truth_for(self, link_namespaces: Collection[str] | None) -> StreamTruth:
+        """``truth`` for a relay that links identities in ``link_namespaces`` (None: key mode)."""
+        if self._truth is None or self._truth[:2] != (len(self.records), link_namespaces):
+            truth = expected_changes(list(self.records), link_namespaces=link_namespaces)
+            self._truth = (len(self.records), link_namespaces, truth)
+        return self._truth[2]
 
     async def wait(self, timeout_s: float = 30.0) -> StreamTruth:
         """Until the current phase completes or has stopped (a stop lets the batch in flight finish,
@@ -483,6 +490,7 @@ class ExportSimulator:
             records=settings.records, duplicate_rate=settings.duplicate_rate, reexport_rate=settings.reexport_rate,
             out_of_order_rate=settings.out_of_order_rate, invalid_rate=settings.invalid_rate,
             legacy_existing_rate=settings.legacy_existing_rate, plus_0000_rate=settings.plus_0000_rate,
+            login_rate=settings.login_rate, merge_rate=settings.merge_rate,
             include_names=target.include_names, include_timestamps=target.include_timestamps,
         )
         attributes = simulation.attributes
