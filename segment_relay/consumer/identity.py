@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..model import IdentityItem
 from .state.base import AliasIndex
@@ -42,6 +43,7 @@ __all__ = ["IdentityResolver", "IdentityStats", "LinkedKey", "aliases_of"]
 IdentityMap = Mapping[str, Sequence[IdentityItem]]
 
 ALL_NAMESPACES = "*"
+_NO_JOINS: list[str] = []  # shared, never changed: a record that merges nothing
 MAX_ROUNDS = 8  # claim rounds per batch: each one settles every alias it claims, so two are the usual most
 
 
@@ -54,9 +56,9 @@ class IdentityStats:
     merges: int = 0  # profiles absorbed into another
 
 
-@dataclass(frozen=True)
-class LinkedKey:
-    """Where one record goes: its profile, and the profiles it merges into it (if any)."""
+class LinkedKey(NamedTuple):
+    """Where one record goes: its profile, and the profiles it merges into it (if any). A named
+    tuple: one is made per record, and a frozen dataclass costs several times as much."""
 
     key: str
     absorbed: tuple[str, ...] = ()  # profiles this record showed to be ``key``'s person
@@ -135,7 +137,19 @@ class IdentityResolver:
         what an earlier one decided, an earlier one keeps the profile it had."""
         plan: list[str] = []
         joins: list[list[str]] = []
+        absorbed = self._absorbed
         for rule_key, aliases in zip(rule_keys, wanted, strict=True):
+            if aliases and not decided:
+                # The usual record: every identity known, all of one live profile.
+                first = owners.get(aliases[0])
+                if first is not None and first not in absorbed:
+                    for alias in aliases[1:]:
+                        if owners.get(alias) != first:
+                            break
+                    else:
+                        plan.append(first)
+                        joins.append(_NO_JOINS)
+                        continue
             joined: list[str] = []
             stored = {key for alias in aliases if (key := owners.get(alias) or claims.get(alias)) is not None}
             if not stored:

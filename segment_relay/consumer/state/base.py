@@ -144,7 +144,18 @@ class AliasIndex(Protocol):
 class RedirectFollowing:
     """``find_profiles`` and ``claim_aliases`` from a store's raw lookups: ``_alias_owners``
     (alias -> the key stored for it), ``_claim_owners`` (the conditional create, answering the
-    stored keys) and ``_redirect_targets`` (absorbed key -> survivor)."""
+    stored keys) and ``_redirect_targets`` (absorbed key -> survivor).
+
+    The raw owners found or claimed are remembered in this process (up to
+    ``ALIAS_CACHE_MAX`` aliases, then forgotten all at once): an alias, once created, only
+    ever changes owner by a merge, and a merge leaves a permanent redirect from the absorbed key,
+    which every lookup still follows in the store. So a remembered owner is never wrong, only
+    possibly one redirect behind, and most of a busy stream's identities need no lookup.
+    (An alias item deleted by hand stays known here until a restart.)"""
+
+    ALIAS_CACHE_MAX = 200_000
+    remember_aliases = True  # False for a store whose lookups are a dict already (memory)
+    _known_owners: dict[str, str] | None = None
 
     async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
         raise NotImplementedError
@@ -158,12 +169,42 @@ class RedirectFollowing:
     async def find_profiles(self, aliases: Collection[str]) -> dict[str, str]:
         if not aliases:
             return {}
-        return await self._follow(await self._alias_owners(list(aliases)))
+        if not self.remember_aliases:
+            return await self._follow(await self._alias_owners(list(aliases)))
+        known = self._known()
+        owners: dict[str, str] = {}
+        missing: list[str] = []
+        for alias in aliases:
+            owner = known.get(alias)
+            if owner is None:
+                missing.append(alias)
+            else:
+                owners[alias] = owner
+        if missing:
+            found = await self._alias_owners(missing)
+            self._remember(found)
+            owners.update(found)
+        return await self._follow(owners)
 
     async def claim_aliases(self, claims: Mapping[str, str]) -> dict[str, str]:
         if not claims:
             return {}
-        return await self._follow(await self._claim_owners(claims))
+        owners = await self._claim_owners(claims)
+        if self.remember_aliases:
+            self._remember(owners)
+        return await self._follow(owners)
+
+    def _known(self) -> dict[str, str]:
+        known = self._known_owners
+        if known is None:
+            known = self._known_owners = {}
+        return known
+
+    def _remember(self, owners: Mapping[str, str]) -> None:
+        known = self._known()
+        if len(known) + len(owners) > self.ALIAS_CACHE_MAX:
+            known.clear()  # cheaper than an LRU per lookup; refilled by the next batches' lookups
+        known.update(owners)
 
     async def _follow(self, owners: dict[str, str]) -> dict[str, str]:
         for _ in range(MAX_REDIRECTS):

@@ -8,6 +8,8 @@ from .base import ProfileState, RedirectFollowing, ScanQueries, SingleProfileAcc
 class MemoryStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
     """State in a dict: for tests, the demo and runs that may start from nothing."""
 
+    remember_aliases = False  # its alias lookups are a dict already
+
     def __init__(self) -> None:
         self._profiles: dict[str, ProfileState] = {}
         self._aliases: dict[str, str] = {}  # alias -> canonical profile key
