@@ -88,7 +88,14 @@ def build_dead_letter(config: RelayConfig) -> DeadLetter:
 
 
 def _eventhubs_source(config: RelayConfig, hub: str) -> Source[Any]:
-    from .consumer.sources.eventhubs import EventHubsSettings, EventHubsSource
+    from .consumer.sources.eventhubs import EventHubsSource
+
+    return EventHubsSource(eventhubs_settings(config, hub))
+
+
+def eventhubs_settings(config: RelayConfig, hub: str) -> Any:
+    """The Event Hubs source's settings: the [eventhubs] section, for ``hub``."""
+    from .consumer.sources.eventhubs import EventHubsSettings
 
     section = config.eventhubs
     secret = section.connection_string.get_secret_value() if section.connection_string is not None else None
@@ -122,7 +129,7 @@ def _eventhubs_source(config: RelayConfig, hub: str) -> Source[Any]:
         lag_interval_s=section.lag_interval_s,
         read_ahead_events=config.pipeline.max_in_flight_records,
     )
-    return EventHubsSource(settings)
+    return settings
 
 
 def build_handlers(config: RelayConfig, extra: list[Handler] | None = None) -> list[Handler]:

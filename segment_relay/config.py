@@ -176,6 +176,9 @@ class EventHubsConfig(_Section):
     )
     fully_qualified_namespace: str | None = Field(None, description="NS.servicebus.windows.net, with an Azure credential")
     consumer_group: str = Field("$Default", min_length=1)
+    dry_run_consumer_group: str | None = Field(
+        None, min_length=1, description="run --dry-run reads through this consumer group (one of its own, "
+                                        "created for it), starting at consumer_group's checkpoints")
     checkpoint_connection_string: SecretStr | None = Field(None, description="Storage account connection string")
     checkpoint_account_url: str | None = Field(None, description="https://ACCOUNT.blob.core.windows.net, with an Azure credential")
     checkpoint_path: str | None = Field(

@@ -11,8 +11,10 @@ What is replaced, and why:
 - the dead letter: kept in memory; the invalid records are counted in the totals.
 
 On Kinesis the shards are read without leases (``KinesisReadOnlySource``), so the replicas
-running on the stream are not disturbed. Event Hubs cannot be dry-run yet: its readers would
-take partition ownership from the running replicas.
+running on the stream are not disturbed. On Event Hubs every partition is read through a
+consumer group of the dry run's own (``eventhubs.dry_run_consumer_group``) with no checkpoint
+store, so no ownership is claimed and no epoch receiver opened, starting after the running
+replicas' checkpoints.
 """
 
 from __future__ import annotations
@@ -41,10 +43,13 @@ CHANGES_OUT = "jsonl:/dev/stdout"
 def dry_run_config(config: RelayConfig) -> RelayConfig:
     """The config a dry run builds its relay from: the changes go to stdout, nowhere else."""
     if config.source.startswith("eventhubs:"):
-        raise ConfigError(
-            f"--dry-run: the source {config.source!r} cannot be dry-run yet: its readers would take partition "
-            "ownership from the running replicas. Capture events to a file (one export per line) and dry-run "
-            "file:PATH, or pipe them to file:-")
+        group = config.eventhubs.dry_run_consumer_group
+        if group is None or group == config.eventhubs.consumer_group:
+            raise ConfigError(
+                "--dry-run on Event Hubs: config field 'eventhubs.dry_run_consumer_group' must name a consumer "
+                f"group other than consumer_group ({config.eventhubs.consumer_group!r}): readers in the running "
+                "replicas' group would take their partitions. Create one for dry runs (az eventhubs eventhub "
+                "consumer-group create --name dry-run ...) and set SEGMENT_RELAY_EVENTHUBS__DRY_RUN_CONSUMER_GROUP")
     return config.model_copy(update={"handlers": [CHANGES_OUT]})
 
 
@@ -57,6 +62,14 @@ def dry_run_source(config: RelayConfig) -> Source[Any]:
         from .consumer.sources.kinesis.read_only import KinesisReadOnlySource
 
         return KinesisReadOnlySource(kinesis_settings(config, arg))  # no leases: see there
+    if kind == "eventhubs":
+        from dataclasses import replace
+
+        from .app import eventhubs_settings
+        from .consumer.sources.eventhubs import EventHubsSource
+
+        settings = replace(eventhubs_settings(config, arg), read_only_consumer_group=config.eventhubs.dry_run_consumer_group)
+        return EventHubsSource(settings)  # no ownership, no checkpoints written: see connection.py
     return DryRunSource(build_source(config))
 
 

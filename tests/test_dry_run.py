@@ -16,11 +16,15 @@ from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
+from azure.storage.blob.aio import BlobServiceClient
 from support import poll, wait_for
 
 from segment_relay.app import Relay
 from segment_relay.config import load_config
 from segment_relay.testing.aws import Emulator
+from segment_relay.testing.azure import Azurite
+from segment_relay.testing.eventhubs.produce import send_exports
+from segment_relay.testing.eventhubs.server import EventHubsEmulator
 from segment_relay.testing.exports import StreamSpec, expected_changes, generate, write_jsonl
 from segment_relay.testing.kinesis import create_stream, put_records
 
@@ -103,13 +107,13 @@ def test_a_dry_run_starts_from_the_stored_state_and_checkpoint_and_leaves_them_a
     assert changes(dry.stdout) == changes((tmp_path / "second.out").read_text())
 
 
-def test_an_event_hub_cannot_be_dry_run_yet(tmp_path: Path) -> None:
+def test_an_event_hub_dry_run_needs_a_consumer_group_of_its_own(tmp_path: Path) -> None:
     config = tmp_path / "relay.toml"
     config.write_text('[eventhubs]\nconnection_string = "Endpoint=sb://ns.example/;SharedAccessKeyName=k;SharedAccessKey=v"\n'
                       'checkpoint_path = "checkpoints.db"\n')
     result = cli("run", "--dry-run", "--config", str(config), "--source", "eventhubs:exports", cwd=tmp_path)
     assert result.returncode == 2
-    assert "would take partition ownership from the running replicas" in result.stderr
+    assert "eventhubs.dry_run_consumer_group" in result.stderr and "SharedAccessKey=v" not in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -129,10 +133,12 @@ def _kinesis_config(tmp_path: Path, kinesalite: Emulator, dynalite: Emulator, ap
 
 
 def _dry_run_until(config: Path, stream: str, cwd: Path, changes_expected: int) -> tuple[str, dict[str, object]]:
-    """A dry run on a stream reads until stopped: stop it (SIGINT) once it printed every change."""
+    """A dry run on a stream reads until stopped: stop it (SIGINT) once it printed every change.
+    ``stream``: a source (``kinesis:NAME``, ``eventhubs:HUB``), or a Kinesis stream's name."""
     out = cwd / "dry-run.out"
+    source = stream if ":" in stream else f"kinesis:{stream}"
     with open(out, "wb") as stdout:
-        process = subprocess.Popen([*CLI, "run", "--dry-run", "--config", str(config), "--source", f"kinesis:{stream}"],
+        process = subprocess.Popen([*CLI, "run", "--dry-run", "--config", str(config), "--source", source],
                                    cwd=cwd, stdout=stdout, stderr=subprocess.PIPE, env=_env())
         try:
             wait_for(lambda: out.read_bytes().count(b"\n") >= changes_expected or process.poll() is not None,
@@ -213,3 +219,55 @@ async def test_a_kinesis_dry_run_resumes_at_the_leases_checkpoints_and_leaves_le
     assert result["records"] == len(second)
     assert await _lease_items(dynalite, f"{application}-leases") == leases_before
     assert digest(tmp_path / "state.db") == state_before
+
+
+# --- Event Hubs: every partition through a consumer group of the dry run's own ----------------------
+
+HUB = "exports"
+
+
+async def _checkpoint_blobs(azurite: Azurite, container: str) -> dict[str, dict[str, str]]:
+    async with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
+        return {blob.name: dict(blob.metadata or {})
+                async for blob in service.get_container_client(container).list_blobs(include=["metadata"])}
+
+
+async def test_an_event_hub_dry_run_starts_at_the_checkpoints_and_leaves_them_and_the_state_alone(
+        azurite: Azurite, tmp_path: Path) -> None:
+    records = list(generate(StreamSpec(seed=37, profiles=120, records=1600)))
+    first, second = records[:800], records[800:]
+    container = f"checkpoints-{uuid.uuid4().hex[:12]}"
+    async with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
+        await service.create_container(container)
+    async with EventHubsEmulator({HUB: 4}) as emulator:
+        config = tmp_path / "relay.toml"
+        config.write_text(
+            f'state = "sqlite:{tmp_path / "state.db"}"\n'
+            f'dead_letter = "{tmp_path / "dead.jsonl"}"\n'
+            f'handlers = ["jsonl:{tmp_path / "handled.jsonl"}"]\n'
+            "[pipeline]\ncheckpoint_interval_s = 0.2\n"
+            f'[eventhubs]\nconnection_string = "{emulator.connection_string(HUB)}"\n'
+            f'checkpoint_connection_string = "{azurite.connection_string}"\n'
+            f'checkpoint_container = "{container}"\nload_balancing_interval_s = 0.5\n'
+            'dry_run_consumer_group = "dry-run"\n')
+        await send_exports(emulator.connection_string(HUB), HUB, first)
+        # A real run over the first half, stopped gracefully: state saved, every partition checkpointed.
+        relay = Relay(load_config(config, source=f"eventhubs:{HUB}"))
+        run = asyncio.create_task(relay.run())
+        try:
+            await poll(lambda: relay.pipeline.records_finished == len(first) or run.done(), "the first half")
+        finally:
+            relay.stop()
+            await asyncio.wait_for(run, 60)
+        await send_exports(emulator.connection_string(HUB), HUB, second)
+        checkpoints_before = await _checkpoint_blobs(azurite, container)
+        assert sum("/checkpoint/" in name for name in checkpoints_before) == 4
+        state_before = digest(tmp_path / "state.db")
+        expected = Counter(expected_changes(records).changes) - Counter(expected_changes(first).changes)
+
+        printed, result = await asyncio.to_thread(_dry_run_until, config, f"eventhubs:{HUB}", tmp_path,
+                                                  sum(expected.values()))
+        assert _as_changes(printed) == expected  # what the next real run would do: the second half's changes
+        assert result["dry_run"] is True and result["records"] == len(second)
+        assert await _checkpoint_blobs(azurite, container) == checkpoints_before  # nor ownership claimed
+        assert digest(tmp_path / "state.db") == state_before

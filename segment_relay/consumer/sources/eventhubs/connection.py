@@ -77,6 +77,12 @@ async def open_clients(settings: EventHubsSettings) -> Clients:
         "load_balancing_strategy": settings.load_balancing_strategy,
         **shared,
     }
+    if settings.read_only_consumer_group is not None:
+        # A dry run: the store is only read (for where to start). Without one the SDK reads every
+        # partition itself, claims no ownership and opens no epoch receiver, so it takes nothing
+        # from the running replicas (who read through another consumer group anyway). Its loop
+        # still sleeps a load-balancing interval between checks, and close() waits for that sleep.
+        options = {"load_balancing_interval": min(settings.load_balancing_interval_s, 1.0), **shared}
     try:
         consumer = _consumer_client(settings, credential, options)
         # The start-up check's own client: one retry, so that a wrong hub fails in about a
@@ -110,13 +116,13 @@ def _consumer_client(settings: EventHubsSettings, credential: Any, options: dict
     from .received import light_consumer_client
 
     EventHubConsumerClient = light_consumer_client(SDKConsumerClient)  # noqa: N806 - a class
+    group = settings.read_only_consumer_group or settings.consumer_group
     if settings.connection_string is not None:
         return EventHubConsumerClient.from_connection_string(
-            settings.connection_string, consumer_group=settings.consumer_group, eventhub_name=settings.hub, **options
+            settings.connection_string, consumer_group=group, eventhub_name=settings.hub, **options
         )
     assert settings.fully_qualified_namespace is not None
-    return EventHubConsumerClient(settings.fully_qualified_namespace, settings.hub, settings.consumer_group,
-                                  credential, **options)
+    return EventHubConsumerClient(settings.fully_qualified_namespace, settings.hub, group, credential, **options)
 
 
 async def _close_consumer(consumer: Any) -> None:

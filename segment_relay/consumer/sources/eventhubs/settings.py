@@ -50,6 +50,9 @@ class EventHubsSettings:
     connection_string: str | None = field(default=None, repr=False)
     fully_qualified_namespace: str | None = None
     consumer_group: str = "$Default"
+    # A dry run: read through this consumer group instead, with no ownership and no checkpoints
+    # written, starting after consumer_group's checkpoints (see EventHubsSource).
+    read_only_consumer_group: str | None = None
     checkpoint_connection_string: str | None = field(default=None, repr=False)
     checkpoint_account_url: str | None = None
     checkpoint_path: str | None = None  # a sqlite file instead of Blob storage (one host)

@@ -150,12 +150,15 @@ class EventHubsSource:
     async def _receive(self, clients: Clients, starting: str | datetime) -> None:
         settings = self.settings
         try:
+            position: Any = starting
+            if settings.read_only_consumer_group is not None:
+                position = await self._after_checkpoints(clients, starting)
             await clients.consumer.receive_batch(
                 self._on_batch,
                 max_batch_size=settings.max_batch_size,
                 max_wait_time=None,
                 prefetch=settings.prefetch,
-                starting_position=starting,
+                starting_position=position,
                 starting_position_inclusive=False,  # also applies to checkpoints: resume after, not at, them
                 on_partition_initialize=self._on_initialize,
                 on_partition_close=self._on_close,
@@ -167,6 +170,16 @@ class EventHubsSource:
             log.exception("event hubs receive loop ended")
             self._failure = exc  # batches() raises it: the relay must not end as if the hub had
             self._stopping.set()
+
+    async def _after_checkpoints(self, clients: Clients, starting: str | datetime) -> dict[str, Any]:
+        """A dry run's start per partition: after the checkpoint of ``consumer_group`` (where a
+        real run resumes; a sequence number), or ``starting`` where there is none."""
+        checkpoints = await clients.checkpoint_store.list_checkpoints(
+            self._namespace(clients), self.settings.hub, self.settings.consumer_group)
+        after = {str(c["partition_id"]): int(c["sequence_number"]) for c in checkpoints
+                 if c.get("sequence_number") is not None}
+        partitions = await clients.probe.get_partition_ids()
+        return {pid: after.get(pid, starting) for pid in partitions}
 
     def stop(self) -> None:
         """Read no more. Partitions stay ours until close(), so the drained work can be checkpointed."""
@@ -303,6 +316,8 @@ class EventHubsSource:
 
     # --- checkpoints ------------------------------------------------------------------
     async def commit(self, partition: str, position: EventPosition) -> None:
+        if self.settings.read_only_consumer_group is not None:
+            return  # a dry run writes nothing
         owned = self._owned.get(partition)
         if owned is None:
             return  # not ours any more: the new owner checkpoints (the pipeline checks the epoch first)
