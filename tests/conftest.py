@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
+from azure.storage.blob import BlobServiceClient
 
 from segment_relay.testing.aws import Emulator, fake_aws_env, running, start_dynalite, start_kinesalite
 from segment_relay.testing.azure import Azurite, running_azurite, start_azurite
@@ -48,3 +50,12 @@ def redis_server() -> Iterator[RedisServer]:
 def azurite() -> Iterator[Azurite]:
     with running_azurite(start_azurite()) as emulator:
         yield emulator
+
+
+@pytest.fixture
+def container(azurite: Azurite) -> str:
+    """A new, empty Blob container on the session's Azurite (for checkpoints): its name."""
+    name = f"checkpoints-{uuid.uuid4().hex[:12]}"
+    with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
+        service.create_container(name)
+    return name

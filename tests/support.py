@@ -29,6 +29,18 @@ async def poll(condition: Callable[[], bool], what: str, timeout_s: float = 30.0
         await asyncio.sleep(0.02)
 
 
+async def run_until_finished(relay: Any, records: int, stop_timeout_s: float = 60.0) -> None:
+    """Run ``relay`` (an ``app.Relay``) until it has finished ``records`` records, then stop it
+    gracefully (its state saved, its position checkpointed); fails if the run ended before."""
+    run = asyncio.create_task(relay.run())
+    try:
+        await poll(lambda: relay.pipeline.records_finished == records or run.done(), f"{records} records finished")
+        assert not run.done(), run
+    finally:
+        relay.stop()
+        await asyncio.wait_for(run, stop_timeout_s)
+
+
 def wait_for(
     condition: Callable[[], bool], what: str, timeout_s: float = 60.0, seen: Callable[[], object] | None = None
 ) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from aiobotocore.session import get_session
 from azure.storage.blob.aio import BlobServiceClient
-from support import poll, wait_for
+from support import run_until_finished, wait_for
 
 from segment_relay.app import Relay
 from segment_relay.config import load_config
@@ -200,14 +200,7 @@ async def test_a_kinesis_dry_run_resumes_at_the_leases_checkpoints_and_leaves_le
     async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
         await create_stream(client, stream, 4)
         await put_records(client, stream, first, in_flight=1)
-        # A real run over the first half, stopped gracefully: state saved, every shard checkpointed.
-        relay = Relay(load_config(config, source=f"kinesis:{stream}"))
-        run = asyncio.create_task(relay.run())
-        try:
-            await poll(lambda: relay.pipeline.records_finished == len(first) or run.done(), "the first half")
-        finally:
-            relay.stop()
-            await asyncio.wait_for(run, 60)
+        await run_until_finished(Relay(load_config(config, source=f"kinesis:{stream}")), len(first))
         await put_records(client, stream, second, in_flight=1)
     leases_before = await _lease_items(dynalite, f"{application}-leases")
     assert leases_before is not None and len(leases_before) == 4
@@ -233,12 +226,9 @@ async def _checkpoint_blobs(azurite: Azurite, container: str) -> dict[str, dict[
 
 
 async def test_an_event_hub_dry_run_starts_at_the_checkpoints_and_leaves_them_and_the_state_alone(
-        azurite: Azurite, tmp_path: Path) -> None:
+        azurite: Azurite, container: str, tmp_path: Path) -> None:
     records = list(generate(StreamSpec(seed=37, profiles=120, records=1600)))
     first, second = records[:800], records[800:]
-    container = f"checkpoints-{uuid.uuid4().hex[:12]}"
-    async with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
-        await service.create_container(container)
     async with EventHubsEmulator({HUB: 4}) as emulator:
         config = tmp_path / "relay.toml"
         config.write_text(
@@ -251,14 +241,7 @@ async def test_an_event_hub_dry_run_starts_at_the_checkpoints_and_leaves_them_an
             f'checkpoint_container = "{container}"\nload_balancing_interval_s = 0.5\n'
             'dry_run_consumer_group = "dry-run"\n')
         await send_exports(emulator.connection_string(HUB), HUB, first)
-        # A real run over the first half, stopped gracefully: state saved, every partition checkpointed.
-        relay = Relay(load_config(config, source=f"eventhubs:{HUB}"))
-        run = asyncio.create_task(relay.run())
-        try:
-            await poll(lambda: relay.pipeline.records_finished == len(first) or run.done(), "the first half")
-        finally:
-            relay.stop()
-            await asyncio.wait_for(run, 60)
+        await run_until_finished(Relay(load_config(config, source=f"eventhubs:{HUB}")), len(first))
         await send_exports(emulator.connection_string(HUB), HUB, second)
         checkpoints_before = await _checkpoint_blobs(azurite, container)
         assert sum("/checkpoint/" in name for name in checkpoints_before) == 4

@@ -8,7 +8,6 @@ own progress; a lower figure written last must not win (see blob_checkpoints.py)
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,7 @@ async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     opened: list[Any] = []
     if request.param == "blob":
         azurite: Azurite = request.getfixturevalue("azurite")
-        container = f"checkpoints-{uuid.uuid4().hex[:12]}"
-        async with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
-            await service.create_container(container)
+        container: str = request.getfixturevalue("container")
 
         def make() -> Any:
             return ForwardOnlyBlobCheckpointStore.from_connection_string(azurite.connection_string, container)
@@ -94,15 +91,6 @@ async def test_partitions_are_kept_apart(open_store: OpenStore) -> None:
     await store.update_checkpoint(checkpoint("1", 3))
     await store.update_checkpoint(checkpoint("0", 5))
     assert await stored(store) == {"0": (9, "900"), "1": (3, "300")}
-
-
-@pytest.fixture
-async def container(azurite: Azurite) -> AsyncIterator[str]:
-    name = f"checkpoints-{uuid.uuid4().hex[:12]}"
-    async with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
-        await service.create_container(name)
-        yield name
-        await service.delete_container(name)
 
 
 async def with_stores(azurite: Azurite, container: str,

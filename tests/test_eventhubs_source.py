@@ -4,7 +4,6 @@ emulator, with the real Blob checkpoint store on Azurite."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -38,14 +37,6 @@ async def emulator() -> AsyncIterator[EventHubsEmulator]:
         yield emu
     finally:
         await emu.stop()
-
-
-@pytest.fixture
-async def container(azurite: Azurite) -> AsyncIterator[str]:
-    name = f"checkpoints-{uuid.uuid4().hex[:12]}"
-    async with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
-        await service.create_container(name)
-        yield name
 
 
 def relay_config(emulator: EventHubsEmulator, azurite: Azurite, container: str, tmp_path: Path,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from aiobotocore.session import get_session
 from prometheus_client import generate_latest
-from support import Change, Collector, Takeover, poll
+from support import Change, Collector, Takeover, poll, run_until_finished
 
 from segment_relay.app import Relay
 from segment_relay.config import load_config
@@ -130,14 +130,8 @@ async def test_throttling_and_an_expired_iterator_are_recovered_with_nothing_los
     collector = Collector()
     config = relay_config(stream_name, tmp_path, kinesalite, dynalite, get_records_limit=100,
                           max_backoff_s=0.05)
-    relay = Relay(config, extra_handlers=[collector.handler()], on_client=faults.attach)
-    run = asyncio.create_task(relay.run())
-    try:
-        await poll(lambda: relay.pipeline.records_finished == len(records) or run.done(), "every record")
-        assert not run.done(), run
-    finally:
-        relay.stop()
-        await asyncio.wait_for(run, 30)
+    await run_until_finished(Relay(config, extra_handlers=[collector.handler()], on_client=faults.attach),
+                             len(records), stop_timeout_s=30)
     assert faults.throttled == 6 and faults.expired == 1
     assert Counter(collector.changes) == Counter(truth.changes)  # exactly once: no loss, no repeat
 
@@ -220,13 +214,7 @@ async def test_get_records_is_paced_per_shard(
 
     config = relay_config(stream_name, tmp_path, kinesalite, dynalite, get_records_limit=50,
                           min_get_records_interval_s=0.1)
-    relay = Relay(config, on_client=attach)
-    run = asyncio.create_task(relay.run())
-    try:
-        await poll(lambda: relay.pipeline.records_finished == len(records) or run.done(), "every record")
-    finally:
-        relay.stop()
-        await asyncio.wait_for(run, 30)
+    await run_until_finished(Relay(config, on_client=attach), len(records), stop_timeout_s=30)
     assert len(calls) >= 6  # 300 records, 50 a call
     gaps = [later - earlier for earlier, later in zip(calls, calls[1:], strict=False)]
     assert min(gaps) >= 0.1 - 0.005, gaps
