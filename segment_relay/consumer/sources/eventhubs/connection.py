@@ -70,14 +70,16 @@ async def open_clients(settings: EventHubsSettings) -> Clients:
         )
     clients.push_async_callback(store.close)
     shared = {**shared_tls(settings.client_options), **settings.client_options}
-    options: dict[str, Any] = {
-        "checkpoint_store": store,
-        "load_balancing_interval": settings.load_balancing_interval_s,
-        "partition_ownership_expiration_interval": settings.ownership_expiration,
-        "load_balancing_strategy": settings.load_balancing_strategy,
-        **shared,
-    }
-    if settings.read_only_consumer_group is not None:
+    options: dict[str, Any]
+    if settings.read_only_consumer_group is None:
+        options = {
+            "checkpoint_store": store,
+            "load_balancing_interval": settings.load_balancing_interval_s,
+            "partition_ownership_expiration_interval": settings.ownership_expiration,
+            "load_balancing_strategy": settings.load_balancing_strategy,
+            **shared,
+        }
+    else:
         # A dry run: the store is only read (for where to start). Without one the SDK reads every
         # partition itself, claims no ownership and opens no epoch receiver, so it takes nothing
         # from the running replicas (who read through another consumer group anyway). Its loop
