@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RelayConfig, connection_string_fields
+from .consumer.claims import ProfileClaimer
 from .consumer.deadletter import DeadLetter, JsonlDeadLetter, StdoutDeadLetter
 from .consumer.identity import IdentityResolver
 from .consumer.pipeline import Pipeline, PipelineSettings
@@ -20,7 +21,7 @@ from .consumer.profile_key import ProfileKeyRule
 from .consumer.sources.base import Source
 from .consumer.sources.file import FileSource
 from .consumer.state import MembershipStore, open_store
-from .consumer.state.base import AliasIndex
+from .consumer.state.base import AliasIndex, ProfileClaims
 from .handlers.api import Handler
 from .handlers.circuit import CircuitSettings
 from .handlers.loader import HandlerSpecError, load_handler
@@ -189,10 +190,17 @@ class Relay:
                 raise ConfigError(f"config field 'identity.mode': the state store {self.store!r} keeps no "
                                   "identity links; use identity.mode = \"key\" with it")
             identity = IdentityResolver(self.store, config.identity.link_namespaces)
+        claims: ProfileClaimer | None = None
+        if config.claims.enabled_for(config.state):
+            if not isinstance(self.store, ProfileClaims):
+                raise ConfigError(f"config field 'claims.mode': the state store {self.store!r} cannot hold profile "
+                                  "claims; use claims.mode = \"off\" with it")
+            claims = ProfileClaimer(self.store, config.claims.ttl_s)
         self.pipeline = Pipeline(
             self.source, self.store, self.router, self.dead_letter,
             key_rule=ProfileKeyRule(config.identity.namespace_priority, config.identity.prefer_primary),
             identity=identity,
+            claims=claims,
             settings=PipelineSettings(
                 **pipeline_settings,
                 segment_filter=frozenset(config.segments) if config.segments else None,

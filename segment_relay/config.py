@@ -67,6 +67,20 @@ class IdentityConfig(_Section):
         return value
 
 
+class ClaimsConfig(_Section):
+    mode: Literal["auto", "on", "off"] = Field(
+        "auto", description="Claim each profile in the state store while a replica works on it, so two replicas "
+                            "never fire one change twice; auto: on with dynamodb and redis (stores replicas share), "
+                            "off with memory and sqlite (turn it on when replicas share one sqlite file)")
+    ttl_s: float = Field(60.0, ge=5, description="A claim a dead replica leaves is free again after this long "
+                                                 "(renewed every third of it while in use)")
+
+    def enabled_for(self, state: str) -> bool:
+        if self.mode != "auto":
+            return self.mode == "on"
+        return state.startswith(("dynamodb:", "redis://", "rediss://"))
+
+
 class PipelineConfig(_Section):
     concurrency: int = Field(64, ge=1, description="Calls in flight per single-change handler (one per profile)")
     max_in_flight_records: int = Field(10_000, ge=1, description="Records read but not finished, at most")
@@ -263,6 +277,7 @@ class RelayConfig(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     identity: IdentityConfig = Field(default_factory=lambda: IdentityConfig())
+    claims: ClaimsConfig = Field(default_factory=lambda: ClaimsConfig())
     pipeline: PipelineConfig = Field(default_factory=lambda: PipelineConfig())
     retry: RetryConfig = Field(default_factory=lambda: RetryConfig())
     batch: BatchConfig = Field(default_factory=lambda: BatchConfig())

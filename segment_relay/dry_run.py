@@ -146,6 +146,13 @@ class DryRunStore(SingleProfileAccess):
         stored = await inner.aliases_of(profile_key) if inner is not None else []
         return sorted({*stored, *await self._links.aliases_of(profile_key)})
 
+    # --- profile claims: granted at once, written nowhere (a dry run changes nothing others see) --
+    async def claim_profiles(self, keys: Collection[str], owner: str, ttl_s: float) -> set[str]:
+        return set(keys)
+
+    async def release_profiles(self, keys: Collection[str], owner: str) -> None:
+        pass
+
     async def flush(self) -> None:
         pass  # nothing is written
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiobotocore.session import get_session
@@ -24,6 +26,7 @@ from test_dead_letter_sinks import entries_in, s3_bucket, s3_objects
 
 from segment_relay.consumer.export import InvalidRecord, parse_export
 from segment_relay.consumer.profile_key import ProfileKeyRule
+from segment_relay.consumer.state import DynamoDBStore
 from segment_relay.testing.aws import Emulator
 from segment_relay.testing.exports import StreamSpec, expected_changes, generate
 from segment_relay.testing.kinesis import create_stream, put_records
@@ -34,8 +37,11 @@ class Cluster(ReplicaProcesses):
     """Replicas of one application over one stream."""
 
     def __init__(self, tmp_path: Path, kinesalite: Emulator, dynalite: Emulator, stream: str,
-                 lease_duration_s: float, s3: tuple[S3Server, str] | None = None) -> None:
+                 lease_duration_s: float, s3: tuple[S3Server, str] | None = None, state: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         super().__init__(tmp_path)
+        self.state = state or f"sqlite:{tmp_path / 'state.sqlite'}"
+        self.env = env or {}
         self.kinesalite = kinesalite
         self.dynalite = dynalite
         self.stream = stream
@@ -54,6 +60,7 @@ class Cluster(ReplicaProcesses):
             "SEGMENT_RELAY_KINESIS__IDLE_WAIT_S": "0.05",
             "SEGMENT_RELAY_KINESIS__SHARD_SYNC_INTERVAL_S": "0.5",
             "SEGMENT_RELAY_PIPELINE__CHECKPOINT_INTERVAL_S": "0.2",
+            **self.env,
         })
         dead_letter = str(self.tmp_path / f"dl-{name}.jsonl")
         if self.s3 is not None:
@@ -61,7 +68,7 @@ class Cluster(ReplicaProcesses):
             dead_letter = f"s3://{bucket}/dl"
             env.update(SEGMENT_RELAY_DEAD_LETTER_SINK__S3_ENDPOINT_URL=server.endpoint,
                        SEGMENT_RELAY_DEAD_LETTER_SINK__WORKER=name)
-        self.spawn(name, ["--source", f"kinesis:{self.stream}", "--state", f"sqlite:{self.tmp_path / 'state.sqlite'}",
+        self.spawn(name, ["--source", f"kinesis:{self.stream}", "--state", self.state,
                           "--handler", f"jsonl:{self.output(name)}", "--dead-letter", dead_letter], env)
 
     def owners(self) -> Counter[str | None]:
@@ -79,8 +86,9 @@ class Cluster(ReplicaProcesses):
 def make_cluster(tmp_path: Path, kinesalite: Emulator, dynalite: Emulator) -> Iterator[Callable[..., Cluster]]:
     clusters: list[Cluster] = []
 
-    def make(stream: str, lease_duration_s: float, s3: tuple[S3Server, str] | None = None) -> Cluster:
-        cluster = Cluster(tmp_path, kinesalite, dynalite, stream, lease_duration_s, s3)
+    def make(stream: str, lease_duration_s: float, s3: tuple[S3Server, str] | None = None,
+             state: str | None = None, env: dict[str, str] | None = None) -> Cluster:
+        cluster = Cluster(tmp_path, kinesalite, dynalite, stream, lease_duration_s, s3, state, env)
         clusters.append(cluster)
         return cluster
 
@@ -190,6 +198,75 @@ def test_two_replicas_starting_together_hand_shards_over_and_repeat_nothing(
         assert cluster.wait(name) == 0, cluster.log(name)
     logs = cluster.log("a") + cluster.log("b")
     assert "stealing the lease" not in logs and '"lease stolen"' not in logs  # handed over, not stolen
+
+
+def _person(index: int, *, email: bool, silver: str, at: str) -> bytes:
+    identities: dict[str, Any] = {"ECID": [{"id": f"e{index}"}]}
+    if email:  # the same person, now known by a (primary) email too: another partition key, another shard
+        identities["Email"] = [{"id": f"x{index}", "primary": True}]
+    return json.dumps({"identityMap": identities, "segmentMembership": {"ups": {
+        "gold": {"status": "realized", "lastQualificationTime": "2026-11-01T10:00:00Z"},
+        "silver": {"status": silver, "lastQualificationTime": at}}}}).encode()
+
+
+def test_two_replicas_racing_on_one_persons_exports_on_two_shards_fire_each_change_once(
+    kinesalite: Emulator, dynalite: Emulator, make_cluster: Callable[..., Cluster]
+) -> None:
+    # Adobe's partition key is not documented: here every person's export arrives on both shards
+    # at once (the second one also carrying their email), and a replica reads each shard. Both
+    # replicas would diff the person at the same moment; the profile claims in the shared
+    # DynamoDB store let one go first, and the other then sees its saved state.
+    stream, table = f"exports-{uuid.uuid4().hex[:8]}", f"state-{uuid.uuid4().hex[:8]}"
+    people = range(250)
+    cluster = make_cluster(stream, lease_duration_s=4.0, state=f"dynamodb:{table}",
+                           env={"AWS_ENDPOINT_URL_DYNAMODB": dynalite.endpoint, "SEGMENT_RELAY_IDENTITY__MODE": "link"})
+    load(kinesalite, stream, [], create_shards=2)
+    cluster.start("a")
+    cluster.start("b")
+    wait_for(lambda: sorted(cluster.owners().values()) == [1, 1], "two replicas to own a shard each", timeout_s=60)
+    later = "2026-11-02T10:00:00Z"
+    first = [(_person(i, email=False, silver="realized", at="2026-11-01T10:00:00Z"), "0") for i in people]
+    second = [(_person(i, email=True, silver="realized", at="2026-11-01T10:00:00Z"), str(2**127 + 1)) for i in people]
+    exits = [(_person(i, email=True, silver="exited", at=later), str(2**127 + 1)) for i in people]
+    put_to_shards(kinesalite, stream, [r for pair in zip(first, second, strict=True) for r in pair])
+    put_to_shards(kinesalite, stream, exits)
+
+    def per_person() -> Counter[tuple[int, str, str]]:
+        return Counter((int(key.partition(":")[2][1:]), segment, change)
+                       for (key, segment, change, _), count in changes_in(cluster.outputs).items() for _ in range(count))
+
+    truth = Counter({(i, segment, change): 1 for i in people
+                     for segment, change in (("gold", "enter"), ("silver", "enter"), ("silver", "exit"))})
+    wait_for(lambda: not truth - per_person(), "every person's three changes", seen=lambda: truth - per_person())
+    for name in ("a", "b"):
+        cluster.signal(name, signal.SIGTERM)
+    for name in ("a", "b"):
+        assert cluster.wait(name) == 0, cluster.log(name)
+    assert per_person() == truth, "a change was fired twice"  # after both stopped: nothing is still coming
+    owners = asyncio.run(canonical_profiles(dynalite, table, people))
+    assert all(len(keys) == 1 for keys in owners.values()), {i: k for i, k in owners.items() if len(k) != 1}
+
+
+async def canonical_profiles(dynalite: Emulator, table: str, people: range) -> dict[int, set[str]]:
+    store = DynamoDBStore(table, endpoint_url=dynalite.endpoint)
+    await store.open()
+    try:
+        return {i: set((await store.find_profiles([f"ecid:e{i}", f"email:x{i}"])).values()) for i in people}
+    finally:
+        await store.close()
+
+
+def put_to_shards(kinesalite: Emulator, stream: str, records: list[tuple[bytes, str]]) -> None:
+    """Put ``(data, explicit hash key)`` records in one request each 500, in order."""
+    async def run() -> None:
+        async with get_session().create_client("kinesis", endpoint_url=kinesalite.endpoint) as client:
+            for start in range(0, len(records), 500):
+                pending = [{"Data": data, "PartitionKey": "p", "ExplicitHashKey": hash_key}
+                           for data, hash_key in records[start:start + 500]]
+                response = await client.put_records(StreamName=stream, Records=pending)
+                assert not response.get("FailedRecordCount"), response
+
+    asyncio.run(run())
 
 
 @pytest.mark.parametrize("kills", [6, pytest.param(20, marks=[pytest.mark.long, pytest.mark.timeout(900)])])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -223,12 +224,12 @@ async def test_sqlite_failed_flush_loses_nothing(tmp_path: Path, monkeypatch: py
     calls = 0
     real_write = store._write
 
-    def flaky_write(rows: list[tuple[str, str, str, str, int]], redirects: dict[str, str]) -> None:
+    def flaky_write(rows: list[tuple[str, str, str, str, int]], *rest: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise OSError("transient")
-        real_write(rows, redirects)
+        real_write(rows, *rest)
 
     monkeypatch.setattr(store, "_write", flaky_write)
     await store.save("p", {K: m(REALIZED, 1)})
@@ -567,3 +568,65 @@ async def test_two_stores_claiming_one_identity_agree_on_its_owner(claimants: li
         owner = answers[0][shared]
         assert await first.find_profiles([shared]) == {shared: owner}
         assert shared in await second.aliases_of(owner)
+
+
+# --- profile claims (state.exclusive profiles between replicas) ---------------------------------
+
+
+async def test_profile_claims_go_to_one_owner_and_only_the_owner_renews_or_frees_them(claimants: list[Any]) -> None:
+    first, second = claimants
+    assert await first.claim_profiles(["p", "q"], "one", 60) == {"p", "q"}
+    assert await second.claim_profiles(["p", "r"], "two", 60) == {"r"}  # p is one's
+    assert await first.claim_profiles(["p"], "one", 60) == {"p"}  # its own again: renewed
+    await second.release_profiles(["p"], "two")  # not two's to free
+    assert await second.claim_profiles(["p"], "two", 60) == set()
+    await first.release_profiles(["p", "q"], "one")
+    await first.flush()  # sqlite frees them with the commit that makes the state visible
+    assert await second.claim_profiles(["p", "q"], "two", 60) == {"p", "q"}
+
+
+async def test_racing_profile_claims_leave_each_profile_with_one_owner(claimants: list[Any]) -> None:
+    first, second = claimants
+    keys = [f"p{i}" for i in range(40)]
+    one, two = await asyncio.gather(first.claim_profiles(keys, "one", 60), second.claim_profiles(keys[::-1], "two", 60))
+    assert one | two == set(keys) and not one & two
+
+
+async def test_a_claim_its_owner_never_freed_expires(claimants: list[Any]) -> None:
+    first, second = claimants
+    assert await first.claim_profiles(["p"], "dead", 0.05) == {"p"}
+    deadline = time.monotonic() + 10
+    while not await second.claim_profiles(["p"], "alive", 60):  # poll: the store's clock decides
+        assert time.monotonic() < deadline, "the dead owner's claim never expired"
+        await asyncio.sleep(0.05)
+    assert await first.claim_profiles(["p"], "dead", 60) == set()
+
+
+async def test_the_memory_store_keeps_claims_for_pipelines_sharing_it() -> None:
+    store = MemoryStore()
+    assert await store.claim_profiles(["p"], "one", 60) == {"p"}
+    assert await store.claim_profiles(["p"], "two", 60) == set()
+    await store.release_profiles(["p"], "one")
+    assert await store.claim_profiles(["p"], "two", 60) == {"p"}
+
+
+async def test_sqlite_frees_a_claim_only_with_the_flush_that_commits_the_state(tmp_path: Path) -> None:
+    first, second = SqliteStore(tmp_path / "state.db"), SqliteStore(tmp_path / "state.db")
+    await first.open()
+    await second.open()
+    try:
+        assert await first.claim_profiles(["p"], "one", 60) == {"p"}
+        await first.save("p", {K: m(REALIZED, 1)})
+        await first.release_profiles(["p"], "one")
+        assert await second.claim_profiles(["p"], "two", 60) == set()  # the state is not visible yet
+        await first.flush()
+        assert await second.claim_profiles(["p"], "two", 60) == {"p"}
+        assert await second.load("p") == {K: m(REALIZED, 1)}
+        # Released, then claimed again by its owner before the flush: the flush keeps it.
+        await second.release_profiles(["p"], "two")
+        assert await second.claim_profiles(["p"], "two", 60) == {"p"}
+        await second.flush()
+        assert await first.claim_profiles(["p"], "one", 60) == set()
+    finally:
+        await first.close()
+        await second.close()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -49,6 +50,7 @@ from ..model import (
     change_id_for,
     merge_id_for,
 )
+from .claims import ProfileClaimer
 from .deadletter import DeadLetter
 from .export import InvalidEntry, InvalidRecord, LazyAttributes, ProfileExport, parse_export
 from .identity import IdentityResolver, IdentityStats, LinkedKey
@@ -62,6 +64,11 @@ from .stored import SegmentKey, StoredMembership
 log = logging.getLogger(__name__)
 
 _EAGER_CHECKPOINTS_S = 10.0  # how long checkpoint_soon() makes every finished step checkpoint
+
+
+def _claim_backoff_s(attempt: int) -> float:
+    """How long a step waits for profiles another replica holds: 20 ms, doubling to 1 s, jittered."""
+    return min(1.0, 0.02 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 IdentityMap = Mapping[str, Sequence[IdentityItem]]
 
@@ -241,9 +248,11 @@ class Pipeline:
         key_rule: ProfileKeyRule | None = None,
         settings: PipelineSettings | None = None,
         identity: IdentityResolver | None = None,
+        claims: ProfileClaimer | None = None,
     ) -> None:
         """``identity``: link profiles through their identities (identity.mode "link"); without
-        it a profile is its key by ``key_rule`` alone."""
+        it a profile is its key by ``key_rule`` alone. ``claims``: claim each profile in the
+        store before loading it (state.exclusive_profiles), for replicas sharing the store."""
         self.source = source
         self.store = store
         self.sink = sink
@@ -251,6 +260,7 @@ class Pipeline:
         self.key_rule = key_rule or ProfileKeyRule()
         self.settings = settings or PipelineSettings()
         self.identity = identity
+        self.claims = claims
         self._merge_waiting = False  # the reader waits for profiles a merge absorbs to be free
         self._released = asyncio.Event()  # set whenever profiles are released while it waits
         self._partitions: dict[str, _Partition] = {}
@@ -297,6 +307,7 @@ class Pipeline:
             await self.sink.start()
             await self.source.start(self)
             checkpointer = asyncio.create_task(self._checkpoint_periodically(), name="checkpointer")
+            sweeper = asyncio.create_task(self.claims.run(), name="claims") if self.claims is not None else None
             self.running = True
             try:
                 await self._read()
@@ -307,6 +318,9 @@ class Pipeline:
                     checkpointer.cancel()
                 await asyncio.gather(checkpointer, return_exceptions=True)
                 await self._cancel_steps()
+                if sweeper is not None:
+                    sweeper.cancel()
+                    await asyncio.gather(sweeper, return_exceptions=True)
             if self._failure is None:
                 await self._final_checkpoint()
         finally:
@@ -346,7 +360,10 @@ class Pipeline:
         await asyncio.gather(*steps, return_exceptions=True)
 
     async def _close(self) -> None:
-        for closer in (self.sink.close, self.source.close, self.dead_letter.close, self.store.close):
+        closers = [self.sink.close, self.source.close, self.dead_letter.close, self.store.close]
+        if self.claims is not None:
+            closers.insert(3, self.claims.close)  # before the store: it frees them in the store
+        for closer in closers:
             try:
                 await closer()
             except Exception:  # noqa: BLE001 - close everything we can, then report
@@ -555,8 +572,9 @@ class Pipeline:
 
     def _start_step(self, groups: dict[str, list[_Item]],
                     invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None,
-                    entries: list[tuple[SourceRecord[Any], InvalidEntry, IdentityMap]] | None = None) -> None:
-        task = asyncio.create_task(self._run_step(groups, invalid, part, entries), name="pipeline-step")
+                    entries: list[tuple[SourceRecord[Any], InvalidEntry, IdentityMap]] | None = None,
+                    claim_attempt: int = 0) -> None:
+        task = asyncio.create_task(self._run_step(groups, invalid, part, entries, claim_attempt), name="pipeline-step")
         self._steps.add(task)
         self._idle.clear()
         task.add_done_callback(self._step_done)
@@ -571,9 +589,16 @@ class Pipeline:
     # --- a step -----------------------------------------------------------------------------------
     async def _run_step(self, groups: dict[str, list[_Item]],
                         invalid: list[tuple[SourceRecord[Any], int, InvalidRecord]], part: _Partition | None,
-                        entries: list[tuple[SourceRecord[Any], InvalidEntry, IdentityMap]] | None = None) -> None:
+                        entries: list[tuple[SourceRecord[Any], InvalidEntry, IdentityMap]] | None = None,
+                        claim_attempt: int = 0) -> None:
+        """``claim_attempt``: how often these profiles were found claimed by another replica."""
         released: set[str] = set()
+        claimed: dict[str, list[str]] = {}  # profile -> the claims it gives back when it is done
+        shared: list[str] = []  # claims several of the step's profiles need: given back at its end
         try:
+            if claim_attempt:
+                await asyncio.sleep(_claim_backoff_s(claim_attempt))
+                self._drop_revoked(groups)
             if invalid:
                 assert part is not None
                 await self._reject(invalid, part)
@@ -581,11 +606,38 @@ class Pipeline:
                 # Written before their records finish, so before a checkpoint passes them.
                 assert part is not None
                 await self._reject_entries(entries, part)
+            if groups and self.claims is not None:
+                await self._claim(groups, claimed, shared, claim_attempt)
             if groups:
-                await self._process(groups, released)
+                await self._process(groups, released, claimed)
         finally:
+            if self.claims is not None:
+                self.claims.give_back([*shared, *(key for keys in claimed.values() for key in keys)])
             if len(released) < len(groups):  # cancelled or failed: free the profiles all the same
                 self._continue([key for key in groups if key not in released])
+
+    async def _claim(self, groups: dict[str, list[_Item]], claimed: dict[str, list[str]], shared: list[str],
+                     attempt: int) -> None:
+        """Claim the step's profiles (and those its merges absorb) in the shared store. A profile
+        another replica holds leaves ``groups`` for a later step that tries again (its records
+        keep their place: the profile stays busy here, so its next records queue behind them)."""
+        assert self.claims is not None
+        needs = {key: [key, *{k for item in items if item.merge is not None for k in item.merge.absorbed}]
+                 for key, items in groups.items() if items}
+        wanted = {k for keys in needs.values() for k in keys}
+        taken = await self._retry_store("claim", lambda: self.claims.take(wanted), groups,  # type: ignore[union-attr]
+                                        groups.keys())
+        if taken is _REVOKED:
+            return
+        blocked = {key: groups.pop(key) for key, keys in needs.items() if not all(k in taken for k in keys)}
+        users = Counter(k for key, keys in needs.items() if key not in blocked for k in keys)
+        self.claims.give_back(k for k in taken if k not in users)  # partly claimed merges: try again whole
+        for key, keys in needs.items():
+            if key not in blocked:
+                claimed[key] = [k for k in keys if users[k] == 1]
+        shared.extend(k for k, count in users.items() if count > 1)
+        if blocked:
+            self._start_step(blocked, [], None, claim_attempt=attempt + 1)
 
     def _continue(self, keys: list[str]) -> None:
         """These profiles are free again; the records that waited for them form the next step."""
@@ -600,7 +652,8 @@ class Pipeline:
         if following and not self._closing:
             self._start_step(following, [], None)
 
-    async def _process(self, groups: dict[str, list[_Item]], released: set[str]) -> None:
+    async def _process(self, groups: dict[str, list[_Item]], released: set[str],
+                       claimed: dict[str, list[str]]) -> None:
         """Load, diff, hand over; then, profile by profile as each one's changes are done, save
         its new state and finish its records (a slow profile holds up nobody else)."""
         seen = self._revocations
@@ -625,12 +678,14 @@ class Pipeline:
                 if ready:
                     await self._save_and_finish(ready, groups, saves, seen)
                     released.update(ready)
+                    if claimed:  # saved: another replica may load these profiles now
+                        self.claims.give_back(k for key in ready for k in claimed.pop(key, ()))  # type: ignore[union-attr]
                     self._continue(ready)
                 if len(released) == len(groups):
                     return
                 await completion.wait()
         released.update(groups)
-        self._continue(list(groups))
+        self._continue(list(groups))  # (revoked while loading: the claims are given back by the step)
 
     async def _save_and_finish(self, keys: list[str], groups: dict[str, list[_Item]],
                                saves: dict[str, dict[SegmentKey, StoredMembership]], seen: int) -> None:

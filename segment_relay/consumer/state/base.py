@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from ..stored import SegmentKey, StoredMembership
 
-__all__ = ["AliasIndex", "MembershipStore", "ProfileState", "RedirectFollowing", "ScanQueries", "SingleProfileAccess",
+__all__ = ["AliasIndex", "MembershipStore", "ProfileClaims", "ProfileState", "RedirectFollowing", "ScanQueries", "SingleProfileAccess",
            "StateQueries", "StoreStats", "Updates", "Wanted"]
 
 ProfileState = dict[SegmentKey, StoredMembership]
@@ -215,3 +215,25 @@ class RedirectFollowing:
                 return owners
             owners = {alias: targets.get(key, key) for alias, key in owners.items()}
         return owners
+
+
+# --- profile claims (replicas sharing a store) ---------------------------------------------------
+@runtime_checkable
+class ProfileClaims(Protocol):
+    """Short leases on profiles, so that two replicas never diff one profile at the same time.
+
+    Adobe's partition key is not documented, so exports of one person can land on two shards
+    read by two replicas. Both would load the same state, and both would fire the same
+    ``enter``. A replica therefore claims a profile before it loads it and gives the claim up
+    only after the profile's new state is saved (visible to the others); a replica that finds
+    it claimed waits and loads the saved state afterwards.
+
+    ``claim_profiles`` is a conditional write per key: a key that is free, expired, or already
+    ``owner``'s becomes ``owner``'s for ``ttl_s`` (claiming one's own again renews it); the
+    answer is the keys ``owner`` now holds. ``release_profiles`` frees the keys ``owner`` still
+    holds (never another's); a store whose saves become visible only at ``flush`` frees them
+    with the next flush. A replica that dies without releasing is waited for until ``ttl_s``."""
+
+    async def claim_profiles(self, keys: Collection[str], owner: str, ttl_s: float) -> set[str]: ...
+
+    async def release_profiles(self, keys: Collection[str], owner: str) -> None: ...

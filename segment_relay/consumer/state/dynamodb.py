@@ -42,8 +42,15 @@ segment's does, so a profile's Query and the Scans tell them apart)::
 A claim is a PutItem conditioned on ``attribute_not_exists(profileKey)``: the first replica to claim
 an identity owns it, a later one reads the owner back (strongly consistent GetItem).
 
+Profile claims (``ProfileClaims``: replicas never diff one profile at once) are one more item in the
+profile's partition, written by a conditional PutItem and freed by a conditional DeleteItem, each
+request of a call concurrently::
+
+    profileKey = PROFILE KEY  segment = "@claim"  owner S, expiresAtMs N (wall clock; replicas'
+                                                  clocks must agree to well within the TTL)
+
 IAM: dynamodb:DescribeTable, Query, BatchGetItem, UpdateItem, PutItem, GetItem and DeleteItem on
-the table (the last three for identity linking), and CreateTable if it may be missing;
+the table (the last three for identity linking and profile claims), and CreateTable if it may be missing;
 ``segment-relay state`` needs DescribeTable, Query and Scan (``members`` and ``stats`` Scan the whole
 table: the table is keyed by profile, so nothing narrower can answer a question by segment).
 """
@@ -57,7 +64,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -88,6 +95,9 @@ ALIAS_SK = "@alias"
 ALIASES_SK = "@aliases"
 REDIRECT_SK = "@redirect"
 _CLAIM_FREE = "attribute_not_exists(#pk)"
+CLAIM_SK = "@claim"
+_PROFILE_CLAIMABLE = "attribute_not_exists(#pk) OR #owner = :owner OR #expires < :now"
+_CLAIM_NAMES = {"#pk": HASH_KEY, "#owner": "owner", "#expires": "expiresAtMs"}
 _POINTER_NAMES = {"#pk": HASH_KEY, "#profile": "profile"}
 
 THROTTLING_CODES = frozenset({"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"})
@@ -460,6 +470,41 @@ class DynamoDBStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         await self._run_bounded(
             partial(self._call, self._client.delete_item, TableName=self.table, Key=_item_key(absorbed, sort_key))
             for sort_key in doomed)
+
+    # --- profile claims ------------------------------------------------------------------------
+    async def claim_profiles(self, keys: Collection[str], owner: str, ttl_s: float) -> set[str]:
+        assert self._client is not None, "store not opened"
+        held: set[str] = set()
+        now_ms = int(time.time() * 1000)
+        await self._run_bounded(partial(self._claim_profile, key, owner, now_ms, now_ms + int(ttl_s * 1000), held)
+                                for key in keys)
+        return held
+
+    async def _claim_profile(self, key: str, owner: str, now_ms: int, expires_ms: int, held: set[str]) -> None:
+        try:
+            await self._call(
+                self._client.put_item, TableName=self.table,
+                Item={**_item_key(key, CLAIM_SK), "owner": {"S": owner}, "expiresAtMs": {"N": str(expires_ms)}},
+                ConditionExpression=_PROFILE_CLAIMABLE, ExpressionAttributeNames=_CLAIM_NAMES,
+                ExpressionAttributeValues={":owner": {"S": owner}, ":now": {"N": str(now_ms)}})
+        except ClientError as exc:
+            if _error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return  # another replica holds it
+        held.add(key)
+
+    async def release_profiles(self, keys: Collection[str], owner: str) -> None:
+        assert self._client is not None, "store not opened"
+        await self._run_bounded(partial(self._release_profile, key, owner) for key in keys)
+
+    async def _release_profile(self, key: str, owner: str) -> None:
+        try:
+            await self._call(self._client.delete_item, TableName=self.table, Key=_item_key(key, CLAIM_SK),
+                             ConditionExpression="#owner = :owner", ExpressionAttributeNames={"#owner": "owner"},
+                             ExpressionAttributeValues={":owner": {"S": owner}})
+        except ClientError as exc:
+            if _error_code(exc) != "ConditionalCheckFailedException":
+                raise  # else: expired and taken by another replica, or gone: not ours to free
 
     async def aliases_of(self, profile_key: str) -> list[str]:
         item = await self._get_item(profile_key, ALIASES_SK, "#aliases", {"#aliases": "aliases"})

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Collection, Mapping
 
 from .base import ProfileState, RedirectFollowing, ScanQueries, SingleProfileAccess, Updates, Wanted
 
@@ -14,6 +15,7 @@ class MemoryStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         self._profiles: dict[str, ProfileState] = {}
         self._aliases: dict[str, str] = {}  # alias -> canonical profile key
         self._redirects: dict[str, str] = {}  # absorbed profile key -> survivor
+        self._claims: dict[str, tuple[str, float]] = {}  # profile key -> (owner, monotonic expiry)
 
     async def open(self) -> None:
         pass
@@ -65,6 +67,25 @@ class MemoryStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
 
     async def aliases_of(self, profile_key: str) -> list[str]:
         return sorted(alias for alias, key in self._aliases.items() if key == profile_key)
+
+    # --- profile claims (pipelines sharing this store in one process, as tests do) -------------
+    async def claim_profiles(self, keys: Collection[str], owner: str, ttl_s: float) -> set[str]:
+        now = time.monotonic()
+        claims = self._claims
+        held: set[str] = set()
+        for key in keys:
+            current = claims.get(key)
+            if current is None or current[0] == owner or current[1] < now:
+                claims[key] = (owner, now + ttl_s)
+                held.add(key)
+        return held
+
+    async def release_profiles(self, keys: Collection[str], owner: str) -> None:
+        claims = self._claims
+        for key in keys:
+            current = claims.get(key)
+            if current is not None and current[0] == owner:
+                del claims[key]
 
     async def profiles(self) -> AsyncIterator[tuple[str, ProfileState]]:
         for profile_key, state in list(self._profiles.items()):

@@ -27,12 +27,19 @@ The alias index (identity linking) lives beside the profiles::
     {key_prefix}alias:{alias}           string: the canonical profile key of an identity (SET NX claims it)
     {key_prefix}aliases:{profile_key}   set: a profile's aliases (``state show``)
     {key_prefix}redirect:{profile_key}  string: the profile that absorbed this one in a merge
+
+Profile claims (``ProfileClaims``: replicas never diff one profile at once)::
+
+    {key_prefix}claim:{profile_key}     string: the owner, with the claim's TTL as the key's expiry
+
+taken and released by one-key scripts (an owner renews or frees only its own claim), one
+pipeline per call.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -43,6 +50,19 @@ from .base import ProfileState, RedirectFollowing, ScanQueries, SingleProfileAcc
 from .dynamodb import decode_segment, encode_segment
 
 SCHEMES = ("redis", "rediss")
+
+# KEYS[1]: a claim. ARGV: owner, ttl in ms. 1 when the owner holds it now.
+CLAIM_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# KEYS[1]: a claim. ARGV: owner. Deletes it only if it is the owner's.
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 _STATUS = {status.value: status for status in SegmentStatus}
 _INT = re.compile(r"-?(0|[1-9][0-9]*)")
@@ -256,6 +276,28 @@ class RedisStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
                     pipe.sadd(f"{prefix}aliases:{survivor}", *aliases)
                 pipe.delete(f"{prefix}aliases:{absorbed}", self.key(absorbed))
                 await pipe.execute()
+
+    # --- profile claims ------------------------------------------------------------------------
+    async def claim_profiles(self, keys: Collection[str], owner: str, ttl_s: float) -> set[str]:
+        assert self._client is not None, "store not opened"
+        names = list(keys)
+        if not names:
+            return set()
+        ttl_ms = max(1, int(ttl_s * 1000))
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in names:
+                pipe.eval(CLAIM_SCRIPT, 1, f"{self.key_prefix}claim:{key}", owner, ttl_ms)
+            replies = await pipe.execute()
+        return {key for key, reply in zip(names, replies, strict=True) if reply == 1}
+
+    async def release_profiles(self, keys: Collection[str], owner: str) -> None:
+        assert self._client is not None, "store not opened"
+        if not keys:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.eval(RELEASE_SCRIPT, 1, f"{self.key_prefix}claim:{key}", owner)
+            await pipe.execute()
 
     async def aliases_of(self, profile_key: str) -> list[str]:
         assert self._client is not None, "store not opened"

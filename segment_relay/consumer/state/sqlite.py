@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,11 @@ CREATE INDEX IF NOT EXISTS alias_by_profile ON alias (profile_key);
 CREATE TABLE IF NOT EXISTS redirect (
     profile_key     TEXT PRIMARY KEY,
     survivor        TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS claim (
+    profile_key     TEXT PRIMARY KEY,
+    owner           TEXT NOT NULL,
+    expires_at_ms   INTEGER NOT NULL
 ) WITHOUT ROWID
 """
 
@@ -58,6 +63,14 @@ _REDIRECT = (
     "UPDATE alias SET profile_key = ? WHERE profile_key = ?",
     "DELETE FROM membership WHERE profile_key = ?",
 )
+
+# A profile claim (ProfileClaims): taken when free, expired or already the owner's.
+_CLAIM = """
+INSERT INTO claim (profile_key, owner, expires_at_ms) VALUES (?, ?, ?)
+ON CONFLICT (profile_key) DO UPDATE SET owner = excluded.owner, expires_at_ms = excluded.expires_at_ms
+WHERE claim.owner = excluded.owner OR claim.expires_at_ms < ?
+"""
+_UNCLAIM = "DELETE FROM claim WHERE profile_key = ? AND owner = ?"
 
 _SELECT = "SELECT profile_key, namespace, segment_id, status, qualified_at_us FROM membership WHERE profile_key IN "
 _SELECT_CHUNK = 500  # profile keys per query (well under SQLite's limit on bound parameters)
@@ -105,6 +118,7 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         self._pending_rows = 0
         self._flushing: Pending = {}
         self._redirects: dict[str, str] = {}  # merges saved, not yet committed (absorbed -> survivor)
+        self._releases: set[tuple[str, str]] = set()  # (profile key, owner): claims freed by the next flush
         self._flush_lock = asyncio.Lock()  # one writer at a time on the writer connection
 
     def __repr__(self) -> str:
@@ -167,9 +181,10 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
 
     async def flush(self) -> None:
         async with self._flush_lock:
-            if not self._pending and not self._redirects:
+            if not self._pending and not self._redirects and not self._releases:
                 return
             redirects, self._redirects = self._redirects, {}
+            releases, self._releases = self._releases, set()
             self._flushing, self._pending = self._pending, {}
             self._pending_rows = 0
             rows = [
@@ -178,9 +193,10 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
                 for (namespace, segment_id), value in updates.items()
             ]
             try:
-                await asyncio.to_thread(self._write, rows, redirects)
+                await asyncio.to_thread(self._write, rows, redirects, releases)
             except BaseException:
                 self._redirects = {**redirects, **self._redirects}
+                self._releases |= releases
                 # Put the batch back in front of anything saved meanwhile so nothing is lost.
                 for profile_key, updates in self._flushing.items():
                     pending = self._pending.setdefault(profile_key, {})
@@ -193,7 +209,8 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
             finally:
                 self._flushing = {}
 
-    def _write(self, rows: list[tuple[str, str, str, str, int]], redirects: Mapping[str, str]) -> None:
+    def _write(self, rows: list[tuple[str, str, str, str, int]], redirects: Mapping[str, str],
+               releases: Iterable[tuple[str, str]] = ()) -> None:
         assert self._writer is not None
         self._writer.execute("BEGIN IMMEDIATE")
         try:
@@ -203,6 +220,7 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
                 self._writer.execute(insert, (absorbed, survivor))
                 self._writer.execute(move, (survivor, absorbed))
                 self._writer.execute(drop, (absorbed,))
+            self._writer.executemany(_UNCLAIM, releases)  # last: the state they guarded is in this commit
             self._writer.execute("COMMIT")
         except BaseException:
             self._writer.execute("ROLLBACK")
@@ -248,6 +266,36 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         assert self._reader is not None, "store not opened"
         return [alias for (alias,) in self._reader.execute(
             "SELECT alias FROM alias WHERE profile_key = ? ORDER BY alias", (profile_key,))]
+
+    # --- profile claims (replicas sharing the file) --------------------------------------------
+    async def claim_profiles(self, keys: Collection[str], owner: str, ttl_s: float) -> set[str]:
+        if not keys:
+            return set()
+        async with self._flush_lock:  # after a flush under way: its releases are committed first
+            held = await asyncio.to_thread(self._claim_profiles, list(keys), owner, ttl_s)
+        self._releases.difference_update((key, owner) for key in held)  # held again: keep it
+        return held
+
+    def _claim_profiles(self, keys: list[str], owner: str, ttl_s: float) -> set[str]:
+        writer = self._writer
+        assert writer is not None, "store not opened"
+        now_ms = int(time.time() * 1000)
+        expires = now_ms + int(ttl_s * 1000)
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            writer.executemany(_CLAIM, ((key, owner, expires, now_ms) for key in keys))
+            held = {key for key, holder in _rows_in(writer, "SELECT profile_key, owner FROM claim WHERE profile_key IN ",
+                                                    keys) if holder == owner}
+            writer.execute("COMMIT")
+        except BaseException:
+            writer.execute("ROLLBACK")
+            raise
+        return held
+
+    async def release_profiles(self, keys: Collection[str], owner: str) -> None:
+        # Other processes read committed rows only: a claim is freed in the commit that makes the
+        # state it guarded visible (the next flush), never before.
+        self._releases.update((key, owner) for key in keys)
 
     # --- asking the state (operators' tool; committed rows only) ----------------------------
     async def profiles(self) -> AsyncIterator[tuple[str, ProfileState]]:
