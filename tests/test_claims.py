@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
+from pathlib import Path
 
 import orjson
 from test_pipeline import record
@@ -172,3 +173,12 @@ async def test_a_merge_waits_until_it_holds_both_profiles() -> None:
     merging = len(store.claim_requests) - store.claim_requests.index(["ecid:a", "phone:b"])
     assert merging >= 2, store.claim_requests
     assert store._claims == {}
+
+
+def test_the_claim_metrics_are_exported_and_documented() -> None:
+    from test_deploy import exported_metric_names
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in ("segment_relay_profile_claims_held", "segment_relay_profile_claim_waits_total"):
+        assert name in exported_metric_names()
+        assert f"`{name}`" in readme

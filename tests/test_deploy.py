@@ -145,6 +145,7 @@ def pod_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PodConfig:
 
 def exported_metric_names() -> set[str]:
     """Every series name /metrics has once each kind of sample exists."""
+    from segment_relay.consumer.claims import ClaimsSnapshot
     from segment_relay.consumer.pipeline import PipelineSnapshot
     from segment_relay.consumer.sources.base import SourceSnapshot
     from segment_relay.handlers.dispatch import HandlerSnapshot
@@ -157,7 +158,7 @@ def exported_metric_names() -> set[str]:
     pipeline = PipelineSnapshot(
         records_read=1, records_finished=1, records_dropped=0, invalid={"not_json": 1}, changes={("seg", "enter"): 1},
         stale=0, duplicate=0, filtered=0, dead_letters=1, in_flight_records=0, in_flight_bytes=0, profiles_waiting=0,
-        checkpoints={"shard-0": 42})
+        checkpoints={"shard-0": 42}, claims=ClaimsSnapshot(held=1, waits=1))
     handler = HandlerSnapshot(name="log", batch=True, calls=2, failed_calls=1, failures=1, dead_letters=1, dropped=0,
                               pending=0, circuit="closed", circuit_opened=0,
                               latency={"ok": latency, "error": latency}, batch_sizes=sizes)

@@ -21,6 +21,7 @@ import os
 import socket
 import uuid
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 
 from .state.base import ProfileClaims
 
@@ -30,6 +31,12 @@ log = logging.getLogger(__name__)
 def replica_owner() -> str:
     """A claim owner unique to this process: host, pid and a random part (pids repeat across pods)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+@dataclass(frozen=True)
+class ClaimsSnapshot:
+    held: int  # profiles this replica holds claims on now
+    waits: int  # steps that found one of their profiles claimed by another replica, so far
 
 
 class ProfileClaimer:
@@ -44,9 +51,8 @@ class ProfileClaimer:
         self._wake = asyncio.Event()
         self.waits = 0  # steps that found a profile claimed by another replica (a metric)
 
-    @property
-    def held(self) -> int:
-        return len(self._held)
+    def snapshot(self) -> ClaimsSnapshot:
+        return ClaimsSnapshot(held=len(self._held), waits=self.waits)
 
     async def take(self, keys: Collection[str]) -> set[str]:
         """Claim ``keys`` for one step: the ones it now holds (counted once more each); the others

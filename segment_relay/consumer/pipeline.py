@@ -50,7 +50,7 @@ from ..model import (
     change_id_for,
     merge_id_for,
 )
-from .claims import ProfileClaimer
+from .claims import ClaimsSnapshot, ProfileClaimer
 from .deadletter import DeadLetter
 from .export import InvalidEntry, InvalidRecord, LazyAttributes, ProfileExport, parse_export
 from .identity import IdentityResolver, IdentityStats, LinkedKey
@@ -113,6 +113,7 @@ class PipelineSnapshot:
     identity: IdentityStats | None = None  # identity linking (None: identity.mode "key")
     profiles_seen: int | None = None
     invalid_entries: Mapping[str, int] = field(default_factory=dict)  # audience entries dead-lettered alone, by reason
+    claims: ClaimsSnapshot | None = None  # profile claims (None: claims.mode off)
 
     @property
     def enters(self) -> int:
@@ -957,4 +958,5 @@ class Pipeline:
             identity=replace(self.identity.stats) if self.identity is not None else None,
             profiles_seen=len(self._profiles_seen) if self._profiles_seen is not None else None,
             invalid_entries=dict(self._invalid_entries),
+            claims=self.claims.snapshot() if self.claims is not None else None,
         )

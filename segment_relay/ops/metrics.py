@@ -139,6 +139,12 @@ def _pipeline_metrics(s: RelaySnapshot) -> Iterator[Any]:
                                   value=p.identity.identities_linked)
         yield CounterMetricFamily("segment_relay_profile_merges", "Profiles absorbed into another by a merge",
                                   value=p.identity.merges)
+    if p.claims is not None:  # claims.mode on
+        yield GaugeMetricFamily("segment_relay_profile_claims_held", "Profiles this replica holds a claim on",
+                                value=p.claims.held)
+        yield CounterMetricFamily("segment_relay_profile_claim_waits",
+                                  "Steps that found a profile claimed by another replica and waited",
+                                  value=p.claims.waits)
     yield GaugeMetricFamily("segment_relay_in_flight_records", "Records admitted, not finished",
                             value=p.in_flight_records)
     yield GaugeMetricFamily("segment_relay_in_flight_bytes", "Bytes admitted, not finished", value=p.in_flight_bytes)
