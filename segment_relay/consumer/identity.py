@@ -44,6 +44,8 @@ IdentityMap = Mapping[str, Sequence[IdentityItem]]
 
 ALL_NAMESPACES = "*"
 _NO_JOINS: list[str] = []  # shared, never changed: a record that merges nothing
+_UNSEEN = ""  # a namespace not in the prefix cache yet (no real prefix is empty)
+_PREFIXES_MAX = 10_000
 MAX_ROUNDS = 8  # claim rounds per batch: each one settles every alias it claims, so two are the usual most
 
 
@@ -65,17 +67,27 @@ class LinkedKey(NamedTuple):
     announced: tuple[str, ...] = ()  # of those, the ones that existed before (a ``merge`` change names them)
 
 
-def aliases_of(identity_map: IdentityMap, namespaces: Collection[str] | None) -> list[str]:
+def aliases_of(identity_map: IdentityMap, namespaces: Collection[str] | None,
+               prefixes: dict[str, str | None] | None = None) -> list[str]:
     """The aliases of an export: ``namespace:id`` of every identity in a linking namespace
-    (``namespaces`` lower case; None: every namespace)."""
+    (``namespaces`` lower case; None: every namespace). ``prefixes`` remembers, per namespace as
+    written, its ``lowered:`` prefix or None when it does not link (this runs for every record)."""
+    if prefixes is None:
+        prefixes = {}
     aliases: list[str] = []
     for namespace, items in identity_map.items():
-        lowered = namespace.lower()
-        if namespaces is not None and lowered not in namespaces:
+        prefix = prefixes.get(namespace, _UNSEEN)
+        if prefix == _UNSEEN:
+            lowered = namespace.lower()
+            prefix = None if namespaces is not None and lowered not in namespaces else lowered + ":"
+            if len(prefixes) >= _PREFIXES_MAX:
+                prefixes.clear()  # exports that invent namespaces: stay bounded
+            prefixes[namespace] = prefix
+        if prefix is None:
             continue
         for item in items:
             if item.id:
-                aliases.append(f"{lowered}:{item.id}")
+                aliases.append(prefix + item.id)
     return aliases
 
 
@@ -89,6 +101,7 @@ class IdentityResolver:
         self.stats = IdentityStats()
         self._absorbed: dict[str, str] = {}  # absorbed -> survivor, decided here, not yet redirected in the store
         self._redirected: dict[str, str] = {}  # ...redirected since the last resolve started
+        self._prefixes: dict[str, str | None] = {}  # aliases_of's cache
 
     def _survivor(self, key: str, decided: Mapping[str, str]) -> str:
         absorbed = self._absorbed
@@ -105,7 +118,8 @@ class IdentityResolver:
         self._forget_redirected()  # before the lookup: from now on it sees those redirects
         identity_maps = [identity_map for identity_map, _ in records]
         rule_keys = [key for _, key in records]
-        wanted = [aliases_of(identity_map, self.namespaces) for identity_map in identity_maps]
+        namespaces, prefixes = self.namespaces, self._prefixes
+        wanted = [aliases_of(identity_map, namespaces, prefixes) for identity_map in identity_maps]
         owners = await self.index.find_profiles({alias for aliases in wanted for alias in aliases})
         created: set[str] = set()  # profiles this call made
         counted: set[str] = set()  # ...of which those already counted in profiles_created

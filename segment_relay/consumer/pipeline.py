@@ -65,14 +65,14 @@ log = logging.getLogger(__name__)
 
 _EAGER_CHECKPOINTS_S = 10.0  # how long checkpoint_soon() makes every finished step checkpoint
 
+IdentityMap = Mapping[str, Sequence[IdentityItem]]
+
+__all__ = ["Pipeline", "PipelineSettings", "PipelineSnapshot"]
+
 
 def _claim_backoff_s(attempt: int) -> float:
     """How long a step waits for profiles another replica holds: 20 ms, doubling to 1 s, jittered."""
     return min(1.0, 0.02 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-
-IdentityMap = Mapping[str, Sequence[IdentityItem]]
-
-__all__ = ["Pipeline", "PipelineSettings", "PipelineSnapshot"]
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ class Pipeline:
     ) -> None:
         """``identity``: link profiles through their identities (identity.mode "link"); without
         it a profile is its key by ``key_rule`` alone. ``claims``: claim each profile in the
-        store before loading it (state.exclusive_profiles), for replicas sharing the store."""
+        store before loading it (claims.mode), for replicas sharing the store."""
         self.source = source
         self.store = store
         self.sink = sink
@@ -622,22 +622,22 @@ class Pipeline:
         """Claim the step's profiles (and those its merges absorb) in the shared store. A profile
         another replica holds leaves ``groups`` for a later step that tries again (its records
         keep their place: the profile stays busy here, so its next records queue behind them)."""
-        assert self.claims is not None
+        claims = self.claims
+        assert claims is not None
         needs = {key: [key, *{k for item in items if item.merge is not None for k in item.merge.absorbed}]
                  for key, items in groups.items() if items}
         wanted = {k for keys in needs.values() for k in keys}
-        taken = await self._retry_store("claim", lambda: self.claims.take(wanted), groups,  # type: ignore[union-attr]
-                                        groups.keys())
+        taken = await self._retry_store("claim", lambda: claims.take(wanted), groups, groups.keys())
         if taken is _REVOKED:
             return
         blocked = {key: groups.pop(key) for key, keys in needs.items() if not all(k in taken for k in keys)}
         users = Counter(k for key, keys in needs.items() if key not in blocked for k in keys)
-        self.claims.give_back(k for k in taken if k not in users)  # partly claimed merges: try again whole
+        claims.give_back(k for k in taken if k not in users)  # partly claimed merges: try again whole
         for key, keys in needs.items():
             if key not in blocked:
                 claimed[key] = [k for k in keys if users[k] == 1]
         shared.extend(k for k, count in users.items() if count > 1)
-        if blocked:
+        if blocked and not self._closing:
             self._start_step(blocked, [], None, claim_attempt=attempt + 1)
 
     def _continue(self, keys: list[str]) -> None:
