@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import random
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -630,3 +631,21 @@ async def test_sqlite_frees_a_claim_only_with_the_flush_that_commits_the_state(t
     finally:
         await first.close()
         await second.close()
+
+
+async def test_sqlite_claims_wait_for_another_processes_write_without_blocking_the_loop(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    await store.open()
+    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)  # another process's writer
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        claim = asyncio.create_task(store.claim_aliases({"ecid:v": "ecid:v"}))
+        for _ in range(20):  # the loop goes on while the claim polls for the lock
+            await asyncio.sleep(0)
+        assert not claim.done()
+        other.execute("COMMIT")
+        assert await asyncio.wait_for(claim, 10) == {"ecid:v": "ecid:v"}
+        assert await store.find_profiles(["ecid:v"]) == {"ecid:v": "ecid:v"}
+    finally:
+        other.close()
+        await store.close()
