@@ -182,3 +182,19 @@ def test_the_claim_metrics_are_exported_and_documented() -> None:
     for name in ("segment_relay_profile_claims_held", "segment_relay_profile_claim_waits_total"):
         assert name in exported_metric_names()
         assert f"`{name}`" in readme
+
+
+async def test_the_sweep_ends_when_stopped_even_as_it_is_woken() -> None:
+    # Python 3.11's wait_for can swallow a cancel that arrives as the awaited event is set; a
+    # swallowed cancel once kept a relay from exiting. stop() ends the loop whatever happens.
+    store = MemoryStore()
+    claimer = ProfileClaimer(store, ttl_s=60.0, owner="me")
+    sweep = asyncio.create_task(claimer.run())
+    await asyncio.sleep(0)
+    assert await claimer.take(["p"]) == {"p"}
+    claimer.give_back(["p"])  # wakes the sweep...
+    claimer.stop()
+    sweep.cancel()  # ...as it is cancelled
+    await asyncio.wait_for(asyncio.gather(sweep, return_exceptions=True), DEADLINE_S)
+    await claimer.close()
+    assert store._claims == {}

@@ -50,6 +50,12 @@ class ProfileClaimer:
         self._freed = asyncio.Event()
         self._wake = asyncio.Event()
         self.waits = 0  # steps that found a profile claimed by another replica (a metric)
+        self._stopping = False
+
+    def stop(self) -> None:
+        """End ``run`` (the pipeline stops it, then frees what is left with ``close``)."""
+        self._stopping = True
+        self._wake.set()
 
     def snapshot(self) -> ClaimsSnapshot:
         return ClaimsSnapshot(held=len(self._held), waits=self.waits)
@@ -99,9 +105,13 @@ class ProfileClaimer:
         loop = asyncio.get_running_loop()
         renew_every = self.ttl_s / 3
         renew_at = loop.time() + renew_every
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, renew_at - loop.time()))
+            if self._stopping:
+                # Python 3.11's wait_for can swallow a cancel that comes as the event is set:
+                # the flag ends the loop all the same.
+                return
             self._wake.clear()
             try:
                 await self._free_idle()

@@ -320,6 +320,8 @@ class Pipeline:
                 await asyncio.gather(checkpointer, return_exceptions=True)
                 await self._cancel_steps()
                 if sweeper is not None:
+                    assert self.claims is not None
+                    self.claims.stop()
                     sweeper.cancel()
                     await asyncio.gather(sweeper, return_exceptions=True)
             if self._failure is None:
