@@ -1,7 +1,7 @@
 """One replica's claims on the profiles it is working on, in a store shared with other replicas.
 
 A step claims its profiles before it loads their state and gives them back once their new
-state is saved (``state.exclusive_profiles``; see ``ProfileClaims`` for why). This module
+state is saved (``claims.mode``; see ``ProfileClaims`` for why). This module
 keeps the bookkeeping out of the pipeline:
 
 - a profile several steps need at once (a merge's absorbed key) is claimed once and counted;
@@ -63,10 +63,10 @@ class ProfileClaimer:
     async def take(self, keys: Collection[str]) -> set[str]:
         """Claim ``keys`` for one step: the ones it now holds (counted once more each); the others
         are another replica's."""
-        held, idle = self._held, self._idle
         while any(key in self._freeing for key in keys):  # a release would undo a claim sent now
             self._freed.clear()
             await self._freed.wait()
+        held, idle = self._held, self._idle  # (after the wait: the sweep swaps the idle set)
         taken: set[str] = set()
         new: list[str] = []
         for key in keys:  # counted before any await, so the sweep cannot free them meanwhile

@@ -99,9 +99,10 @@ def _pairs_in(connection: sqlite3.Connection, query: str, keys: list[str]) -> di
 
 
 async def _while_locked(connection: sqlite3.Connection, statement: str, timeout_s: float) -> None:
-    """Execute ``statement``, again every 50 ms while another opener holds the database locked,
-    up to ``timeout_s``."""
+    """Execute ``statement``, again while another connection holds the database locked (polling
+    from 1 ms, doubling to 50 ms, never blocking the loop), up to ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
+    delay = 0.001
     while True:
         try:
             connection.execute(statement)
@@ -109,7 +110,8 @@ async def _while_locked(connection: sqlite3.Connection, statement: str, timeout_
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
                 raise
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(delay)
+        delay = min(0.05, delay * 2)
 
 
 class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
@@ -255,24 +257,14 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         return await self._commit_now(self._claim, dict(claims))
 
     async def _commit_now(self, write: Callable[..., _T], *args: Any) -> _T:
-        """``write(connection, *args)``, one short transaction begun for it, committed before this
-        returns: on the event loop, after this process's write under way (a flush chunk) and,
+        """``write(connection, *args)`` in a transaction begun for it, which it commits before
+        this returns: on the event loop, after this process's write under way (a flush) and,
         polling, after another process's."""
         claimer = self._claimer
         assert claimer is not None, "store not opened"
         async with self._write_lock:
-            deadline = time.monotonic() + self._busy_timeout_s
-            delay = 0.001
-            while True:
-                try:
-                    claimer.execute("BEGIN IMMEDIATE")
-                    return write(claimer, *args)
-                except sqlite3.OperationalError as exc:
-                    if claimer.in_transaction or ("locked" not in str(exc) and "busy" not in str(exc)) \
-                            or time.monotonic() > deadline:
-                        raise
-                await asyncio.sleep(delay)  # another process writes: never block the loop on it
-                delay = min(0.02, delay * 2)
+            await _while_locked(claimer, "BEGIN IMMEDIATE", self._busy_timeout_s)
+            return write(claimer, *args)
 
     @staticmethod
     def _claim(writer: sqlite3.Connection, claims: dict[str, str]) -> dict[str, str]:
@@ -321,9 +313,11 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         now_ms = int(time.time() * 1000)
         expires = now_ms + int(ttl_s * 1000)
         try:
-            writer.executemany(_CLAIM, ((key, owner, expires, now_ms) for key in keys))
-            held = {key for key, holder in _rows_in(writer, "SELECT profile_key, owner FROM claim WHERE profile_key IN ",
-                                                    keys) if holder == owner}
+            taken = writer.executemany(_CLAIM, ((key, owner, expires, now_ms) for key in keys)).rowcount
+            # Every row written (the usual case): all are the owner's; else ask which are.
+            held = set(keys) if taken == len(keys) else {
+                key for key, holder in _rows_in(writer, "SELECT profile_key, owner FROM claim WHERE profile_key IN ",
+                                                keys) if holder == owner}
             writer.execute("COMMIT")
         except BaseException:
             writer.execute("ROLLBACK")
