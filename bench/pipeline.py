@@ -91,7 +91,9 @@ async def _run_pipeline(path: Path, variant: str, workdir: Path, checkpoint_inte
         return None
 
     handler: Handler = JsonlHandler(os.devnull) if variant == "changes" else FunctionHandler(noop, name="noop")
-    store = SqliteStore(workdir / f"state-{os.getpid()}.db") if variant.startswith("sqlite") else MemoryStore()
+    # As `segment-relay run` opens it by default (claims.mode "auto" is off on sqlite).
+    store = SqliteStore(workdir / f"state-{os.getpid()}.db", links_with_state=True) \
+        if variant.startswith("sqlite") else MemoryStore()
     identity = IdentityResolver(store) if variant.endswith(LINK_SUFFIX) else None
     dead_letter = MemoryDeadLetter()
     checkpoint = workdir / f"checkpoint-{variant}-{os.getpid()}.json"

@@ -164,7 +164,8 @@ class Relay:
         if config.checkpoint_file and not config.source.startswith("file:"):
             raise ConfigError("config field 'checkpoint_file': only the file source uses it")
         self.source = source if source is not None else build_source(config, on_client)
-        self.store = store if store is not None else open_store(config.state)
+        claims_on = config.claims.enabled_for(config.state)
+        self.store = store if store is not None else open_store(config.state, profile_claims=claims_on)
         self.dead_letter = dead_letter if dead_letter is not None else build_dead_letter(config)
         circuit = config.circuit
         try:
@@ -191,7 +192,7 @@ class Relay:
                                   "identity links; use identity.mode = \"key\" with it")
             identity = IdentityResolver(self.store, config.identity.link_namespaces)
         claims: ProfileClaimer | None = None
-        if config.claims.enabled_for(config.state):
+        if claims_on:
             if not isinstance(self.store, ProfileClaims):
                 raise ConfigError(f"config field 'claims.mode': the state store {self.store!r} cannot hold profile "
                                   "claims; use claims.mode = \"off\" with it")

@@ -38,14 +38,15 @@ def m(status: SegmentStatus, at: int) -> StoredMembership:
     return StoredMembership(status, at)
 
 
-@pytest.fixture(params=["memory", "sqlite", "dynamodb", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-links-with-state", "dynamodb", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MembershipStore]:
-    """Every backend must pass the same cases (dynamodb against dynalite, redis against redis-server)."""
+    """Every backend must pass the same cases (dynamodb against dynalite, redis against redis-server;
+    sqlite both as replicas claiming profiles open it and as a lone replica does)."""
     opened: MembershipStore
     if request.param == "memory":
         opened = MemoryStore()
-    elif request.param == "sqlite":
-        opened = SqliteStore(tmp_path / "state.db")
+    elif request.param.startswith("sqlite"):
+        opened = SqliteStore(tmp_path / "state.db", links_with_state=request.param == "sqlite-links-with-state")
     elif request.param == "dynamodb":
         dynalite = request.getfixturevalue("dynalite")
         opened = DynamoDBStore(f"state-{uuid.uuid4().hex[:12]}", endpoint_url=dynalite.endpoint)
@@ -649,3 +650,63 @@ async def test_sqlite_claims_wait_for_another_processes_write_without_blocking_t
     finally:
         other.close()
         await store.close()
+
+
+async def test_sqlite_links_with_state_commit_with_the_flush_and_yield_to_another_processes(tmp_path: Path) -> None:
+    # A lone replica (claims off) writes its new identity links in the flush that commits the
+    # state: visible to itself at once, to other processes with that commit.
+    store = SqliteStore(tmp_path / "state.db", links_with_state=True)
+    other = SqliteStore(tmp_path / "state.db")
+    await store.open()
+    await other.open()
+    try:
+        assert await store.claim_aliases({"ecid:v": "ecid:v", "email:e": "ecid:v"}) == {"ecid:v": "ecid:v",
+                                                                                       "email:e": "ecid:v"}
+        await store.save("ecid:v", {K: m(REALIZED, 1)})
+        store.forget_aliases()  # the cache forgotten: the lookup reads the store and what it holds unflushed
+        assert await store.find_profiles(["ecid:v", "email:e"]) == {"ecid:v": "ecid:v", "email:e": "ecid:v"}
+        assert await store.aliases_of("ecid:v") == ["ecid:v", "email:e"]
+        assert await other.find_profiles(["ecid:v"]) == {}  # nothing committed yet
+        await store.flush()
+        assert await other.find_profiles(["ecid:v", "email:e"]) == {"ecid:v": "ecid:v", "email:e": "ecid:v"}
+        assert await other.load("ecid:v") == {K: m(REALIZED, 1)}
+        # Another process (wrongly without claims) linked one of the next aliases first: its link
+        # stands, the flush says so, and this process's lookups answer it from then on (the
+        # next export carrying both identities merges the two profiles).
+        assert await store.claim_aliases({"phone:1": "email:x", "email:x": "email:x"}) == {
+            "phone:1": "email:x", "email:x": "email:x"}
+        assert await other.claim_aliases({"phone:1": "phone:1"}) == {"phone:1": "phone:1"}
+        await store.flush()
+        assert await store.find_profiles(["phone:1", "email:x"]) == {"phone:1": "phone:1", "email:x": "email:x"}
+        store.forget_aliases()
+        assert await store.find_profiles(["phone:1", "email:x"]) == {"phone:1": "phone:1", "email:x": "email:x"}
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_sqlite_links_with_state_survive_a_failed_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SqliteStore(tmp_path / "state.db", links_with_state=True)
+    await store.open()
+    try:
+        await store.claim_aliases({"ecid:v": "ecid:v"})
+        original = store._write
+
+        def failing(*args: Any) -> Any:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(store, "_write", failing)
+        with pytest.raises(sqlite3.OperationalError):
+            await store.flush()
+        store.forget_aliases()
+        assert await store.find_profiles(["ecid:v"]) == {"ecid:v": "ecid:v"}  # still held, to be written
+        monkeypatch.setattr(store, "_write", original)
+        await store.flush()
+    finally:
+        await store.close()
+    reopened = SqliteStore(tmp_path / "state.db")
+    await reopened.open()
+    try:
+        assert await reopened.find_profiles(["ecid:v"]) == {"ecid:v": "ecid:v"}
+    finally:
+        await reopened.close()

@@ -14,8 +14,12 @@ from .sqlite import SqliteStore
 STORE_SPECS = "'memory' or 'sqlite:PATH' or 'dynamodb:TABLE' or 'redis://HOST:PORT/DB' (or rediss://)"
 
 
-def open_store(spec: str) -> MembershipStore:
+def open_store(spec: str, *, profile_claims: bool = True) -> MembershipStore:
     """Build a store from its spec: ``memory``, ``sqlite:PATH``, ``dynamodb:TABLE`` or a redis URL.
+
+    ``profile_claims`` False says that no other replica works on this one's profiles at the same
+    time (``claims.mode`` off): a sqlite store then writes new identity links with the state, in
+    its flush, instead of committing each claim at once.
 
     ``dynamodb:TABLE`` takes its region and endpoint from the standard AWS environment
     (``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_DYNAMODB``) and credentials
@@ -29,7 +33,7 @@ def open_store(spec: str) -> MembershipStore:
     if kind == "memory" and not arg:
         return MemoryStore()
     if kind == "sqlite" and arg:
-        return SqliteStore(arg)
+        return SqliteStore(arg, links_with_state=not profile_claims)
     if kind == "dynamodb" and arg:
         return DynamoDBStore(arg)  # raises ValueError for a name DynamoDB would refuse
     raise ValueError(f"unknown state store {spec!r}: use {STORE_SPECS}")

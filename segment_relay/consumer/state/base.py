@@ -200,6 +200,10 @@ class RedirectFollowing:
             known = self._known_owners = {}
         return known
 
+    def forget_aliases(self) -> None:
+        """Drops the remembered owners (the next lookups read the store)."""
+        self._known_owners = None
+
     def _remember(self, owners: Mapping[str, str]) -> None:
         known = self._known()
         if len(known) + len(owners) > self.ALIAS_CACHE_MAX:

@@ -6,16 +6,23 @@ transaction by ``flush`` on a worker thread, so the loop never waits on a lock
 held by another process. Reads see saved-but-unflushed values through that
 in-memory overlay.
 
-Claims (identity aliases, profile claims) must commit before the pipeline goes on, and
-they are small: they are written on the event loop, through a connection of their own that
+Claims (identity aliases, profile claims) that other processes must see before the pipeline
+goes on are small: they are written on the event loop, through a connection of their own that
 never blocks on the write lock (it polls while another process holds it), never
 checkpoints the WAL and does not fsync each commit. Through the worker thread, as they once
 went, they competed with the busy loop for the GIL and took several times their work.
+
+With ``links_with_state`` (no profile claims: no other process works on this one's profiles at
+the same time) new identity links are not committed one claim at a time: they are kept in
+memory like saves, visible to this process's lookups, and written by the flush, in the
+transaction that commits the state they belong to. A commit per claim cost more than the rest
+of linking (each one rewrote a page of the alias table and of its index per new alias).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
@@ -78,7 +85,14 @@ WHERE claim.owner = excluded.owner OR claim.expires_at_ms < ?
 """
 _UNCLAIM = "DELETE FROM claim WHERE profile_key = ? AND owner = ?"
 
+# The alias index: a new link is a conditional create (an alias keeps its first owner).
+_LINK = "INSERT OR IGNORE INTO alias (alias, profile_key) VALUES (?, ?)"
+_OWNERS = "SELECT alias, profile_key FROM alias WHERE alias IN "
+
+log = logging.getLogger(__name__)
+
 _SELECT = "SELECT profile_key, namespace, segment_id, status, qualified_at_us FROM membership WHERE profile_key IN "
+WRITER_CACHE_KIB = 32 * 1024  # the flush connection's page cache
 _SELECT_CHUNK = 500  # profile keys per query (well under SQLite's limit on bound parameters)
 
 _STATUS = {status.value: status for status in SegmentStatus}
@@ -117,9 +131,11 @@ async def _while_locked(connection: sqlite3.Connection, statement: str, timeout_
 class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
     scan_note = "reads the whole table (there is no index by segment)"
 
-    def __init__(self, path: str | Path, *, max_pending: int = 20_000, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: str | Path, *, max_pending: int = 20_000, busy_timeout_s: float = 30.0,
+                 links_with_state: bool = False) -> None:
         self.path = str(path)
         self.max_pending = max_pending
+        self.links_with_state = links_with_state
         self._busy_timeout_s = busy_timeout_s
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
@@ -127,6 +143,9 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         self._pending_rows = 0
         self._flushing: Pending = {}
         self._redirects: dict[str, str] = {}  # merges saved, not yet committed (absorbed -> survivor)
+        self._links: dict[str, str] = {}  # links_with_state: aliases claimed, not yet committed (alias -> key)
+        self._linking: dict[str, str] = {}  # ...being committed by the flush under way
+        self._absent: set[str] = set()  # links_with_state: the aliases the last lookup found nowhere
         self._releases: set[tuple[str, str]] = set()  # (profile key, owner): claims freed by the next flush
         self._releasing: set[tuple[str, str]] = set()  # ...by the flush under way
         self._flush_lock = asyncio.Lock()  # one flush at a time (the writer connection is its own)
@@ -150,6 +169,9 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         # lock for which SQLite does not always wait (it answers "database is locked" at once).
         for statement in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", *_SCHEMA.split(";")):
             await _while_locked(self._writer, statement, self._busy_timeout_s)
+        # A state file outgrows SQLite's default 2 MiB cache in the first hour; the flush's
+        # upserts and new links land on random pages, and each miss is a read.
+        self._writer.execute(f"PRAGMA cache_size={-WRITER_CACHE_KIB}")
         self._reader = sqlite3.connect(target, timeout=5.0, isolation_level=None, uri=uri)
         self._claimer = sqlite3.connect(target, timeout=0, isolation_level=None, uri=uri)
         # Its commits never checkpoint the WAL (copying pages into the file, with an fsync): on the
@@ -193,14 +215,16 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
                     if key not in pending:
                         self._pending_rows += 1
                     pending[key] = value
-        if self._pending_rows >= self.max_pending and not self._flush_lock.locked():
+        if self._pending_rows + len(self._links) >= self.max_pending and not self._flush_lock.locked():
             await self.flush()  # bound memory: a long stretch without checkpoints still commits
 
     async def flush(self) -> None:
         async with self._flush_lock:
-            if not self._pending and not self._redirects and not self._releases:
+            if not self._pending and not self._redirects and not self._releases and not self._links:
                 return
             redirects, self._redirects = self._redirects, {}
+            links = self._linking = self._links
+            self._links = {}
             releases, self._releases = self._releases, set()
             self._releasing = releases
             self._flushing, self._pending = self._pending, {}
@@ -212,8 +236,9 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
             ]
             try:
                 async with self._write_lock:
-                    await asyncio.to_thread(self._write, rows, redirects, releases)
+                    taken = await asyncio.to_thread(self._write, rows, redirects, releases, links)
             except BaseException:
+                self._links = {**links, **self._links}
                 self._redirects = {**redirects, **self._redirects}
                 self._releases |= releases
                 # Put the batch back in front of anything saved meanwhile so nothing is lost.
@@ -228,12 +253,32 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
             finally:
                 self._flushing = {}
                 self._releasing = set()
+                self._linking = {}
+            if taken:
+                self._links_taken(taken)
+
+    def _links_taken(self, taken: dict[str, str]) -> None:
+        """Aliases this process linked with the state that another process had linked first: the
+        other's links stand, and are what lookups answer from now on (the next export carrying
+        one merges the two profiles)."""
+        self._remember(taken)
+        log.warning("another process links identities in this sqlite file at the same time; "
+                    "set claims.mode = \"on\" on every replica that shares it",
+                    extra={"state": self.path, "aliases": len(taken)})
 
     def _write(self, rows: list[tuple[str, str, str, str, int]], redirects: Mapping[str, str],
-               releases: Iterable[tuple[str, str]] = ()) -> None:
+               releases: Iterable[tuple[str, str]] = (), links: Mapping[str, str] | None = None) -> dict[str, str]:
+        """One transaction: ``links`` (new aliases), the state, the merges, the releases. Answers
+        the links that another process had made first (alias -> its owner)."""
         assert self._writer is not None
+        taken: dict[str, str] = {}
         self._writer.execute("BEGIN IMMEDIATE")
         try:
+            if links:  # first: a merge below repoints them with the absorbed profile's others
+                inserted = self._writer.executemany(_LINK, links.items()).rowcount
+                if inserted != len(links):
+                    stored = _pairs_in(self._writer, _OWNERS, list(links))
+                    taken = {alias: key for alias, key in stored.items() if links[alias] != key}
             self._writer.executemany(_UPSERT, rows)
             for absorbed, survivor in redirects.items():  # after the upserts: the survivor's merged state
                 insert, move, drop = _REDIRECT
@@ -245,16 +290,40 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         except BaseException:
             self._writer.execute("ROLLBACK")
             raise
+        return taken
 
     # --- the alias index ---------------------------------------------------------------------
     async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
         assert self._reader is not None, "store not opened"
-        return _pairs_in(self._reader, "SELECT alias, profile_key FROM alias WHERE alias IN ", aliases)
+        owners = _pairs_in(self._reader, _OWNERS, aliases)
+        for overlay in (self._linking, self._links):  # linked, not yet committed
+            if overlay:
+                for alias in aliases:
+                    if alias not in owners and (key := overlay.get(alias)) is not None:
+                        owners[alias] = key
+        if self.links_with_state:
+            # The claims that follow a lookup are of what it did not find: they need not ask again.
+            self._absent = {alias for alias in aliases if alias not in owners}
+        return owners
 
     async def _claim_owners(self, claims: Mapping[str, str]) -> dict[str, str]:
-        # Committed at once, in one transaction: another process claiming the same alias waits for
-        # it and then finds it held.
-        return await self._commit_now(self._claim, dict(claims))
+        if not self.links_with_state:
+            # Committed at once, in one transaction: another process claiming the same alias
+            # waits for it and then finds it held.
+            return await self._commit_now(self._claim, dict(claims))
+        # Written by the next flush. An alias held already keeps its owner: one linked here and
+        # not committed yet, or one in the file that the last lookup did not ask about.
+        links, linking, absent = self._links, self._linking, self._absent
+        unasked = [alias for alias in claims if alias not in absent and alias not in links and alias not in linking]
+        assert self._reader is not None, "store not opened"
+        stored = _pairs_in(self._reader, _OWNERS, unasked) if unasked else {}
+        owners: dict[str, str] = {}
+        for alias, key in claims.items():
+            owner = stored.get(alias) or links.get(alias) or linking.get(alias)
+            if owner is None:
+                owner = links[alias] = key
+            owners[alias] = owner
+        return owners
 
     async def _commit_now(self, write: Callable[..., _T], *args: Any) -> _T:
         """``write(connection, *args)`` in a transaction begun for it, which it commits before
@@ -269,11 +338,9 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
     @staticmethod
     def _claim(writer: sqlite3.Connection, claims: dict[str, str]) -> dict[str, str]:
         try:
-            inserted = writer.executemany("INSERT OR IGNORE INTO alias (alias, profile_key) VALUES (?, ?)",
-                                          claims.items()).rowcount
+            inserted = writer.executemany(_LINK, claims.items()).rowcount
             # Every one new (the usual case): they are the claimants'; else ask who holds them.
-            owners = dict(claims) if inserted == len(claims) else _pairs_in(
-                writer, "SELECT alias, profile_key FROM alias WHERE alias IN ", list(claims))
+            owners = dict(claims) if inserted == len(claims) else _pairs_in(writer, _OWNERS, list(claims))
             writer.execute("COMMIT")
         except BaseException:
             writer.execute("ROLLBACK")
@@ -294,8 +361,11 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
 
     async def aliases_of(self, profile_key: str) -> list[str]:
         assert self._reader is not None, "store not opened"
-        return [alias for (alias,) in self._reader.execute(
-            "SELECT alias FROM alias WHERE profile_key = ? ORDER BY alias", (profile_key,))]
+        aliases = {alias for (alias,) in self._reader.execute(
+            "SELECT alias FROM alias WHERE profile_key = ?", (profile_key,))}
+        for overlay in (self._linking, self._links):  # linked, not yet committed
+            aliases.update(alias for alias, key in overlay.items() if key == profile_key)
+        return sorted(aliases)
 
     # --- profile claims (replicas sharing the file) --------------------------------------------
     async def claim_profiles(self, keys: Collection[str], owner: str, ttl_s: float) -> set[str]:
