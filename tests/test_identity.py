@@ -246,8 +246,8 @@ async def test_two_resolvers_racing_on_one_store_agree_on_one_profile() -> None:
 
     store.find_profiles = slow_find  # type: ignore[method-assign]
     one, two = await asyncio.gather(first.resolve([(a, "ecid:v")]), second.resolve([(b, "email:e")]))
-    assert one[0].key == two[0].key
-    assert await store.find_profiles(["ecid:v", "email:e"]) == {"ecid:v": one[0].key, "email:e": one[0].key}
+    assert one.keys == two.keys
+    assert await store.find_profiles(["ecid:v", "email:e"]) == {"ecid:v": one.keys[0], "email:e": one.keys[0]}
 
 
 def test_aliases_are_lower_case_namespaces_and_only_linking_ones() -> None:

@@ -38,12 +38,11 @@ from .state.base import AliasIndex
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IdentityResolver", "IdentityStats", "LinkedKey", "aliases_of"]
+__all__ = ["IdentityResolver", "IdentityStats", "LinkedKey", "Resolved", "aliases_of"]
 
 IdentityMap = Mapping[str, Sequence[IdentityItem]]
 
 ALL_NAMESPACES = "*"
-_NO_JOINS: list[str] = []  # shared, never changed: a record that merges nothing
 _UNSEEN = ""  # a namespace not in the prefix cache yet (no real prefix is empty)
 _PREFIXES_MAX = 10_000
 MAX_ROUNDS = 8  # claim rounds per batch: each one settles every alias it claims, so two are the usual most
@@ -59,12 +58,20 @@ class IdentityStats:
 
 
 class LinkedKey(NamedTuple):
-    """Where one record goes: its profile, and the profiles it merges into it (if any). A named
-    tuple: one is made per record, and a frozen dataclass costs several times as much."""
+    """A record that merges profiles: its profile, and the profiles it merges into it."""
 
     key: str
     absorbed: tuple[str, ...] = ()  # profiles this record showed to be ``key``'s person
     announced: tuple[str, ...] = ()  # of those, the ones that existed before (a ``merge`` change names them)
+
+
+class Resolved(NamedTuple):
+    """Where the records of a batch go: each one's profile key, in order, and the merges, by the
+    index of the record that carries each (in order; most batches have none). Keys, not an
+    object per record: this is made for every record."""
+
+    keys: list[str]
+    merges: dict[int, LinkedKey]
 
 
 def aliases_of(identity_map: IdentityMap, namespaces: Collection[str] | None,
@@ -111,7 +118,7 @@ class IdentityResolver:
                 return key
             key = target
 
-    async def resolve(self, records: Sequence[tuple[IdentityMap, str]]) -> list[LinkedKey]:
+    async def resolve(self, records: Sequence[tuple[IdentityMap, str]]) -> Resolved:
         """The profile of each export (its identities, and its key by the profile key rule), in
         order; claims the new aliases. Raises what the store raises; nothing is decided then (the
         caller retries the whole batch, and claims already made are found again)."""
@@ -145,24 +152,25 @@ class IdentityResolver:
 
     def _plan(self, rule_keys: Sequence[str], wanted: list[list[str]], owners: Mapping[str, str],
               claims: dict[str, str], decided: dict[str, str], created: set[str],
-              ) -> tuple[list[str], list[list[str]]]:
-        """Each record's profile and the profiles it joins to it, with the aliases to claim in
-        ``claims`` and the merges in ``decided``. Records are taken in order: a later one sees
-        what an earlier one decided, an earlier one keeps the profile it had."""
+              ) -> tuple[list[str], dict[int, list[str]]]:
+        """Each record's profile and, by record index, the profiles a record joins to its own,
+        with the aliases to claim in ``claims`` and the merges in ``decided``. Records are taken
+        in order: a later one sees what an earlier one decided, an earlier one keeps the profile
+        it had."""
         plan: list[str] = []
-        joins: list[list[str]] = []
+        joins: dict[int, list[str]] = {}
         absorbed = self._absorbed
-        for rule_key, aliases in zip(rule_keys, wanted, strict=True):
+        owner_of = owners.get
+        for index, (rule_key, aliases) in enumerate(zip(rule_keys, wanted, strict=True)):
             if aliases and not decided:
                 # The usual record: every identity known, all of one live profile.
-                first = owners.get(aliases[0])
+                first = owner_of(aliases[0])
                 if first is not None and first not in absorbed:
-                    for alias in aliases[1:]:
-                        if owners.get(alias) != first:
+                    for alias in aliases:
+                        if owner_of(alias) != first:
                             break
                     else:
                         plan.append(first)
-                        joins.append(_NO_JOINS)
                         continue
             joined: list[str] = []
             stored = {key for alias in aliases if (key := owners.get(alias) or claims.get(alias)) is not None}
@@ -184,31 +192,31 @@ class IdentityResolver:
                 if alias not in owners and alias not in claims:
                     claims[alias] = key
             plan.append(key)
-            joins.append(joined)
+            if joined:
+                joins[index] = joined
         return plan, joins
 
-    def _settle(self, plan: list[str], joins: list[list[str]], created: set[str]) -> list[LinkedKey]:
+    def _settle(self, plan: list[str], joins: dict[int, list[str]], created: set[str]) -> Resolved:
         """Every record to the profile it had when it came, carrying the merges it decided.
         A merge is announced for the profiles that existed before it: stored before this batch
         (and not merged here already), or given to an earlier record of the batch. A profile this
         call created only to lose its claims to another writer's (the race) was never seen."""
-        if not any(joins):
-            return [LinkedKey(key) for key in plan]
-        results: list[LinkedKey] = []
-        keyed: set[str] = set()
+        merges: dict[int, LinkedKey] = {}
+        if not joins:
+            return Resolved(plan, merges)
+        keyed: set[str] = set()  # the profiles of the records before this one
         absorbed = self._absorbed
-        for key, joined in zip(plan, joins, strict=True):
+        for index, key in enumerate(plan):
+            joined = joins.get(index)
             if joined:
                 ordered = tuple(sorted(joined))
                 announced = tuple(other for other in ordered
                                   if other not in absorbed and (other not in created or other in keyed))
                 self.stats.merges += len(announced)
                 absorbed.update(dict.fromkeys(ordered, key))
-                results.append(LinkedKey(key, ordered, announced))
-            else:
-                results.append(LinkedKey(key))
+                merges[index] = LinkedKey(key, ordered, announced)
             keyed.add(key)
-        return results
+        return Resolved(plan, merges)
 
     def redirected(self, redirects: Mapping[str, str]) -> None:
         """The store now redirects these keys (absorbed -> survivor) itself: they are forgotten

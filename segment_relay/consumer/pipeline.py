@@ -53,7 +53,7 @@ from ..model import (
 from .claims import ClaimsSnapshot, ProfileClaimer
 from .deadletter import DeadLetter
 from .export import InvalidEntry, InvalidRecord, LazyAttributes, ProfileExport, parse_export
-from .identity import IdentityResolver, IdentityStats, LinkedKey
+from .identity import IdentityResolver, IdentityStats, Resolved
 from .membership import diff_membership
 from .ordering import InFlightLimit, PartitionWatermark, ProfileGate
 from .profile_key import ProfileKeyRule
@@ -511,13 +511,13 @@ class Pipeline:
         self._admit(records, part, items)
         if not items:
             return
-        linked = await self._resolve(items, part)
+        resolved = await self._resolve(items, part)
         start = 0
-        if linked is not None:
-            for index, (item, link) in enumerate(zip(items, linked, strict=True)):
-                item.key = link.key
-                if not link.absorbed:
-                    continue
+        if resolved is not None:
+            for item, key in zip(items, resolved.keys, strict=True):
+                item.key = key
+            for index, link in resolved.merges.items():  # in read order
+                item = items[index]
                 item.merge = _Merge(link.absorbed, link.announced)
                 if index > start:
                     self._group_and_start(items[start:index], part)
@@ -525,7 +525,7 @@ class Pipeline:
                 await self._wait_until_free(link.absorbed)
                 if part.revoked:
                     break
-        if linked is None or part.revoked:  # taken away meanwhile: its new owner reads them
+        if resolved is None or part.revoked:  # taken away meanwhile: its new owner reads them
             rest = items[start:]
             self._limit.release(len(rest), sum(item.size for item in rest))
             self._records_dropped += len(rest)
@@ -554,7 +554,7 @@ class Pipeline:
         finally:
             self._merge_waiting = False
 
-    async def _resolve(self, items: list[_Item], part: _Partition) -> list[LinkedKey] | None:
+    async def _resolve(self, items: list[_Item], part: _Partition) -> Resolved | None:
         """The items' profiles, retried with backoff while the store fails; None if ``part`` is
         revoked meanwhile."""
         assert self.identity is not None
@@ -707,8 +707,9 @@ class Pipeline:
             # A profile with a record revoked saved nothing (above): its merges are not redirected
             # either. A merge dropped so is decided again by the next record of the absorbed
             # profile (IdentityResolver._plan), here or at the partition's new owner.
-            redirects = {absorbed: key for key in keys if not any(item.partition.revoked for item in groups[key])
-                         for item in groups[key] if item.merge is not None for absorbed in item.merge.absorbed}
+            redirects = {absorbed: key for key in keys for item in groups[key] if item.merge is not None
+                         and not any(other.partition.revoked for other in groups[key])
+                         for absorbed in item.merge.absorbed}
             if redirects:
                 index = cast(AliasIndex, self.store)  # linking is only built on a store with one
                 if await self._retry_store("redirect", lambda: index.redirect_profiles(redirects), groups,

@@ -45,6 +45,12 @@ class MemoryStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         pass
 
     # --- the alias index ---------------------------------------------------------------------
+    async def find_profiles(self, aliases: Collection[str]) -> dict[str, str]:
+        known = self._aliases
+        owners = {alias: key for alias in aliases if (key := known.get(alias)) is not None}
+        # A merge repoints its aliases here: a redirect is followed only for a claim that raced one.
+        return await self._follow(owners) if self._redirects else owners
+
     async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
         known = self._aliases
         return {alias: key for alias in aliases if (key := known.get(alias)) is not None}
