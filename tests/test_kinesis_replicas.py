@@ -174,22 +174,28 @@ def test_sigterm_hands_the_leases_over_at_once_with_no_repeat(
     assert cluster.wait("b") == 0, cluster.log("b")
 
 
+@pytest.mark.parametrize("mode", ["key", "link"])
 def test_two_replicas_starting_together_hand_shards_over_and_repeat_nothing(
-    kinesalite: Emulator, make_cluster: Callable[..., Cluster]
+    kinesalite: Emulator, make_cluster: Callable[..., Cluster], mode: str
 ) -> None:
     # The first to scan takes every shard (the other owns none yet, so it is not counted); the
     # other then asks for its share, and the owner finishes and checkpoints each shard before it
-    # hands it over: the new owner starts exactly after, so nothing is handled twice.
+    # hands it over: the new owner starts exactly after, so nothing is handled twice. With
+    # identity linking (logins and merges in the stream) on the shared sqlite file, claims off:
+    # each replica writes its new links with its state, and the hand-off checkpoint commits them.
     stream = f"exports-{uuid.uuid4().hex[:8]}"
-    records = list(generate(StreamSpec(seed=53, profiles=150, records=2000)))
+    linked = mode == "link"
+    spec = StreamSpec(seed=53, profiles=150, records=2000, **({"login_rate": 0.05, "merge_rate": 0.25} if linked else {}))
+    records = list(generate(spec))
     load(kinesalite, stream, records, create_shards=4)
     lease_duration_s = 4.0
-    cluster = make_cluster(stream, lease_duration_s=lease_duration_s)
+    cluster = make_cluster(stream, lease_duration_s=lease_duration_s,
+                           env={"SEGMENT_RELAY_IDENTITY__MODE": mode})
     cluster.start("a")
     cluster.start("b")
     wait_for(lambda: sorted(cluster.owners().values()) == [2, 2], "two replicas to own 2 shards each",
              timeout_s=4 * lease_duration_s + 30)
-    truth = Counter(expected_changes(records).changes)
+    truth = Counter(expected_changes(records, link_namespaces=["*"] if linked else None).changes)
     wait_for(lambda: not truth - changes_in(cluster.outputs), "every change of the stream")
     assert changes_in(cluster.outputs) == truth  # each exactly once
     for name in ("a", "b"):
