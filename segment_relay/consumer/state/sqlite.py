@@ -314,6 +314,7 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         # Written by the next flush. An alias held already keeps its owner: one linked here and
         # not committed yet, or one in the file that the last lookup did not ask about.
         links, linking, absent = self._links, self._linking, self._absent
+        self._absent = set()  # good for the claims right after its lookup only
         unasked = [alias for alias in claims if alias not in absent and alias not in links and alias not in linking]
         assert self._reader is not None, "store not opened"
         stored = _pairs_in(self._reader, _OWNERS, unasked) if unasked else {}
