@@ -133,6 +133,12 @@ class DryRunStore(SingleProfileAccess):
         mine = await self._links.claim_aliases({alias: key for alias, key in claims.items() if alias not in held})
         return await self._redirected({**held, **mine})
 
+    async def survivors_of(self, keys: Collection[str]) -> dict[str, str]:
+        inner = self._inner_index()
+        moved = await inner.survivors_of(keys) if inner is not None else {}
+        followed = await self._redirected({key: moved.get(key, key) for key in keys})
+        return {key: survivor for key, survivor in followed.items() if survivor != key}
+
     async def _redirected(self, owners: dict[str, str]) -> dict[str, str]:
         return await self._links._follow(owners)  # this run's merges, on top of the inner store's
 

@@ -175,6 +175,52 @@ async def test_a_merge_waits_until_it_holds_both_profiles() -> None:
     assert store._claims == {}
 
 
+async def test_a_profile_merged_away_by_another_replica_meanwhile_sends_its_records_to_the_survivor() -> None:
+    # Replica b looks a record up while replica a is merging its profile (phone:b) into ecid:a,
+    # and waits for a's claim. When a is done, phone:b's state is gone and it redirects to
+    # ecid:a: b's record must be diffed there (where its gold already is), not against nothing.
+    store = MemoryStore()
+    fired: list[tuple[str, str, str]] = []
+
+    def export(identities: dict[str, str], segment: str) -> bytes:
+        return orjson.dumps({"identityMap": {ns: [{"id": i}] for ns, i in identities.items()},
+                             "segmentMembership": {"ups": {segment: {
+                                 "status": "realized", "lastQualificationTime": "2026-11-01T10:00:00Z"}}}})
+
+    async def setup(change: SegmentChange) -> None:
+        pass
+
+    await replica(store, [export({"ecid": "a"}, "silver")], setup, "setup", link=True).run()
+    await replica(store, [export({"phone": "b"}, "gold")], setup, "setup", link=True).run()
+    a_is_merging, a_may_return = asyncio.Event(), asyncio.Event()
+
+    async def merging(change: SegmentChange) -> None:  # replica a, holding ecid:a and phone:b
+        fired.append(("a", change.profile_key, change.segment_id))
+        a_is_merging.set()
+        await a_may_return.wait()
+
+    async def other(change: SegmentChange) -> None:
+        fired.append(("b", change.profile_key, change.segment_id))
+
+    a = asyncio.create_task(replica(store, [export({"ecid": "a", "phone": "b"}, "bronze")], merging, "a",
+                                    link=True).run())
+    await asyncio.wait_for(a_is_merging.wait(), DEADLINE_S)
+    b_replica = replica(store, [export({"phone": "b"}, "gold")], other, "b", link=True)  # a re-export
+    b = asyncio.create_task(b_replica.run())
+
+    async def b_waits() -> None:
+        while b_replica.claims is None or not b_replica.claims.waits:
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(b_waits(), DEADLINE_S)
+    a_may_return.set()  # a saves the merged ecid:a, redirects phone:b to it and gives its claims back
+    await asyncio.wait_for(asyncio.gather(a, b), DEADLINE_S)
+    assert fired == [("a", "ecid:a", "bronze")]  # b's gold was known: nothing fired again
+    assert await store.load("phone:b") == {}
+    assert {segment for _, segment in await store.load("ecid:a")} == {"gold", "silver", "bronze"}
+    assert b_replica.snapshot().records_finished == 1
+    assert store._claims == {}
+
+
 def test_the_claim_metrics_are_exported_and_documented() -> None:
     from test_deploy import exported_metric_names
 

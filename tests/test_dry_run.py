@@ -21,6 +21,8 @@ from support import run_until_finished, wait_for
 
 from segment_relay.app import Relay
 from segment_relay.config import load_config
+from segment_relay.consumer.state import SqliteStore
+from segment_relay.dry_run import DryRunStore
 from segment_relay.testing.aws import Emulator
 from segment_relay.testing.azure import Azurite
 from segment_relay.testing.eventhubs.produce import send_exports
@@ -105,6 +107,28 @@ def test_a_dry_run_starts_from_the_stored_state_and_checkpoint_and_leaves_them_a
     real = cli("run", "--source", f"file:{growing}", *common, "--handler", "jsonl:second.out", cwd=tmp_path)
     assert summary(real) == {key: value for key, value in dry_summary.items() if key != "dry_run"}
     assert changes(dry.stdout) == changes((tmp_path / "second.out").read_text())
+
+
+async def test_a_dry_run_store_follows_the_stored_merges_and_its_own(tmp_path: Path) -> None:
+    stored = SqliteStore(tmp_path / "state.db")
+    await stored.open()
+    await stored.claim_aliases({"phone:1": "phone:1", "ecid:a": "ecid:a"})
+    await stored.redirect_profiles({"phone:1": "ecid:a"})
+    await stored.close()
+    dry = DryRunStore(f"sqlite:{tmp_path / 'state.db'}")
+    await dry.open()
+    try:
+        await dry.redirect_profiles({"ecid:a": "crmid:0", "email:x": "crmid:0"})  # this run's merges
+        assert await dry.survivors_of(["phone:1", "ecid:a", "email:x", "crmid:0"]) == {
+            "phone:1": "crmid:0", "ecid:a": "crmid:0", "email:x": "crmid:0"}
+    finally:
+        await dry.close()
+    reopened = SqliteStore(tmp_path / "state.db")
+    await reopened.open()
+    try:
+        assert await reopened.survivors_of(["phone:1", "ecid:a"]) == {"phone:1": "ecid:a"}  # untouched
+    finally:
+        await reopened.close()
 
 
 def test_an_event_hub_dry_run_needs_a_consumer_group_of_its_own(tmp_path: Path) -> None:

@@ -538,6 +538,7 @@ async def test_alias_index_claims_follows_redirects_and_keeps_state_apart(store:
     await store.flush()
     assert await store.find_profiles(["phone:1", "email:x", "nobody:0"]) == {"phone:1": "ecid:a", "email:x": "ecid:a"}
     assert await store.claim_aliases({"phone:1": "phone:1"}) == {"phone:1": "ecid:a"}
+    assert await store.survivors_of(["phone:1", "ecid:a", "nobody:0"]) == {"phone:1": "ecid:a"}
     assert await store.aliases_of("ecid:a") == ["ecid:a", "email:x", "phone:1"]
     assert await store.aliases_of("phone:1") == []
     assert await store.load_many({"phone:1": None}) == {}

@@ -532,7 +532,7 @@ class Pipeline:
             return
         self._group_and_start(items[start:], part)
 
-    def _group_and_start(self, items: Sequence[_Item], part: _Partition) -> None:
+    def _group_and_start(self, items: Sequence[_Item], part: _Partition | None) -> None:
         groups: dict[str, list[_Item]] = {}
         admit = self._gate.admit
         for item in items:
@@ -611,6 +611,8 @@ class Pipeline:
                 await self._reject_entries(entries, part)
             if groups and self.claims is not None:
                 await self._claim(groups, claimed, shared, claim_attempt)
+                if groups and self.identity is not None:
+                    await self._follow_merges(groups, claimed)
             if groups:
                 await self._process(groups, released, claimed)
         finally:
@@ -641,6 +643,28 @@ class Pipeline:
         shared.extend(k for k, count in users.items() if count > 1)
         if blocked and not self._closing:
             self._start_step(blocked, [], None, claim_attempt=attempt + 1)
+
+    async def _follow_merges(self, groups: dict[str, list[_Item]], claimed: dict[str, list[str]]) -> None:
+        """Send on to their survivor the profiles another replica merged away between their
+        records' lookup and their claim: that replica claimed them for the merge, so once the
+        claim is here its redirect is stored, and diffing the absorbed key (whose state the merge
+        dropped) would fire its memberships again."""
+        index = cast(AliasIndex, self.store)  # linking is only built on a store with one
+        moved = await self._retry_store("redirect lookup", lambda: index.survivors_of(list(groups)), groups,
+                                        groups.keys())
+        if moved is _REVOKED or not moved:
+            return
+        assert self.claims is not None
+        items: list[_Item] = []
+        for key, survivor in moved.items():
+            for item in groups.pop(key):
+                item.key = survivor
+                items.append(item)
+            self.claims.give_back(claimed.pop(key, ()))
+        log.info("profiles merged by another replica meanwhile; their records go to the survivor",
+                 extra={"profiles": len(moved)})
+        self._group_and_start(items, None)  # first: the records queued behind them come after these
+        self._continue(list(moved))  # (they find the redirect in their own step)
 
     def _continue(self, keys: list[str]) -> None:
         """These profiles are free again; the records that waited for them form the next step."""

@@ -130,9 +130,12 @@ class AliasIndex(Protocol):
     finds the same profile and repeats its changes). ``redirect_profiles`` ends a merge: each
     absorbed key points to its survivor, its aliases move there and its state is dropped; it
     is durable with the next ``flush``, as saved state is, and never ahead of it.
-    ``aliases_of`` lists a profile's aliases (``segment-relay state show``)."""
+    ``aliases_of`` lists a profile's aliases (``segment-relay state show``). ``survivors_of``
+    answers which of some profile keys a merge has absorbed, each with its survivor now."""
 
     async def find_profiles(self, aliases: Collection[str]) -> dict[str, str]: ...
+
+    async def survivors_of(self, keys: Collection[str]) -> dict[str, str]: ...
 
     async def claim_aliases(self, claims: Mapping[str, str]) -> dict[str, str]: ...
 
@@ -193,6 +196,10 @@ class RedirectFollowing:
         if self.remember_aliases:
             self._remember(owners)
         return await self._follow(owners)
+
+    async def survivors_of(self, keys: Collection[str]) -> dict[str, str]:
+        followed = await self._follow({key: key for key in keys})
+        return {key: survivor for key, survivor in followed.items() if survivor != key}
 
     def _known(self) -> dict[str, str]:
         known = self._known_owners
