@@ -749,12 +749,16 @@ class Dispatcher:
             outage = not isinstance(error, PermanentHandlerError)
         else:
             outage = all_failed and not all(isinstance(e, PermanentHandlerError) for e in failures.values())
+        split = error is not None and len(part) > 1 and not probe and not _explicit_wait(error)
         if probe:
             self._probe_finished(failed=outage)
-        elif not outage or (fresh and (top or error is None or len(part) == 1)):
-            # A split half that failed whole counts only with its sibling (_deliver_batch).
+        elif not outage or (fresh and not split):
+            # A call that fails whole and is split is ambiguous: its halves decide, counting for
+            # the circuit only when both fail (_deliver_batch). Counting the whole call too made
+            # every batch holding one poison change an outage signal, and a stream with a few
+            # opened the circuit of a healthy handler.
             self._record(outage)
-        if error is not None and len(part) > 1 and not probe and not _explicit_wait(error):
+        if split:
             return error  # ambiguous (one bad change, or an outage): split it
         blocked: set[int] = set()
         for chain, index in part:
