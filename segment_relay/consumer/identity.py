@@ -38,7 +38,7 @@ from .state.base import AliasIndex
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IdentityResolver", "IdentityStats", "LinkedKey", "Resolved", "aliases_of"]
+__all__ = ["IdentityResolver", "IdentityStats", "Merge", "Resolved", "aliases_of"]
 
 IdentityMap = Mapping[str, Sequence[IdentityItem]]
 
@@ -57,12 +57,12 @@ class IdentityStats:
     merges: int = 0  # profiles absorbed into another
 
 
-class LinkedKey(NamedTuple):
-    """A record that merges profiles: its profile, and the profiles it merges into it."""
+class Merge(NamedTuple):
+    """Profiles a record showed to be its profile's person: combined into it just before that
+    record is diffed, as if the records had come one at a time."""
 
-    key: str
-    absorbed: tuple[str, ...] = ()  # profiles this record showed to be ``key``'s person
-    announced: tuple[str, ...] = ()  # of those, the ones that existed before (a ``merge`` change names them)
+    absorbed: tuple[str, ...]  # sorted: combined in the same order every time
+    announced: tuple[str, ...]  # of those, the ones that existed before (a ``merge`` change names them)
 
 
 class Resolved(NamedTuple):
@@ -71,7 +71,7 @@ class Resolved(NamedTuple):
     object per record: this is made for every record."""
 
     keys: list[str]
-    merges: dict[int, LinkedKey]
+    merges: dict[int, Merge]
 
 
 def aliases_of(identity_map: IdentityMap, namespaces: Collection[str] | None,
@@ -201,7 +201,7 @@ class IdentityResolver:
         A merge is announced for the profiles that existed before it: stored before this batch
         (and not merged here already), or given to an earlier record of the batch. A profile this
         call created only to lose its claims to another writer's (the race) was never seen."""
-        merges: dict[int, LinkedKey] = {}
+        merges: dict[int, Merge] = {}
         if not joins:
             return Resolved(plan, merges)
         keyed: set[str] = set()  # the profiles of the records before this one
@@ -214,7 +214,7 @@ class IdentityResolver:
                                   if other not in absorbed and (other not in created or other in keyed))
                 self.stats.merges += len(announced)
                 absorbed.update(dict.fromkeys(ordered, key))
-                merges[index] = LinkedKey(key, ordered, announced)
+                merges[index] = Merge(ordered, announced)
             keyed.add(key)
         return Resolved(plan, merges)
 

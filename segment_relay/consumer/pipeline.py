@@ -53,7 +53,7 @@ from ..model import (
 from .claims import ClaimsSnapshot, ProfileClaimer
 from .deadletter import DeadLetter
 from .export import InvalidEntry, InvalidRecord, LazyAttributes, ProfileExport, parse_export
-from .identity import IdentityResolver, IdentityStats, Resolved
+from .identity import IdentityResolver, IdentityStats, Merge, Resolved
 from .membership import diff_membership
 from .ordering import InFlightLimit, PartitionWatermark, ProfileGate
 from .profile_key import ProfileKeyRule
@@ -137,14 +137,6 @@ class _Partition:
         self.read = False  # a batch of this assignment arrived
 
 
-class _Merge(msgspec.Struct, gc=False):
-    """Profiles a record showed to be its profile's person: combined into it just before that
-    record is diffed, as if the records had come one at a time (see ``_admit_linked``)."""
-
-    absorbed: tuple[str, ...]
-    announced: tuple[str, ...]  # the ones a ``merge`` change names (existing profiles)
-
-
 class _Item(msgspec.Struct, gc=False):
     """One valid record on its way through a step (a Struct: one is built per record).
     ``record`` and ``export`` are dropped (None) once the step's diff has used them."""
@@ -156,7 +148,7 @@ class _Item(msgspec.Struct, gc=False):
     key: str
     size: int
     read_at: float  # time.monotonic() when it was admitted: where the age of its changes starts
-    merge: _Merge | None = None  # identity linking: profiles this record joins to its own
+    merge: Merge | None = None  # identity linking: profiles this record joins to its own
 
 
 class _Wanted(Mapping[str, "frozenset[SegmentKey] | None"]):
@@ -212,7 +204,7 @@ _REVOKED: Any = object()  # what a store call returns when its step has nothing 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _combine(key: str, state: ProfileState, states: Mapping[str, ProfileState], merge: _Merge, item: _Item,
+def _combine(key: str, state: ProfileState, states: Mapping[str, ProfileState], merge: Merge, item: _Item,
              pending: list[PendingChange]) -> tuple[ProfileState, dict[SegmentKey, StoredMembership]]:
     """The survivor's state with the absorbed profiles' combined into it, per segment by the newer
     qualification time (a tie keeps the survivor's: the same result in any arrival order), the
@@ -516,13 +508,13 @@ class Pipeline:
         if resolved is not None:
             for item, key in zip(items, resolved.keys, strict=True):
                 item.key = key
-            for index, link in resolved.merges.items():  # in read order
+            for index, merge in resolved.merges.items():  # in read order
                 item = items[index]
-                item.merge = _Merge(link.absorbed, link.announced)
+                item.merge = merge
                 if index > start:
                     self._group_and_start(items[start:index], part)
                     start = index
-                await self._wait_until_free(link.absorbed)
+                await self._wait_until_free(merge.absorbed)
                 if part.revoked:
                     break
         if resolved is None or part.revoked:  # taken away meanwhile: its new owner reads them

@@ -157,7 +157,7 @@ class RedirectFollowing:
     (An alias item deleted by hand stays known here until a restart.)"""
 
     ALIAS_CACHE_MAX = 200_000
-    remember_aliases = True  # False for a store whose lookups are a dict already (memory)
+    remember_aliases = True  # False for a store whose lookups are a dict already (memory: it answers find_profiles itself)
     _known_owners: dict[str, str] | None = None
 
     async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
@@ -172,8 +172,6 @@ class RedirectFollowing:
     async def find_profiles(self, aliases: Collection[str]) -> dict[str, str]:
         if not aliases:
             return {}
-        if not self.remember_aliases:
-            return await self._follow(await self._alias_owners(list(aliases)))
         known = self._known()
         owners: dict[str, str] = {}
         missing: list[str] = []

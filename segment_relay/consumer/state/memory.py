@@ -51,10 +51,6 @@ class MemoryStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
         # A merge repoints its aliases here: a redirect is followed only for a claim that raced one.
         return await self._follow(owners) if self._redirects else owners
 
-    async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
-        known = self._aliases
-        return {alias: key for alias in aliases if (key := known.get(alias)) is not None}
-
     async def _claim_owners(self, claims: Mapping[str, str]) -> dict[str, str]:
         known = self._aliases
         return {alias: known.setdefault(alias, key) for alias, key in claims.items()}

@@ -296,11 +296,10 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
     async def _alias_owners(self, aliases: list[str]) -> dict[str, str]:
         assert self._reader is not None, "store not opened"
         owners = _pairs_in(self._reader, _OWNERS, aliases)
-        for overlay in (self._linking, self._links):  # linked, not yet committed
-            if overlay:
-                for alias in aliases:
-                    if alias not in owners and (key := overlay.get(alias)) is not None:
-                        owners[alias] = key
+        if self._links or self._linking:
+            for alias in aliases:
+                if alias not in owners and (key := self._unflushed_owner(alias)) is not None:
+                    owners[alias] = key
         if self.links_with_state:
             # The claims that follow a lookup are of what it did not find: they need not ask again.
             self._absent = {alias for alias in aliases if alias not in owners}
@@ -313,18 +312,22 @@ class SqliteStore(SingleProfileAccess, ScanQueries, RedirectFollowing):
             return await self._commit_now(self._claim, dict(claims))
         # Written by the next flush. An alias held already keeps its owner: one linked here and
         # not committed yet, or one in the file that the last lookup did not ask about.
-        links, linking, absent = self._links, self._linking, self._absent
-        self._absent = set()  # good for the claims right after its lookup only
-        unasked = [alias for alias in claims if alias not in absent and alias not in links and alias not in linking]
+        absent, self._absent = self._absent, set()  # good for the claims right after its lookup only
+        unflushed = {alias: owner for alias in claims if (owner := self._unflushed_owner(alias)) is not None}
+        unasked = [alias for alias in claims if alias not in absent and alias not in unflushed]
         assert self._reader is not None, "store not opened"
         stored = _pairs_in(self._reader, _OWNERS, unasked) if unasked else {}
         owners: dict[str, str] = {}
         for alias, key in claims.items():
-            owner = stored.get(alias) or links.get(alias) or linking.get(alias)
+            owner = stored.get(alias) or unflushed.get(alias)
             if owner is None:
-                owner = links[alias] = key
+                owner = self._links[alias] = key
             owners[alias] = owner
         return owners
+
+    def _unflushed_owner(self, alias: str) -> str | None:
+        """links_with_state: the owner of an alias linked here and not committed yet."""
+        return self._links.get(alias) or self._linking.get(alias)
 
     async def _commit_now(self, write: Callable[..., _T], *args: Any) -> _T:
         """``write(connection, *args)`` in a transaction begun for it, which it commits before
