@@ -174,8 +174,8 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     family = _family(request.path)
     raw = await request.read()
+    delay, answer_delay = fake.faults.delay(request.method, request.path)
     try:
-        delay = fake.faults.delay(request.method, request.path)
         if delay > 0:
             await asyncio.sleep(delay)  # injected latency: the delay is the point
         fault = fake.faults.take(request.method, request.path)
@@ -211,6 +211,8 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
         at=fake.clock(),
     ))
     log.debug("%s %s -> %s", request.method, request.path, response.status)
+    if answer_delay > 0:
+        await asyncio.sleep(answer_delay)  # done (and recorded) already; only the answer is late
     return response
 
 

@@ -43,12 +43,15 @@ class Fault:
 
 @dataclass
 class Latency:
-    """Delay matching requests by ``seconds`` (``remaining`` None: forever)."""
+    """Delay matching requests by ``seconds`` (``remaining`` None: forever). ``answer_only``: the
+    request is carried out at once and only its answer is late, which is how a write that times
+    out looks from the client (it was done; the client cannot know)."""
 
     seconds: float
     method: str | None = None
     path: str | None = None
     remaining: int | None = None
+    answer_only: bool = False
 
     def matches(self, method: str, path: str) -> bool:
         wanted_method, pattern = _matcher(self.method, self.path)
@@ -69,14 +72,18 @@ class Faults:
                 return fault
         return None
 
-    def delay(self, method: str, path: str) -> float:
-        total = 0.0
+    def delay(self, method: str, path: str) -> tuple[float, float]:
+        """Seconds to wait before handling a request, and after it before answering."""
+        before = after = 0.0
         for latency in self.latencies:
             if latency.matches(method, path):
                 if latency.remaining is not None:
                     latency.remaining -= 1
-                total += latency.seconds
-        return total
+                if latency.answer_only:
+                    after += latency.seconds
+                else:
+                    before += latency.seconds
+        return before, after
 
     def clear(self) -> None:
         self.faults.clear()

@@ -213,8 +213,10 @@ class FakePlatform:
         return fault
 
     def add_latency(self, seconds: float, *, method: str | None = None, path: str | None = None,
-                    times: int | None = None) -> Latency:
-        latency = Latency(seconds, method, path, times)
+                    times: int | None = None, answer_only: bool = False) -> Latency:
+        """Delay the next ``times`` matching requests (None: all) by ``seconds``; with
+        ``answer_only``, carry them out first and delay only the answer."""
+        latency = Latency(seconds, method, path, times, answer_only)
         self.faults.latencies.append(latency)
         return latency
 
