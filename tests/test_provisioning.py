@@ -18,8 +18,8 @@ from test_platform_fake import SPECS, validate_against_specs
 
 from segment_relay.provisioning.destination import Destination, load_destination
 from segment_relay.provisioning.errors import ProvisioningError
-from segment_relay.provisioning.http import RetrySettings
 from segment_relay.provisioning.provisioner import Step
+from segment_relay.provisioning.retry import RetrySettings
 from segment_relay.provisioning.session import provisioner_for
 from segment_relay.testing.platform import DEFAULT_AUDIENCES, FakePlatform
 from segment_relay.testing.platform.process import start_platform_process

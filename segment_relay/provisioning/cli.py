@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .destination import Destination, load_destination
 from .errors import ProvisioningError
+from .http import DEFAULT_TIMEOUT_S
 from .provisioner import Provisioner, Step
 from .session import provisioner_for
 
@@ -27,13 +28,15 @@ app = typer.Typer(
 
 FileArg = Annotated[Path, typer.Argument(help="The destination file (TOML)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables")]
+TimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", min=0.1, help="Seconds one call to Adobe may take, answer included, before it counts as failed")]
 
 _STYLE = {"create": "green", "update": "yellow", "enable": "cyan", "disable": "cyan", "delete": "red",
           "keep": "dim", "absent": "dim"}
 
 
 def _run(file: Path, as_json: bool, work: Callable[[Provisioner], Awaitable[T]], *, need_target_secrets: bool = True,
-         title: str = "") -> T:
+         title: str = "", timeout_s: float = DEFAULT_TIMEOUT_S) -> T:
     console = Console(stderr=True)
     destination: Destination | None = None
     try:
@@ -45,7 +48,7 @@ def _run(file: Path, as_json: bool, work: Callable[[Provisioner], Awaitable[T]],
                 console.print(_line(step))
 
         async def go() -> T:
-            async with provisioner_for(shown, on_step=show) as provisioner:
+            async with provisioner_for(shown, on_step=show, timeout_s=timeout_s) as provisioner:
                 with console.status(title or "talking to Adobe", spinner="dots") if not as_json else _nothing():
                     return await work(provisioner)
 
@@ -85,9 +88,9 @@ def _counts(steps: list[Step]) -> dict[str, int]:
 
 
 @app.command()
-def plan(file: FileArg, as_json: JsonOpt = False) -> None:
+def plan(file: FileArg, as_json: JsonOpt = False, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
     """Show what apply would change. Reads only; writes nothing."""
-    steps = _run(file, as_json, lambda p: p.reconcile(apply=False), title="reading Adobe's side")
+    steps = _run(file, as_json, lambda p: p.reconcile(apply=False), title="reading Adobe's side", timeout_s=timeout)
     changes = [s for s in steps if s.action != "keep"]
     _emit(as_json, {"changes": len(changes), "steps": [s.as_dict() for s in steps]})
     if not as_json:
@@ -95,18 +98,21 @@ def plan(file: FileArg, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-def apply(file: FileArg, as_json: JsonOpt = False) -> None:
-    """Create what is missing and repair what drifted. Idempotent: a second run changes nothing."""
-    steps = _run(file, as_json, lambda p: p.reconcile(apply=True), title="applying")
+def apply(file: FileArg, as_json: JsonOpt = False, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
+    """Create what is missing and repair what drifted. Idempotent: a second run changes nothing, and
+    a call that timed out is never repeated blindly (what it may have created is looked up first)."""
+    steps = _run(file, as_json, lambda p: p.reconcile(apply=True), title="applying", timeout_s=timeout)
     _emit(as_json, {"counts": _counts(steps), "steps": [s.as_dict() for s in steps]})
     if not as_json:
         Console(stderr=True).print("applied: " + ", ".join(f"{n} {a}" for a, n in _counts(steps).items()))
 
 
 @app.command()
-def status(file: FileArg, as_json: JsonOpt = False, runs: Annotated[int, typer.Option(help="Recent runs to show")] = 5) -> None:
+def status(file: FileArg, as_json: JsonOpt = False, runs: Annotated[int, typer.Option(help="Recent runs to show")] = 5,
+           timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
     """The dataflow's state, its activated audiences and attributes, and its recent runs."""
-    report = _run(file, as_json, lambda p: p.status(runs), need_target_secrets=False, title="reading status")
+    report = _run(file, as_json, lambda p: p.status(runs), need_target_secrets=False, title="reading status",
+                  timeout_s=timeout)
     if as_json:
         _emit(True, report)
         return
@@ -134,15 +140,18 @@ def destroy(
     file: FileArg,
     as_json: JsonOpt = False,
     yes: Annotated[bool, typer.Option("--yes", help="Delete without asking (scripts)")] = False,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Delete the dataflow, then the target, source and base connections this file manages."""
     if not yes:
-        listed = _run(file, as_json, lambda p: p.destroy(apply=False), need_target_secrets=False, title="reading")
+        listed = _run(file, as_json, lambda p: p.destroy(apply=False), need_target_secrets=False, title="reading",
+                      timeout_s=timeout)
         if not any(step.action == "delete" for step in listed):
             _emit(as_json, {"steps": [s.as_dict() for s in listed]})
             return
         if as_json or not typer.confirm("delete these?", err=True):
             typer.echo("error: not deleted; pass --yes to delete without asking", err=True)
             raise typer.Exit(1)
-    steps = _run(file, as_json, lambda p: p.destroy(apply=True), need_target_secrets=False, title="deleting")
+    steps = _run(file, as_json, lambda p: p.destroy(apply=True), need_target_secrets=False, title="deleting",
+                 timeout_s=timeout)
     _emit(as_json, {"counts": _counts(steps), "steps": [s.as_dict() for s in steps]})

@@ -15,3 +15,14 @@ class AdobeApiError(ProvisioningError):
         self.status = status
         self.request_id = request_id
         self.code = code
+
+
+class UncertainOutcome(ProvisioningError):
+    """A write that got no answer (a timeout, a dropped connection): Adobe may have done it, may
+    still be doing it, or may never have seen it. Sending it again could do it twice; the caller
+    finds out what happened first."""
+
+    def __init__(self, message: str, *, method: str, path: str) -> None:
+        super().__init__(message)
+        self.method = method
+        self.path = path

@@ -6,9 +6,10 @@ segment ("connections", "sourceConnections", "targetConnections", "flows").
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from .errors import AdobeApiError, ProvisioningError
+from .errors import AdobeApiError, ProvisioningError, UncertainOutcome
 from .http import PlatformHttp
 
 BASE_PATH = "/data/foundation/flowservice"
@@ -53,42 +54,65 @@ class FlowService:
         response = await self.http.request("GET", f"{BASE_PATH}/{kind}/{entity_id}")
         return _single(response.body, f"{kind} {entity_id}")
 
-    async def create(self, kind: str, body: dict[str, Any]) -> str:
-        """Create, returning the id. A server error may have created it anyway: before repeating
-        the call, look for it by name, so that a retry never makes a duplicate."""
-        attempts = self.http.retry.attempts
-        for attempt in range(1, attempts + 1):
+    async def create(self, kind: str, body: dict[str, Any], **properties: str) -> str:
+        """Create, returning the id. Never twice: after a failure that may have created it anyway
+        (a timeout, a dropped connection, a 5xx), look it up by name (and ``properties``, as
+        ``find_one``) and adopt what is there; send the create again only once it has not
+        appeared for a whole request timeout (Adobe may still have been working on the first)."""
+        retry = self.http.retry
+        for attempt in range(1, retry.attempts + 1):
             try:
-                response = await self.http.request("POST", f"{BASE_PATH}/{kind}", json=body, retry_server_errors=False)
-            except AdobeApiError as exc:
-                if exc.status < 500 or attempt == attempts:
+                response = await self.http.request("POST", f"{BASE_PATH}/{kind}", json=body, replayable=False)
+            except (AdobeApiError, UncertainOutcome) as exc:
+                if not _maybe_done(exc) or attempt == retry.attempts:
                     raise
-                existing = await self.find_one(kind, body["name"])
+                existing = await self._appeared(kind, body["name"], properties, attempt, exc)
                 if existing is not None:
                     return str(existing["id"])
-                await self.http.backoff(attempt, None)
                 continue
             return str((response.body or {})["id"])
         raise AssertionError("unreachable")
 
+    async def _appeared(self, kind: str, name: str, properties: dict[str, str], attempt: int,
+                        failure: ProvisioningError) -> dict[str, Any] | None:
+        """The entity that a create which failed (its ``attempt``-th try) may have made. After a
+        5xx, Adobe is done with the call: one look. After no answer, it may still be working on
+        it: looked for on the backoff schedule until a whole request timeout has passed."""
+        settle_s = self.http.timeout_s if isinstance(failure, UncertainOutcome) else 0.0
+        started = time.monotonic()
+        while True:
+            await self.http.backoff(attempt, None)
+            existing = await self.find_one(kind, name, **properties)
+            if existing is not None or time.monotonic() - started >= settle_s:
+                return existing
+
     async def patch(self, kind: str, entity_id: str, build_ops: Any) -> bool:
         """JSON Patch with If-Match. ``build_ops(entity)`` turns a fresh read into the operations
-        (an empty list: nothing to do). A 412 means someone changed it meanwhile: read it again,
-        rebuild the operations from what is there now, try again."""
-        for _ in range(_ETAG_ATTEMPTS):
+        (an empty list: nothing to do). A 412 means someone changed it meanwhile; a timeout or a
+        5xx may or may not have applied it. Either way: read it again, rebuild the operations
+        from what is there now, and send only those (none, when the last one was applied)."""
+        sent = False  # a patch whose outcome is unknown was sent: it may be what applied the change
+        conflicts = failures = 0
+        while conflicts < _ETAG_ATTEMPTS:
             entity = await self.get(kind, entity_id)
             ops = build_ops(entity)
             if not ops:
-                return False
+                return sent
             etag = _quoted(entity.get("etag"))
             try:
                 await self.http.request(
                     "PATCH", f"{BASE_PATH}/{kind}/{entity_id}", json=ops, headers={"If-Match": etag}
                 )
                 return True
-            except AdobeApiError as exc:
-                if exc.status != 412:
+            except (AdobeApiError, UncertainOutcome) as exc:
+                if isinstance(exc, AdobeApiError) and exc.status == 412:
+                    conflicts += 1
+                    continue
+                failures += 1
+                if not _maybe_done(exc) or failures == self.http.retry.attempts:
                     raise
+                sent = True
+                await self.http.backoff(failures, None)
         raise ProvisioningError(
             f"{kind} {entity_id} kept changing while it was being updated ({_ETAG_ATTEMPTS} tries): "
             "is another tool editing it? Run again once it is quiet"
@@ -103,13 +127,20 @@ class FlowService:
 
     # --- dataflows ---------------------------------------------------------------------
     async def flow_action(self, flow_id: str, op: str) -> None:
-        await self.http.request("POST", f"{BASE_PATH}/flows/{flow_id}/action", params={"op": op})
+        # Enable and disable set a state: sending one twice ends in the same state, so it is
+        # repeated like a read.
+        await self.http.request("POST", f"{BASE_PATH}/flows/{flow_id}/action", params={"op": op}, replayable=True)
 
     async def runs(self, flow_id: str, limit: int = 5) -> list[dict[str, Any]]:
         response = await self.http.request(
             "GET", f"{BASE_PATH}/runs", params=[("property", f"flowId=={flow_id}"), ("limit", str(limit))]
         )
         return list((response.body or {}).get("items") or [])[:limit]
+
+
+def _maybe_done(exc: ProvisioningError) -> bool:
+    """A failed write that Adobe may have carried out all the same."""
+    return isinstance(exc, UncertainOutcome) or (isinstance(exc, AdobeApiError) and exc.status >= 500)
 
 
 def _single(body: Any, what: str) -> dict[str, Any]:

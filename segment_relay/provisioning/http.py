@@ -1,10 +1,13 @@
 """Calls to Adobe Experience Platform APIs: the headers every call needs, retries with backoff on
-throttling and server errors, and Adobe's error bodies turned into one line with the request id."""
+throttling and server errors, and Adobe's error bodies turned into one line with the request id.
+
+A call that may be sent again (a read, a delete) is repeated here after a timeout, a dropped
+connection or a server error. A create or a patch is not: Adobe may have done it although its
+answer never came, so the caller looks at what is there before deciding (``FlowService``).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import random
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -12,25 +15,19 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import orjson
 
-from .errors import AdobeApiError, ProvisioningError
+from .errors import AdobeApiError, ProvisioningError, UncertainOutcome
 from .ims import ImsClient
+from .retry import RETRIED_STATUSES, RetrySettings
 
 DEFAULT_PLATFORM_URL = "https://platform.adobe.io"
-RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+DEFAULT_TIMEOUT_S = 60.0
+REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})  # the same call twice does no more
 
 # What a 403 means in Adobe's words and what to do about it.
 _PERMISSION_HINT = (
     "add the API credential to a role with the permissions this needs (View/Manage/Activate Destinations, "
     "View Profiles, View Segments) in Adobe Experience Platform → Permissions → Roles → API credentials"
 )
-
-
-@dataclass(frozen=True)
-class RetrySettings:
-    attempts: int = 5
-    initial_backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-    max_retry_after_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +49,7 @@ class PlatformHttp:
         sandbox: str,
         platform_url: str = DEFAULT_PLATFORM_URL,
         retry: RetrySettings | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self._session = session
         self._ims = ims
@@ -59,6 +57,8 @@ class PlatformHttp:
         self.sandbox = sandbox
         self.platform_url = platform_url.rstrip("/")
         self.retry = retry or RetrySettings()
+        self.timeout_s = timeout_s  # one call, from sending to the whole answer
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.retries = 0  # how many calls were repeated (throttling, server errors, an expired token)
 
     async def request(
@@ -69,12 +69,15 @@ class PlatformHttp:
         json: Any = None,
         params: list[tuple[str, str]] | dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
-        retry_server_errors: bool = True,
+        replayable: bool | None = None,
     ) -> Response:
         """``url`` is absolute or a path under the platform URL. A 2xx comes back; anything
-        else raises AdobeApiError. 429 is always retried (honouring Retry-After); 5xx only when
-        ``retry_server_errors`` (a create is retried by its caller, who first looks for what a
-        failed call may have created)."""
+        else raises AdobeApiError. 429 is always retried (honouring Retry-After): Adobe did
+        nothing. A timeout, a dropped connection and a 5xx are retried only when the call is
+        ``replayable`` (default: by its method); otherwise they raise at once, UncertainOutcome
+        or AdobeApiError, for the caller to look before it sends the call again."""
+        if replayable is None:
+            replayable = method in REPLAYABLE_METHODS
         full_url = url if url.startswith(("http://", "https://")) else self.platform_url + url
         attempt = 0
         refreshed_token = False
@@ -91,13 +94,18 @@ class PlatformHttp:
             if json is not None:
                 call_headers["Content-Type"] = "application/json"
             try:
-                async with self._session.request(method, full_url, json=json, params=params, headers=call_headers) as raw:
+                async with self._session.request(method, full_url, json=json, params=params, headers=call_headers,
+                                                 timeout=self._timeout) as raw:
                     status = raw.status
                     text = await raw.text()
                     response_headers = {k.lower(): v for k, v in raw.headers.items()}
             except (aiohttp.ClientError, TimeoutError) as exc:
+                failure = _network_failure(exc, self.timeout_s)
+                if not replayable:
+                    raise UncertainOutcome(f"{method} {_path(full_url)}: no answer from Adobe ({failure})",
+                                           method=method, path=_path(full_url)) from None
                 if attempt >= self.retry.attempts:
-                    raise ProvisioningError(f"{method} {_path(full_url)}: cannot reach Adobe: {type(exc).__name__} {exc}") from None
+                    raise ProvisioningError(f"{method} {_path(full_url)}: cannot reach Adobe: {failure}") from None
                 await self.backoff(attempt, None)
                 continue
             body = _parse(text)
@@ -108,7 +116,7 @@ class PlatformHttp:
                 refreshed_token = True
                 self.retries += 1
                 continue
-            retriable = status == 429 or (status in RETRIED_STATUSES and retry_server_errors)
+            retriable = status == 429 or (status in RETRIED_STATUSES and replayable)
             if retriable and attempt < self.retry.attempts:
                 await self.backoff(attempt, response_headers.get("retry-after"))
                 continue
@@ -116,14 +124,7 @@ class PlatformHttp:
 
     async def backoff(self, attempt: int, retry_after: str | None) -> None:
         self.retries += 1
-        delay = min(self.retry.max_backoff_s, self.retry.initial_backoff_s * 2 ** (attempt - 1))
-        delay = random.uniform(delay / 2, delay)  # jitter: replicas of a script do not retry in step
-        if retry_after is not None:
-            try:
-                delay = max(delay, min(float(retry_after), self.retry.max_retry_after_s))
-            except ValueError:
-                pass  # an HTTP date: rare here, the backoff is fine
-        await asyncio.sleep(delay)
+        await self.retry.pause(attempt, retry_after)
 
     async def pages(self, path: str, *, params: list[tuple[str, str]] | None = None, items_key: str = "items") -> list[Any]:
         """Every item of a list, following ``_links.next.href`` until there is none."""
@@ -164,6 +165,13 @@ def _parse(text: str) -> Any:
 
 def _path(url: str) -> str:
     return urlsplit(url).path
+
+
+def _network_failure(exc: BaseException, timeout_s: float) -> str:
+    """A network error in words (aiohttp's timeouts have empty messages)."""
+    if isinstance(exc, TimeoutError):
+        return f"no complete answer within {timeout_s:g} s"
+    return f"{type(exc).__name__} {exc}".strip()
 
 
 def error_from(method: str, url: str, status: int, body: Any, headers: dict[str, str]) -> AdobeApiError:

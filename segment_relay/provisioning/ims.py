@@ -2,6 +2,8 @@
 
 There is no refresh token in this grant: a new token is requested with the same credentials
 once the cached one is within ``refresh_margin_s`` of its ``expires_in`` (seconds, about 24 h).
+A token request changes nothing on Adobe's side, so throttling, server errors and network
+failures are retried with the platform calls' policy.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import time
 from typing import Any
 
 import aiohttp
+import orjson
 from pydantic import SecretStr
 
 from .errors import ProvisioningError
+from .retry import RETRIED_STATUSES, RetrySettings
 
 DEFAULT_IMS_URL = "https://ims-na1.adobelogin.com"
 DEFAULT_SCOPES = ("openid", "AdobeID", "read_organizations", "additional_info.projectedProductContext", "session")
@@ -30,6 +34,8 @@ class ImsClient:
         ims_url: str = DEFAULT_IMS_URL,
         secret_source: str = "the client secret",
         refresh_margin_s: float = 300.0,
+        retry: RetrySettings | None = None,
+        timeout_s: float = 60.0,
     ) -> None:
         """``secret_source`` names where the secret came from (e.g. "$ADOBE_CLIENT_SECRET") so
         that a refusal can say what to fix without showing the secret."""
@@ -37,7 +43,10 @@ class ImsClient:
         self.client_id = client_id
         self._client_secret = client_secret
         self.scopes = tuple(scopes)
+        self.ims_url = ims_url
         self.token_url = ims_url.rstrip("/") + "/ims/token/v3"
+        self.retry = retry or RetrySettings()
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._secret_source = secret_source
         self._refresh_margin_s = refresh_margin_s
         self._token: SecretStr | None = None
@@ -61,20 +70,7 @@ class ImsClient:
         self._token = None
 
     async def _fetch(self) -> None:
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": self.client_id,
-            "client_secret": self._client_secret.get_secret_value(),
-            "scope": ",".join(self.scopes),
-        }
-        try:
-            async with self._session.post(self.token_url, data=form) as response:
-                body: Any = await response.json(content_type=None)
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProvisioningError(f"cannot reach Adobe IMS at {self.token_url}: {type(exc).__name__} {exc}") from None
-        except ValueError:
-            raise ProvisioningError(f"Adobe IMS at {self.token_url} answered {status} with a body that is not JSON") from None
+        status, body = await self._exchange()
         if status != 200 or not isinstance(body, dict) or "access_token" not in body:
             error = body.get("error") if isinstance(body, dict) else None
             description = body.get("error_description") if isinstance(body, dict) else None
@@ -93,3 +89,44 @@ class ImsClient:
         self._token = SecretStr(str(body["access_token"]))
         self._expires_at = time.monotonic() + float(body.get("expires_in", 86399))
         self.tokens_issued += 1
+
+    async def _exchange(self) -> tuple[int, Any]:
+        """POST the credentials; the status and the parsed JSON answer, after retries."""
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self.client_id,
+            "client_secret": self._client_secret.get_secret_value(),
+            "scope": ",".join(self.scopes),
+        }
+        attempt = 0
+        while True:
+            attempt += 1
+            last = attempt >= self.retry.attempts
+            try:
+                async with self._session.post(self.token_url, data=form, timeout=self._timeout) as response:
+                    status = response.status
+                    text = await response.text()
+                    retry_after = response.headers.get("Retry-After")
+                    content_type = response.content_type
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if last:
+                    raise ProvisioningError(
+                        f"cannot reach Adobe IMS at {self.token_url}: {type(exc).__name__} {exc}".strip()
+                        + f"; check adobe.ims_url ({self.ims_url})") from None
+                await self.retry.pause(attempt)
+                continue
+            if status in RETRIED_STATUSES and not last:
+                await self.retry.pause(attempt, retry_after)
+                continue
+            try:
+                return status, orjson.loads(text) if text else None
+            except orjson.JSONDecodeError:
+                if status in RETRIED_STATUSES:
+                    raise ProvisioningError(
+                        f"Adobe IMS at {self.token_url} kept failing ({status}, {attempt} tries): "
+                        "try again later (status.adobe.com), or check what lies between (a proxy)") from None
+                # An HTML error page, a proxy's login page, a URL that is not IMS at all.
+                raise ProvisioningError(
+                    f"Adobe IMS at {self.token_url} answered {status} with {content_type or 'a body'} that is not "
+                    f"JSON: check adobe.ims_url ({self.ims_url}) in the destination file; Adobe's is "
+                    f"{DEFAULT_IMS_URL}") from None

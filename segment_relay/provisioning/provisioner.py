@@ -188,7 +188,7 @@ class Provisioner:
             if not apply:
                 self._step(Step("create", what, name, detail))
                 return None
-            entity_id = await self.flows.create(kind, body)
+            entity_id = await self.flows.create(kind, body, **(filters or {}))
             self._step(Step("create", what, name, detail, entity_id))
             return entity_id
         entity_id = str(existing["id"])

@@ -9,9 +9,10 @@ import aiohttp
 
 from .destination import Destination
 from .flow_service import FlowService
-from .http import PlatformHttp, RetrySettings
+from .http import DEFAULT_TIMEOUT_S, PlatformHttp
 from .ims import ImsClient
 from .provisioner import Provisioner, Step
+from .retry import RetrySettings
 from .segmentation import Segmentation
 
 
@@ -21,15 +22,16 @@ async def provisioner_for(
     *,
     on_step: Callable[[Step], None] | None = None,
     retry: RetrySettings | None = None,
-    timeout_s: float = 60.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> AsyncIterator[Provisioner]:
+    """``timeout_s``: one call to Adobe, from sending it to the end of its answer."""
     spec = destination.spec
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout, raise_for_status=False) as session:
+    async with aiohttp.ClientSession(raise_for_status=False) as session:
         ims = ImsClient(
             session, client_id=destination.client_id, client_secret=destination.secret(spec.adobe.client_secret_env),
             scopes=spec.adobe.scopes, ims_url=spec.adobe.ims_url, secret_source=f"${spec.adobe.client_secret_env}",
+            retry=retry, timeout_s=timeout_s,
         )
         http = PlatformHttp(session, ims, org_id=spec.adobe.org_id, sandbox=spec.sandbox,
-                            platform_url=spec.adobe.platform_url, retry=retry)
+                            platform_url=spec.adobe.platform_url, retry=retry, timeout_s=timeout_s)
         yield Provisioner(destination, FlowService(http), Segmentation(http), on_step=on_step)
