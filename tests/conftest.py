@@ -1,7 +1,10 @@
-"""Shared fixtures: the AWS emulators, Redis and Azurite, started once per test session and stopped by PID."""
+"""Shared fixtures: the AWS emulators, Redis and Azurite, started once per test session and stopped by PID;
+the Adobe platform fake on a thread of its own, for tests that run the CLI in this process."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -10,6 +13,7 @@ from azure.storage.blob import BlobServiceClient
 
 from segment_relay.testing.aws import Emulator, fake_aws_env, running, start_dynalite, start_kinesalite
 from segment_relay.testing.azure import Azurite, running_azurite, start_azurite
+from segment_relay.testing.platform import FakePlatform
 from segment_relay.testing.redis import RedisServer, running_redis, start_redis
 from segment_relay.testing.s3 import S3Server, start_s3
 
@@ -59,3 +63,20 @@ def container(azurite: Azurite) -> str:
     with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
         service.create_container(name)
     return name
+
+
+@pytest.fixture
+def fake_in_thread() -> Iterator[FakePlatform]:
+    """The platform fake on an event loop in a thread: a test can run the CLI (which runs its own
+    loop) in this process and change the fake between commands."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="fake-platform", daemon=True)
+    thread.start()
+    platform = asyncio.run_coroutine_threadsafe(FakePlatform().start(), loop).result(30)
+    try:
+        yield platform
+    finally:
+        asyncio.run_coroutine_threadsafe(platform.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()

@@ -90,12 +90,12 @@ async def test_plan_writes_nothing_apply_creates_everything_once_and_destroy_rem
     assert actions(planned) == [
         ("create", "profile base connection"), ("create", "source connection"),
         ("create", "eventhubs base connection"), ("create", "target connection"), ("create", "dataflow"),
-        ("update", "audiences"), ("update", "attributes"), ("enable", "state"),
+        ("update", "audiences"), ("update", "attributes"), ("keep", "state"),  # Adobe creates it enabled
     ]
     assert writes(fake) == []
 
     applied = await reconcile(destination, apply=True)
-    assert [s.action for s in applied[:5]] == ["create"] * 5
+    assert actions(applied) == actions(planned)  # plan says what apply does
     flows = fake.entities("flows", sandbox="dev")
     assert len(flows) == 1 and flows[0]["state"] == "enabled"
     selectors = flows[0]["transformations"][0]["params"]
@@ -183,7 +183,7 @@ def test_the_cli_plans_applies_reports_and_destroys_and_never_prints_a_secret(tm
 
         plan = cli("plan", "--json")
         assert plan.returncode == 0, plan.stderr
-        assert json.loads(plan.stdout)["changes"] == 8
+        assert json.loads(plan.stdout)["changes"] == 7
         applied = cli("apply")
         assert applied.returncode == 0, applied.stderr
         assert "create" in applied.stderr and "dataflow: segment-relay test" in applied.stderr

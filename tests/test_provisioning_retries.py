@@ -1,16 +1,15 @@
 """Provisioning when Adobe is slow, drops calls or answers what it should not: a call that timed
 out is never simply sent again when sending it twice could do it twice (issue 14, point 1).
 
-The CLI tests run the fake platform on a loop in a thread of this process, so that a test can
-change its latency between commands; the CLI runs as a user runs it (`segment-relay provision
-...`), with its own event loop and its default retry policy."""
+The CLI tests run the fake platform on a loop in a thread of this process (``fake_in_thread``), so
+that a test can change its latency between commands; the CLI runs as a user runs it
+(`segment-relay provision ...`), with its own event loop and its default retry policy."""
 
 from __future__ import annotations
 
-import asyncio
 import http.server
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -130,21 +129,6 @@ async def test_ims_that_keeps_failing_says_so_in_one_line(fake: FakePlatform, tm
 
 
 # --- through the CLI ---------------------------------------------------------------------------
-@pytest.fixture
-def fake_in_thread() -> Iterator[FakePlatform]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="fake-platform", daemon=True)
-    thread.start()
-    platform = asyncio.run_coroutine_threadsafe(FakePlatform().start(), loop).result(30)
-    try:
-        yield platform
-    finally:
-        asyncio.run_coroutine_threadsafe(platform.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-        loop.close()
-
-
 def provision(fake: FakePlatform, path: Path, *args: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, ["provision", *args, str(path)], env={
         "ADOBE_CLIENT_SECRET": fake.credentials.client_secret, "ADOBE_EVENTHUBS_SAS_KEY": SAS_KEY})

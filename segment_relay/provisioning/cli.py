@@ -28,6 +28,9 @@ app = typer.Typer(
 
 FileArg = Annotated[Path, typer.Argument(help="The destination file (TOML)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables")]
+CredentialsOpt = Annotated[bool, typer.Option(
+    "--update-credentials", help="Send the destination's secrets again (after rotating them: Adobe never shows "
+    "them, so a new one cannot be seen to differ)")]
 TimeoutOpt = Annotated[float, typer.Option(
     "--timeout", min=0.1, help="Seconds one call to Adobe may take, answer included, before it counts as failed")]
 
@@ -88,20 +91,36 @@ def _counts(steps: list[Step]) -> dict[str, int]:
 
 
 @app.command()
-def plan(file: FileArg, as_json: JsonOpt = False, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
-    """Show what apply would change. Reads only; writes nothing."""
-    steps = _run(file, as_json, lambda p: p.reconcile(apply=False), title="reading Adobe's side", timeout_s=timeout)
+def plan(
+    file: FileArg,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
+    update_credentials: CredentialsOpt = False,
+    detailed_exitcode: Annotated[bool, typer.Option(
+        "--detailed-exitcode", help="Exit 0 when nothing would change, 2 when something would, 1 on an error (CI)")] = False,
+) -> None:
+    """Show what apply would change, field by field. Reads only; writes nothing."""
+    steps = _run(file, as_json, lambda p: p.reconcile(apply=False, update_credentials=update_credentials),
+                 title="reading Adobe's side", timeout_s=timeout)
     changes = [s for s in steps if s.action != "keep"]
     _emit(as_json, {"changes": len(changes), "steps": [s.as_dict() for s in steps]})
     if not as_json:
         Console(stderr=True).print(f"plan: {len(changes)} change(s)" if changes else "plan: nothing to change")
+    if detailed_exitcode and changes:
+        raise typer.Exit(2)
 
 
 @app.command()
-def apply(file: FileArg, as_json: JsonOpt = False, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S) -> None:
+def apply(
+    file: FileArg,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
+    update_credentials: CredentialsOpt = False,
+) -> None:
     """Create what is missing and repair what drifted. Idempotent: a second run changes nothing, and
     a call that timed out is never repeated blindly (what it may have created is looked up first)."""
-    steps = _run(file, as_json, lambda p: p.reconcile(apply=True), title="applying", timeout_s=timeout)
+    steps = _run(file, as_json, lambda p: p.reconcile(apply=True, update_credentials=update_credentials),
+                 title="applying", timeout_s=timeout)
     _emit(as_json, {"counts": _counts(steps), "steps": [s.as_dict() for s in steps]})
     if not as_json:
         Console(stderr=True).print("applied: " + ", ".join(f"{n} {a}" for a, n in _counts(steps).items()))

@@ -66,6 +66,10 @@ class DestinationFile(_Model):
     eventhubs: EventHubsTarget | None = None
     audiences: list[AudienceRef] = Field(default_factory=list)
     attributes: list[str] = Field(default_factory=list, description="Profile attribute paths, e.g. person.name.firstName")
+    # The export toggles of Adobe's UI ("Include Segment Names/Timestamps"); None leaves them as they are there.
+    include_segment_names: bool | None = Field(None, description="Audience names in each export's segmentMembership")
+    include_segment_timestamps: bool | None = Field(
+        None, description="createdAt/updatedAt/mappingCreatedAt/mappingUpdatedAt in each export's segmentMembership")
 
     @field_validator("name")
     @classmethod

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import orjson
+
 from .destination import Destination
 from .errors import ProvisioningError
 from .flow_service import (
@@ -79,11 +81,15 @@ class Provisioner:
         return KINESIS_SPEC if self.spec.target_type == "kinesis" else EVENT_HUBS_SPEC
 
     # --- plan and apply --------------------------------------------------------------------
-    async def reconcile(self, *, apply: bool) -> list[Step]:
-        """What differs from the file, as steps; with ``apply`` also carried out, in order."""
+    async def reconcile(self, *, apply: bool, update_credentials: bool = False) -> list[Step]:
+        """What differs from the file, as steps; with ``apply`` also carried out, in order.
+        ``update_credentials``: send the destination's secrets again (Adobe never shows them, so
+        a rotated one cannot be seen to differ)."""
         self.steps = []
         audiences = await self._resolve_audiences()  # first: a wrong audience fails before anything is written
-        auth_spec = await self._auth_spec_name()
+        connection_spec = await self.flows.connection_spec(self._target_spec)
+        auth_spec = self._auth_spec_name(connection_spec)
+        target_params = self._target_params(connection_spec)
 
         profile_id = await self._ensure("connections", self.names.profile_connection, apply, {
             "name": self.names.profile_connection,
@@ -102,15 +108,15 @@ class Provisioner:
             "connectionSpec": {"id": self._target_spec, "version": SPEC_VERSION},
             "auth": {"specName": auth_spec, "params": self._auth_params()},
         }, what=f"{self.spec.target_type} base connection", filters={"connectionSpec__id": self._target_spec},
-            detail=f"auth {auth_spec!r}")
+            detail=f"auth {auth_spec!r}", drift=lambda entity: self._auth_drift(entity, auth_spec, update_credentials))
         target_id = await self._ensure("targetConnections", self.names.target_connection, apply, {
             "name": self.names.target_connection,
             "baseConnectionId": target_base_id,
             "connectionSpec": {"id": self._target_spec, "version": SPEC_VERSION},
             "data": {"format": "json"},
-            "params": self._target_params(),
+            "params": target_params,
         }, what="target connection", depends_on=(target_base_id,), filters={"baseConnectionId": str(target_base_id)},
-            params=self._target_params())
+            drift=lambda entity: params_drift(entity, target_params))
         flow_id = await self._ensure("flows", self.names.flow, apply, {
             "name": self.names.flow,
             "description": "Audience exports for segment-relay (managed by segment-relay provision)",
@@ -124,8 +130,14 @@ class Provisioner:
         }, what="dataflow", depends_on=(source_id, target_id))
         # One read serves both: the selector patch re-reads for its etag, and leaves the state alone.
         flow = await self.flows.get("flows", flow_id) if flow_id is not None else None
+        # Adobe creates a dataflow enabled. It exports nothing until audiences are mapped, so a
+        # flow meant to be disabled is disabled before they are (no backfill ever starts), and
+        # one meant to be enabled is enabled after (its backfill starts with the whole selection).
+        if not self.spec.enabled:
+            await self._state(flow, apply)
         await self._selectors(flow, audiences, apply)
-        await self._state(flow, apply)
+        if self.spec.enabled:
+            await self._state(flow, apply)
         return self.steps
 
     async def _resolve_audiences(self) -> dict[str, str]:
@@ -136,10 +148,9 @@ class Provisioner:
             resolved[str(found["id"])] = str(found.get("name") or "")
         return resolved
 
-    async def _auth_spec_name(self) -> str:
+    def _auth_spec_name(self, spec: dict[str, Any]) -> str:
         """The name of the auth spec our parameters fill, read from the connection spec (Adobe has
         renamed these; "Amazon Kinesis authentication credentials" became "Aws Kinesis ...")."""
-        spec = await self.flows.connection_spec(self._target_spec)
         ours = set(self._auth_params())
         candidates = []
         for auth in spec.get("authSpec") or []:
@@ -169,18 +180,63 @@ class Provisioner:
             params["eventHubName"] = e.hub
         return params
 
-    def _target_params(self) -> dict[str, str]:
+    def _secret_params(self) -> dict[str, str]:
+        """The auth parameters read from the environment (param -> variable): never compared
+        (Adobe masks them), sent on create and with ``update_credentials``."""
         if self.spec.kinesis is not None:
-            return {"stream": self.spec.kinesis.stream, "region": self.spec.kinesis.region}
+            return {"accessKeyId": self.spec.kinesis.access_key_id_env, "secretKey": self.spec.kinesis.secret_key_env}
         assert self.spec.eventhubs is not None
-        return {"eventHubName": self.spec.eventhubs.hub}
+        return {"sasKey": self.spec.eventhubs.sas_key_env}
+
+    def _auth_drift(self, connection: dict[str, Any], auth_spec: str, update_credentials: bool) -> Drift:
+        """The patch that makes a base connection's auth what the file says: the auth spec, each
+        parameter that differs (removed when the file no longer has it), and the secrets only
+        when asked to."""
+        auth = _object(connection.get("auth"))
+        current = _object(auth.get("params"))
+        wanted = self._auth_params()
+        secrets = self._secret_params()
+        ops: list[dict[str, Any]] = []
+        changes: list[str] = []
+        if auth.get("specName") != auth_spec:
+            ops.append({"op": "replace" if "specName" in auth else "add", "path": "/auth/specName", "value": auth_spec})
+            changes.append(f"auth spec: {_shown(auth.get('specName'))} -> {_shown(auth_spec)}")
+        for key, value in wanted.items():
+            path = f"/auth/params/{_pointer_token(key)}"
+            if key in secrets:
+                if update_credentials:
+                    ops.append({"op": "replace" if key in current else "add", "path": path, "value": value})
+                    changes.append(f"{key}: from ${secrets[key]}")
+            elif key not in current or current[key] != value:
+                ops.append({"op": "replace" if key in current else "add", "path": path, "value": value})
+                changes.append(f"{key}: {_shown(current.get(key))} -> {_shown(value)}")
+        for key in _MANAGED_AUTH_PARAMS[self.spec.target_type] - set(wanted):
+            if key in current:  # e.g. eventHubName, once the key is no longer the hub's
+                ops.append({"op": "remove", "path": f"/auth/params/{_pointer_token(key)}"})
+                changes.append(f"{key}: {_shown(current[key])} -> (unset)")
+        return ops, changes
+
+    def _target_params(self, connection_spec: dict[str, Any]) -> dict[str, Any]:
+        """The target connection parameters the file declares (the others are left as they are)."""
+        params: dict[str, Any]
+        if self.spec.kinesis is not None:
+            params = {"stream": self.spec.kinesis.stream, "region": self.spec.kinesis.region}
+        else:
+            assert self.spec.eventhubs is not None
+            params = {"eventHubName": self.spec.eventhubs.hub}
+        for field in ("include_segment_names", "include_segment_timestamps"):
+            wanted = getattr(self.spec, field)
+            if wanted is not None:
+                params[_toggle_param(connection_spec, field)] = wanted
+        return params
 
     async def _ensure(self, kind: str, name: str, apply: bool, body: dict[str, Any], *, what: str,
                       depends_on: tuple[str | None, ...] = (), filters: dict[str, str] | None = None,
-                      params: dict[str, str] | None = None, detail: str = "") -> str | None:
+                      drift: Callable[[dict[str, Any]], Drift] | None = None, detail: str = "") -> str | None:
         """Find the entity by name (and ``filters``); create it when missing (apply) and return
         its id. ``None`` only in a plan, for something that would be created. An entity whose
-        dependency does not exist yet cannot exist either: no need to look."""
+        dependency does not exist yet cannot exist either: no need to look. ``drift(entity)``:
+        the patch that would repair it, and the changes in words."""
         existing = None
         if all(dependency is not None for dependency in depends_on):
             existing = await self.flows.find_one(kind, name, **(filters or {}))
@@ -194,14 +250,14 @@ class Provisioner:
         entity_id = str(existing["id"])
         if kind == "flows":
             self._check_flow_connections(existing, *depends_on)
-        if params is not None and dict(existing.get("params") or {}) != params:
-            shown = ", ".join(f"{k}={v}" for k, v in params.items())
-            if apply:
-                await self.flows.patch(kind, entity_id, lambda entity: (
-                    [] if dict(entity.get("params") or {}) == params else [{"op": "replace", "path": "/params", "value": params}]
-                ))
-            self._step(Step("update", what, name, f"params -> {shown}", entity_id))
-            return entity_id
+        if drift is not None:
+            # A list may leave fields out: judge the entity as a read by id shows it.
+            ops, changes = drift(await self.flows.get(kind, entity_id))
+            if ops:
+                if apply:
+                    await self.flows.patch(kind, entity_id, lambda fresh: drift(fresh)[0])
+                self._step(Step("update", what, name, ", ".join(changes), entity_id))
+                return entity_id
         self._step(Step("keep", what, name, detail, entity_id))
         return entity_id
 
@@ -237,14 +293,13 @@ class Provisioner:
 
     async def _state(self, flow: dict[str, Any] | None, apply: bool) -> None:
         want = "enabled" if self.spec.enabled else "disabled"
-        if flow is None:  # a plan, for a flow that would be created
-            self._step(Step("enable" if self.spec.enabled else "keep", "state", self.names.flow, want))
-            return
-        flow_id = str(flow["id"])
-        if str(flow.get("state") or "").lower() == want:
+        # None: a plan, for a flow that would be created, and Adobe creates dataflows enabled.
+        state = "enabled" if flow is None else str(flow.get("state") or "").lower()
+        flow_id = str(flow["id"]) if flow is not None else None
+        if state == want:
             self._step(Step("keep", "state", self.names.flow, want, flow_id))
             return
-        if apply:
+        if apply and flow_id is not None:
             await self.flows.flow_action(flow_id, "enable" if self.spec.enabled else "disable")
         self._step(Step("enable" if self.spec.enabled else "disable", "state", self.names.flow, want, flow_id))
 
@@ -296,6 +351,60 @@ def _general_transform(flow: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if transformation.get("name") == "GeneralTransform":
             return index, transformation.get("params") or {}
     raise ProvisioningError(f"dataflow {flow.get('id')} has no GeneralTransform transformation to hold selectors")
+
+
+Drift = tuple[list[dict[str, Any]], list[str]]  # JSON Patch operations, and the changes they make in words
+
+# The auth parameters this tool manages, per target: one the file no longer has is removed.
+_MANAGED_AUTH_PARAMS = {"kinesis": frozenset({"accessKeyId", "secretKey", "region"}),
+                        "eventhubs": frozenset({"sasKeyName", "sasKey", "namespace", "eventHubName"})}
+
+
+def params_drift(connection: dict[str, Any], declared: dict[str, Any]) -> Drift:
+    """The narrowest patch that gives a connection's ``params`` the declared values: one operation
+    per parameter that differs; parameters the file does not declare (a toggle set in Adobe's UI)
+    are left alone."""
+    current = connection.get("params")
+    if not isinstance(current, dict):
+        return ([{"op": "add", "path": "/params", "value": declared}],
+                [f"{key}: (unset) -> {_shown(value)}" for key, value in declared.items()])
+    ops: list[dict[str, Any]] = []
+    changes: list[str] = []
+    for key, value in declared.items():
+        if key in current and current[key] == value:
+            continue
+        ops.append({"op": "replace" if key in current else "add", "path": f"/params/{_pointer_token(key)}",
+                    "value": value})
+        changes.append(f"{key}: {_shown(current.get(key))} -> {_shown(value)}")
+    return ops, changes
+
+
+def _toggle_param(connection_spec: dict[str, Any], field: str) -> str:
+    """The target parameter behind one of the UI's export toggles. Adobe does not document its
+    name, so it is read from the connection spec's target parameters (e.g. includeSegmentNames
+    for include_segment_names)."""
+    properties = ((connection_spec.get("targetSpec") or {}).get("spec") or {}).get("properties") or {}
+    wanted = field.replace("_", "").lower()
+    for name in properties:
+        if name.lower() == wanted:
+            return str(name)
+    raise ProvisioningError(
+        f"{field}: the connection spec {connection_spec.get('id')} has no such target parameter (it has "
+        f"{sorted(properties)}): leave {field} out of the destination file and set the toggle in Adobe's UI"
+    )
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _pointer_token(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _shown(value: Any) -> str:
+    """A parameter value in a plan: JSON, so that "true" and true differ."""
+    return "(unset)" if value is None else orjson.dumps(value).decode()
 
 
 def _selected(flow: dict[str, Any]) -> tuple[list[str], list[str]]:

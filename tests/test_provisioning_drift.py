@@ -1,0 +1,201 @@
+"""Drift: what someone changed in Adobe's UI, or what the destination file now says differently,
+shown field by field by `plan` and repaired by `apply` with the narrowest patch, leaving what the
+file does not declare alone (issue 14, points 2, 3 and 5)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from test_provisioning import FAST_RETRY, SAS_KEY, destination_file, writes
+from typer.testing import CliRunner
+
+from segment_relay.cli import app
+from segment_relay.provisioning.destination import Destination, load_destination
+from segment_relay.provisioning.provisioner import Step
+from segment_relay.provisioning.session import provisioner_for
+from segment_relay.testing.platform import FakePlatform
+
+AWS_KEY_ID, AWS_SECRET = "AKIAEXAMPLEKEYID0001", "aws-secret-key-that-must-never-be-logged"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakePlatform]:
+    async with FakePlatform() as platform:
+        yield platform
+
+
+def environ(fake: FakePlatform, **overrides: str) -> dict[str, str]:
+    return {"ADOBE_CLIENT_SECRET": fake.credentials.client_secret, "ADOBE_EVENTHUBS_SAS_KEY": SAS_KEY,
+            "ADOBE_KINESIS_ACCESS_KEY_ID": AWS_KEY_ID, "ADOBE_KINESIS_SECRET_KEY": AWS_SECRET, **overrides}
+
+
+def eventhubs_file(fake: FakePlatform, tmp_path: Path, *, extra: str = "", **replacements: str) -> Path:
+    path = destination_file(tmp_path, fake.url, fake.credentials.client_id, fake.credentials.org_id, extra=extra)
+    text = path.read_text()
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    path.write_text(text)
+    return path
+
+
+def kinesis_file(fake: FakePlatform, tmp_path: Path, region: str) -> Path:
+    path = destination_file(tmp_path, fake.url, fake.credentials.client_id, fake.credentials.org_id)
+    text = path.read_text()
+    text = text[:text.index("[eventhubs]")] + f'[kinesis]\nstream = "exports"\nregion = "{region}"\n'
+    path.write_text(text)
+    return path
+
+
+async def reconcile(path: Path, fake: FakePlatform, *, apply: bool = True, update_credentials: bool = False,
+                    **env: str) -> list[Step]:
+    destination: Destination = load_destination(path, environ(fake, **env))
+    async with provisioner_for(destination, retry=FAST_RETRY) as provisioner:
+        return await provisioner.reconcile(apply=apply, update_credentials=update_credentials)
+
+
+def step(steps: list[Step], what: str) -> Step:
+    return next(s for s in steps if s.what == what)
+
+
+def one(fake: FakePlatform, kind: str, suffix: str = "") -> dict[str, Any]:
+    found = [e for e in fake.entities(kind, sandbox="dev") if e["name"].endswith(suffix)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+async def edit_in_the_ui(fake: FakePlatform, kind: str, entity: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    """What Adobe's UI does: a JSON Patch with the entity's etag, by another client."""
+    url = f"{fake.flow_service_url}/{kind}/{entity['id']}"
+    async with aiohttp.ClientSession() as session:
+        async with session.patch(url, json=ops, headers={**fake.headers("dev"), "If-Match": entity["etag"]}) as answer:
+            assert answer.status == 200, await answer.text()
+
+
+async def test_a_toggle_set_in_the_ui_survives_an_apply_that_repairs_another_param(
+        fake: FakePlatform, tmp_path: Path) -> None:
+    await reconcile(eventhubs_file(fake, tmp_path), fake)
+    target = one(fake, "targetConnections")
+    await edit_in_the_ui(fake, "targetConnections", target,
+                         [{"op": "add", "path": "/params/includeSegmentNames", "value": True}])
+
+    moved = eventhubs_file(fake, tmp_path, **{'hub = "exports"': 'hub = "exports-v2"'})
+    planned = await reconcile(moved, fake, apply=False)
+    assert step(planned, "target connection").detail == 'eventHubName: "exports" -> "exports-v2"'
+    fake.clear_requests()
+    applied = await reconcile(moved, fake)
+    assert [(s.action, s.what, s.detail) for s in applied] == [(s.action, s.what, s.detail) for s in planned]
+    assert one(fake, "targetConnections")["params"] == {"eventHubName": "exports-v2", "includeSegmentNames": True}
+    patches = fake.requests_to("PATCH", r"/targetConnections/")
+    assert [r.body for r in patches] == [[{"op": "replace", "path": "/params/eventHubName", "value": "exports-v2"}]]
+
+    fake.clear_requests()
+    assert {s.action for s in await reconcile(moved, fake)} == {"keep"}
+    assert writes(fake) == []
+
+
+async def test_the_export_toggles_are_destination_file_fields(fake: FakePlatform, tmp_path: Path) -> None:
+    both_on = "include_segment_names = true\ninclude_segment_timestamps = true"
+    await reconcile(eventhubs_file(fake, tmp_path, extra=both_on), fake)
+    assert one(fake, "targetConnections")["params"] == {
+        "eventHubName": "exports", "includeSegmentNames": True, "includeSegmentTimestamps": True}
+
+    names_off = eventhubs_file(fake, tmp_path, extra="include_segment_names = false")  # timestamps: left alone
+    planned = await reconcile(names_off, fake, apply=False)
+    assert step(planned, "target connection").detail == "includeSegmentNames: true -> false"
+    await reconcile(names_off, fake)
+    assert one(fake, "targetConnections")["params"] == {
+        "eventHubName": "exports", "includeSegmentNames": False, "includeSegmentTimestamps": True}
+    fake.clear_requests()
+    await reconcile(names_off, fake)
+    assert writes(fake) == []
+
+
+async def test_a_rotated_secret_is_sent_with_update_credentials_and_never_shown(
+        fake: FakePlatform, tmp_path: Path) -> None:
+    path = eventhubs_file(fake, tmp_path)
+    await reconcile(path, fake)
+    rotated = "the-rotated-sas-key-never-logged"
+    # Adobe never shows a secret: without the flag a new one cannot be seen to differ.
+    assert step(await reconcile(path, fake, apply=False, ADOBE_EVENTHUBS_SAS_KEY=rotated),
+                "eventhubs base connection").action == "keep"
+    planned = await reconcile(path, fake, apply=False, update_credentials=True, ADOBE_EVENTHUBS_SAS_KEY=rotated)
+    base = step(planned, "eventhubs base connection")
+    assert (base.action, base.detail) == ("update", "sasKey: from $ADOBE_EVENTHUBS_SAS_KEY")
+    await reconcile(path, fake, update_credentials=True, ADOBE_EVENTHUBS_SAS_KEY=rotated)
+    stored = fake.flow_service.raw("dev", "connections", one(fake, "connections", "Azure Event Hubs")["id"])
+    assert stored is not None and stored["auth"]["params"]["sasKey"] == rotated
+    assert all(rotated not in json.dumps(r.body) for r in fake.requests)  # the fake's record is redacted too
+
+
+async def test_a_region_change_moves_the_credentials_and_the_target(fake: FakePlatform, tmp_path: Path) -> None:
+    await reconcile(kinesis_file(fake, tmp_path, "us-east-1"), fake)
+    moved = kinesis_file(fake, tmp_path, "eu-west-1")
+    planned = await reconcile(moved, fake, apply=False)
+    assert step(planned, "kinesis base connection").detail == 'region: "us-east-1" -> "eu-west-1"'
+    assert step(planned, "target connection").detail == 'region: "us-east-1" -> "eu-west-1"'
+    await reconcile(moved, fake)
+    assert one(fake, "connections", "Amazon Kinesis")["auth"]["params"]["region"] == "eu-west-1"
+    assert one(fake, "targetConnections")["params"] == {"stream": "exports", "region": "eu-west-1"}
+    fake.clear_requests()
+    await reconcile(moved, fake)
+    assert writes(fake) == []
+
+
+async def test_event_hubs_namespace_policy_and_hub_scoped_key_changes_are_repaired(
+        fake: FakePlatform, tmp_path: Path) -> None:
+    await reconcile(eventhubs_file(fake, tmp_path), fake)
+    changed = eventhubs_file(fake, tmp_path, **{'namespace = "acme-ns"': 'namespace = "acme-ns-2"',
+                                                'sas_key_name = "adobe-send"': 'sas_key_name = "adobe-send-2"\n'
+                                                                               'hub_scoped_key = true'})
+    planned = await reconcile(changed, fake, apply=False)
+    detail = step(planned, "eventhubs base connection").detail
+    for change in ('sasKeyName: "adobe-send" -> "adobe-send-2"', 'namespace: "acme-ns" -> "acme-ns-2"',
+                   'eventHubName: (unset) -> "exports"', "auth spec: "):
+        assert change in detail
+    await reconcile(changed, fake)
+    auth = one(fake, "connections", "Azure Event Hubs")["auth"]
+    assert auth["params"]["namespace"] == "acme-ns-2" and auth["params"]["eventHubName"] == "exports"
+    fake.clear_requests()
+    await reconcile(changed, fake)
+    assert writes(fake) == []
+
+    back = eventhubs_file(fake, tmp_path)  # a namespace key again: the hub leaves the credentials
+    await reconcile(back, fake)
+    assert "eventHubName" not in one(fake, "connections", "Azure Event Hubs")["auth"]["params"]
+    stored = fake.flow_service.raw("dev", "connections", one(fake, "connections", "Azure Event Hubs")["id"])
+    assert stored is not None and stored["auth"]["params"]["sasKey"] == SAS_KEY  # never re-sent, still there
+
+
+async def test_a_dataflow_declared_disabled_is_disabled_before_any_audience_is_mapped(
+        fake: FakePlatform, tmp_path: Path) -> None:
+    path = eventhubs_file(fake, tmp_path, **{'sandbox = "dev"': 'sandbox = "dev"\nenabled = false'})
+    planned = await reconcile(path, fake, apply=False)
+    applied = await reconcile(path, fake)
+    assert [(s.action, s.what) for s in applied] == [(s.action, s.what) for s in planned]
+    assert ("disable", "state") in [(s.action, s.what) for s in applied]
+    flow_writes = [(r.method, r.path.rsplit("/", 1)[-1], dict(r.query).get("op"))
+                   for r in fake.requests if r.method in ("POST", "PATCH") and "/flowservice/flows" in r.path]
+    assert [method for method, _, _ in flow_writes] == ["POST", "POST", "PATCH"]  # create, disable, then map
+    assert flow_writes[1][2] == "disable"
+    assert one(fake, "flows")["state"] == "disabled"
+
+
+def test_plan_detailed_exitcode_tells_ci_whether_anything_would_change(
+        fake_in_thread: FakePlatform, tmp_path: Path) -> None:
+    fake = fake_in_thread
+    path = eventhubs_file(fake, tmp_path)
+
+    def provision(*args: str) -> int:
+        return CliRunner().invoke(app, ["provision", *args, str(path)], env=environ(fake)).exit_code
+
+    assert provision("plan", "--detailed-exitcode") == 2
+    assert provision("plan") == 0  # without the flag a pending change is no error
+    assert provision("apply") == 0
+    assert provision("plan", "--detailed-exitcode") == 0
+    path.write_text("not toml [")
+    assert provision("plan", "--detailed-exitcode") == 1
