@@ -202,6 +202,7 @@ name = "segment-relay demo"
 sandbox = "prod"
 audiences = [{", ".join(audiences)}]
 attributes = {orjson.dumps(DEMO_ATTRIBUTES).decode()}
+include_segment_names = true       # exports carry audience names: the changes' segment_name
 
 [adobe]
 org_id = "{org_id}"

@@ -68,8 +68,9 @@ async def test_an_enabled_event_hubs_flow_with_two_audiences_exports_exactly_its
     settings = ExportSettings(records=800, profiles=80, seed=11)
     async with FakePlatform(exports=settings) as fake, aiohttp.ClientSession() as session:
         api = Api(fake, session)
+        toggles_on = {"eventHubName": HUB, "includeSegmentNames": True, "includeSegmentTimestamps": True}
         destination = await provision(api, "eventhubs", audiences=(A1, A2), attributes=ATTRIBUTES,
-                                      namespace=f"127.0.0.1:{emulator.port}")
+                                      namespace=f"127.0.0.1:{emulator.port}", target_params=toggles_on)
         simulation = await fake.simulation(destination.flow)
         truth = await simulation.wait(timeout_s=30)
         assert simulation.state == "completed" and simulation.sent == len(simulation.records) == 800
@@ -211,14 +212,12 @@ async def test_the_rate_paces_exports_and_progress_is_visible(emulator: EventHub
         assert len([n for n in progress if 0 < n < 90]) >= 3  # seen part-way, several times
 
 
-async def test_names_and_timestamps_follow_the_target_toggles_with_a_single_audience(
-        emulator: EventHubsEmulator) -> None:
+async def test_names_and_timestamps_are_off_until_the_target_turns_them_on(emulator: EventHubsEmulator) -> None:
     async with FakePlatform(exports=ExportSettings(records=120, profiles=30)) as fake, \
             aiohttp.ClientSession() as session:
         api = Api(fake, session)
         destination = await provision(api, "eventhubs", audiences=(A3,), namespace=f"127.0.0.1:{emulator.port}",
-                                      target_params={"eventHubName": HUB, "includeSegmentNames": False,
-                                                     "includeSegmentTimestamps": False})
+                                      target_params={"eventHubName": HUB})  # as Adobe's UI leaves them: off
         truth = await (await fake.simulation(destination.flow)).wait()
         documents = [orjson.loads(r) for r in hub_records(emulator)]
         assert documents and truth.enters > 0

@@ -88,7 +88,8 @@ def _text(title: str) -> dict[str, Any]:
 
 _SEGMENT_TOGGLES: dict[str, Any] = {
     # Adobe does not document the parameter names behind the UI toggles (notes §6.8); these are the
-    # fake's. The export simulator includes names and timestamps unless a toggle is false.
+    # fake's. As in the UI, both are off until turned on: the simulator includes names and timestamps
+    # only when a toggle is true.
     "includeSegmentNames": {"type": "boolean", "description": "Include audience names in segmentMembership."},
     "includeSegmentTimestamps": {
         "type": "boolean", "description": "Include createdAt/updatedAt/mappingCreatedAt/mappingUpdatedAt.",

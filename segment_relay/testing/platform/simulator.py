@@ -355,8 +355,9 @@ class ExportSimulator:
             return "the flow's target or base connection no longer exists"
         params = target.get("params", {})
         auth = base.get("auth", {}).get("params", {})
-        names = params.get("includeSegmentNames", True) is not False
-        timestamps = params.get("includeSegmentTimestamps", True) is not False
+        # Off unless turned on, as in Adobe's UI.
+        names = params.get("includeSegmentNames") is True
+        timestamps = params.get("includeSegmentTimestamps") is True
         spec_id = target["connectionSpec"]["id"]
         if spec_id == EVENT_HUBS_SPEC_ID:
             namespace = str(auth.get("namespace", ""))
