@@ -46,7 +46,8 @@ def test_a_destination_file_reads_its_secrets_from_the_environment_and_never_sho
 
 @pytest.mark.parametrize(("text", "env", "message"), [
     (GOOD, {"ADOBE_CLIENT_ID": "c"}, r"set the environment variable\(s\) \$ADOBE_CLIENT_SECRET \(named by adobe.client_secret_env\)"),
-    (GOOD.replace("ABC123@AdobeOrg", "ABC123"), ENV, r"field 'adobe.org_id'"),
+    (GOOD.replace("ABC123@AdobeOrg", "ABC123"), ENV,
+     r"field 'adobe.org_id': 'ABC123' is not an IMS organization id: it looks like [0-9A-F]+@AdobeOrg \(Developer Console"),
     (GOOD.replace('hub = "exports"\n', ""), ENV, r"field 'eventhubs.hub': Field required"),
     (GOOD + '\n[kinesis]\nstream = "s"\nregion = "r"\n', ENV, r"exactly one of a \[kinesis\] or an \[eventhubs\] section"),
     (GOOD.replace('{ id = "seg-1" }', '{ id = "a", name = "b" }'), ENV, r"field 'audiences.0': give an audience either an id or a name"),
@@ -95,5 +96,28 @@ def test_adobe_error_shapes_become_one_line_with_the_request_id() -> None:
                                "does not match; the entity changed since it was read (etag) (request id req-9)")
     gateway = error_from("GET", "https://platform.adobe.io/data/core/ups/segment/definitions", 403,
                          {"error_code": "403003", "message": "Api Key is invalid"}, {"x-request-id": "r-1"})
-    assert "403 Api Key is invalid" in str(gateway) and "Permissions" in str(gateway) and "(request id r-1)" in str(gateway)
+    assert "403 Api Key is invalid" in str(gateway) and "(request id r-1)" in str(gateway)
+    assert "check adobe.client_id" in str(gateway) and "Permissions" not in str(gateway)
     assert gateway.code == "403003"
+
+
+@pytest.mark.parametrize(("body", "hint"), [
+    ({"error_code": "403025", "message": "Profile is not valid"}, "check adobe.org_id"),
+    ({"title": "Forbidden", "errorMessage": "Sandbox 'dve' does not exist in org X or the credential has no access"},
+     "check 'sandbox' in the destination file"),
+    ({"title": "Access denied", "errorMessage": "The credential lacks the permission 'Manage Destinations' in "
+                                                "sandbox 'dev'."}, "Permissions → Roles → API credentials"),
+])
+def test_each_cause_of_a_403_gets_its_own_fix(body: dict[str, str], hint: str) -> None:
+    error = str(error_from("POST", "https://platform.adobe.io/data/foundation/flowservice/flows", 403, body, {}))
+    assert hint in error and error.count("; ") == 1  # one hint, not every one
+
+
+def test_a_secret_is_masked_as_a_whole_token_only() -> None:
+    from segment_relay.provisioning.cli import mask_secrets
+
+    assert mask_secrets("cannot reach the hub", ["a"]) == "cannot reach the hub"
+    assert mask_secrets("key a was refused", ["a"]) == "key *** was refused"
+    assert mask_secrets('sasKey="Zm9v+YmFy/=" rejected, sig=Zm9v+YmFy/=&x', ["Zm9v+YmFy/="]) == \
+        'sasKey="***" rejected, sig=***&x'
+    assert mask_secrets("secret-longer and secret", ["secret", "secret-longer"]) == "*** and ***"

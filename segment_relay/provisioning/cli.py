@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -57,11 +58,18 @@ def _run(file: Path, as_json: bool, work: Callable[[Provisioner], Awaitable[T]],
 
         return asyncio.run(go())
     except ProvisioningError as exc:
-        message = str(exc)
-        for secret in destination.secret_values() if destination is not None else []:
-            message = message.replace(secret, "***")  # never echo a secret, even one an API repeated
+        message = mask_secrets(str(exc), destination.secret_values() if destination is not None else [])
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(1) from None
+
+
+def mask_secrets(message: str, secrets: list[str]) -> str:
+    """``message`` with each secret replaced by ``***`` wherever it stands as a whole token (not
+    inside a longer run of letters and digits): never echo a secret, even one an API repeated,
+    and never garble a message because a short secret happens to be a common syllable."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):  # one that contains another first
+        message = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", message)
+    return message
 
 
 class _nothing:

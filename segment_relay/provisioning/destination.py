@@ -22,13 +22,23 @@ class _Model(BaseModel):
 
 
 class AdobeCredentials(_Model):
-    org_id: str = Field(pattern=r".+@AdobeOrg$", description="IMS organization id, ending in @AdobeOrg")
+    org_id: str = Field(description="IMS organization id, ending in @AdobeOrg")
     client_id: str | None = None
     client_id_env: str = "ADOBE_CLIENT_ID"
     client_secret_env: str = "ADOBE_CLIENT_SECRET"
     scopes: list[str] = Field(default_factory=lambda: list(DEFAULT_SCOPES))
     ims_url: str = DEFAULT_IMS_URL
     platform_url: str = DEFAULT_PLATFORM_URL
+
+
+    @field_validator("org_id")
+    @classmethod
+    def _an_org_id(cls, value: str) -> str:
+        if not value.endswith("@AdobeOrg") or value == "@AdobeOrg":
+            raise ValueError(
+                f"{value!r} is not an IMS organization id: it looks like 0123456789ABCDEF01234567@AdobeOrg "
+                "(Developer Console → project → OAuth Server-to-Server credential → Organization ID)")
+        return value
 
 
 class KinesisTarget(_Model):

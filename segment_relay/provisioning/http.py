@@ -23,11 +23,32 @@ DEFAULT_PLATFORM_URL = "https://platform.adobe.io"
 DEFAULT_TIMEOUT_S = 60.0
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})  # the same call twice does no more
 
-# What a 403 means in Adobe's words and what to do about it.
+# What a 403 means and what to do about it, by cause. The gateway answers with a code; Flow
+# Service and Segmentation only in words.
 _PERMISSION_HINT = (
     "add the API credential to a role with the permissions this needs (View/Manage/Activate Destinations, "
     "View Profiles, View Segments) in Adobe Experience Platform → Permissions → Roles → API credentials"
 )
+_GATEWAY_403_HINTS = {
+    "403025": "the credential is not valid for this organization: check adobe.org_id, and that the credential's "
+              "project has an Adobe Experience Platform product profile (Developer Console → project → "
+              "OAuth Server-to-Server → Organization ID, Product profiles)",
+    "403000": "the call carried no API key (x-api-key, the client id): a bug in segment-relay, please report it",
+    "403003": "the API key (the client id) is not the one the token was issued to: check adobe.client_id",
+    "403010": "the call carried no token: a bug in segment-relay, please report it",
+}
+_SANDBOX_HINT = ("check 'sandbox' in the destination file (Adobe Experience Platform → Sandboxes lists their "
+                 "names) and that the credential's role includes that sandbox (Permissions → Roles → Sandboxes)")
+
+
+def _forbidden_hint(code: str | None, text: str) -> str:
+    """What to do about a 403: a wrong organization or product profile, an unknown sandbox, or a
+    missing permission, told apart by the gateway's code or Adobe's words."""
+    if code in _GATEWAY_403_HINTS:
+        return _GATEWAY_403_HINTS[code]
+    if "sandbox" in text.lower() and "permission" not in text.lower():
+        return _SANDBOX_HINT
+    return _PERMISSION_HINT
 
 
 @dataclass(frozen=True)
@@ -167,6 +188,16 @@ def _path(url: str) -> str:
     return urlsplit(url).path
 
 
+def _segmentation_messages(body: dict[str, Any]) -> str | None:
+    """Segmentation's {"errors": {"403": [{"code", "message"}]}} in words."""
+    errors = body.get("errors")
+    if not isinstance(errors, dict):
+        return None
+    messages = [str(item.get("message")) for items in errors.values() if isinstance(items, list)
+                for item in items if isinstance(item, dict) and item.get("message")]
+    return "; ".join(messages) or None
+
+
 def _network_failure(exc: BaseException, timeout_s: float) -> str:
     """A network error in words (aiohttp's timeouts have empty messages)."""
     if isinstance(exc, TimeoutError):
@@ -177,22 +208,25 @@ def _network_failure(exc: BaseException, timeout_s: float) -> str:
 def error_from(method: str, url: str, status: int, body: Any, headers: dict[str, str]) -> AdobeApiError:
     """One line out of Adobe's several error shapes: the gateway's {error_code, message}, Flow
     Service's RFC-7807-like {title, status, report{detailed-message, request-id}, errorMessage,
-    errorDetails} and older {errorMessage, errorDetails}."""
+    errorDetails}, older {errorMessage, errorDetails} and Segmentation's {title, errors{status:
+    [{code, message}]}, requestId}."""
     body = body if isinstance(body, dict) else {}
     report = body.get("report") if isinstance(body.get("report"), dict) else {}
     code = body.get("error_code") or body.get("code") or body.get("type")
     summary = body.get("title") or body.get("message") or body.get("errorMessage") or body.get("error")
-    detail = report.get("detailed-message") or body.get("errorDetails") or body.get("detail")
+    detail = (report.get("detailed-message") or body.get("errorDetails") or body.get("detail")
+              or body.get("errorMessage") or _segmentation_messages(body))  # the words, when "title" took the summary
     if isinstance(detail, dict | list):
         detail = str(detail)
-    request_id = report.get("request-id") or headers.get("x-request-id") or body.get("request-id")
+    request_id = (report.get("request-id") or headers.get("x-request-id") or body.get("request-id")
+                  or body.get("requestId"))
     parts = [f"{method} {_path(url)}: {status}"]
     if summary:
         parts.append(f" {summary}")
     if detail and detail != summary:
         parts.append(f": {detail}")
     if status == 403:
-        parts.append(f"; {_PERMISSION_HINT}")
+        parts.append(f"; {_forbidden_hint(str(code) if code else None, f'{summary} {detail}')}")
     if status == 412:
         parts.append("; the entity changed since it was read (etag)")
     if request_id:
