@@ -199,3 +199,15 @@ def test_plan_detailed_exitcode_tells_ci_whether_anything_would_change(
     assert provision("plan", "--detailed-exitcode") == 0
     path.write_text("not toml [")
     assert provision("plan", "--detailed-exitcode") == 1
+
+
+async def test_status_shows_run_times_as_utc_times(fake: FakePlatform, tmp_path: Path) -> None:
+    import re
+
+    path = eventhubs_file(fake, tmp_path)
+    await reconcile(path, fake)
+    fake.advance_clock(2 * 3600)  # two hourly streaming runs
+    async with provisioner_for(load_destination(path, environ(fake)), retry=FAST_RETRY) as provisioner:
+        report = await provisioner.status()
+    assert report["runs"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", str(run["started"])) for run in report["runs"])

@@ -121,3 +121,11 @@ def test_a_secret_is_masked_as_a_whole_token_only() -> None:
     assert mask_secrets('sasKey="Zm9v+YmFy/=" rejected, sig=Zm9v+YmFy/=&x', ["Zm9v+YmFy/="]) == \
         'sasKey="***" rejected, sig=***&x'
     assert mask_secrets("secret-longer and secret", ["secret", "secret-longer"]) == "*** and ***"
+
+
+def test_run_times_are_shown_as_utc_times_not_epoch_milliseconds() -> None:
+    from segment_relay.provisioning.provisioner import utc_time
+
+    assert utc_time(1_764_885_600_000) == "2025-12-04T22:00:00Z"
+    assert utc_time("1764885600000") == "2025-12-04T22:00:00Z"
+    assert utc_time("2025-12-04T22:00:00Z") == "2025-12-04T22:00:00Z" and utc_time(None) is None

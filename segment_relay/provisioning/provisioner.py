@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -455,8 +456,18 @@ def _run_summary(run: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": run.get("id"),
         "status": (metrics.get("statusSummary") or {}).get("status"),
-        "started": (metrics.get("durationSummary") or {}).get("startedAtUTC"),
+        "started": utc_time((metrics.get("durationSummary") or {}).get("startedAtUTC")),
         "input": records.get("inputRecordCount"),
         "output": records.get("outputRecordCount"),
         "failed": records.get("failedRecordCount"),
     }
+
+
+def utc_time(value: Any) -> str | None:
+    """A run time as ISO 8601 UTC (2026-12-04T21:00:00Z): Adobe answers epoch milliseconds."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        moment = datetime.fromtimestamp(value / 1000, tz=UTC)
+        return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return None if value is None else str(value)  # already words: shown as they are
