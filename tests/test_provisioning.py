@@ -240,3 +240,26 @@ async def test_the_ims_token_is_cached_and_renewed_before_it_expires(fake: FakeP
         await ims.token()
         assert ims.tokens_issued == 3
         assert "secret" not in repr(ims).lower()
+
+
+async def test_list_filters_hold_on_every_page_whatever_the_next_links_carry(fake: FakePlatform, tmp_path: Path) -> None:
+    from segment_relay.provisioning.flow_service import EVENT_HUBS_SPEC, PROFILE_SOURCE_SPEC
+
+    from segment_relay.testing.platform import EVENT_HUBS_AUTH_SPEC
+
+    async with provisioner_for(load(fake, tmp_path), retry=FAST_RETRY) as provisioner:
+        flows = provisioner.flows
+        for n in range(10):  # the oldest: listed last, on page 2, where a dropped filter lets them in
+            await flows.create("connections", {"name": f"hub {n}", "connectionSpec": {"id": EVENT_HUBS_SPEC, "version": "1.0"},
+                                               "auth": {"specName": EVENT_HUBS_AUTH_SPEC, "params": {
+                                                   "sasKeyName": "k", "sasKey": SAS_KEY, "namespace": "ns"}}})
+        for n in range(120):  # more than a page of 100
+            await flows.create("connections", {"name": f"profiles {n}",
+                                               "connectionSpec": {"id": PROFILE_SOURCE_SPEC, "version": "1.0"}})
+        found = await flows.find("connections", connectionSpec__id=PROFILE_SOURCE_SPEC)
+        assert len(found) == 120 and {c["connectionSpec"]["id"] for c in found} == {PROFILE_SOURCE_SPEC}
+        assert len(await flows.find("connections", connectionSpec__id=EVENT_HUBS_SPEC)) == 10
+    second_pages = [r for r in fake.requests_to("GET", r"/flowservice/connections$")
+                    if any(k == "continuationToken" for k, _ in r.query)]
+    assert second_pages and all(("property", f"connectionSpec.id=={PROFILE_SOURCE_SPEC}") in r.query
+                                for r in second_pages)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -148,7 +148,9 @@ class PlatformHttp:
         await self.retry.pause(attempt, retry_after)
 
     async def pages(self, path: str, *, params: list[tuple[str, str]] | None = None, items_key: str = "items") -> list[Any]:
-        """Every item of a list, following ``_links.next.href`` until there is none."""
+        """Every item of a list, following ``_links.next.href`` until there is none. A next link
+        may carry the whole query or only a continuation token: the filters it leaves out are
+        sent again, or page 2 on would list everything."""
         found: list[Any] = []
         url: str | None = self.platform_url + path
         query: list[tuple[str, str]] | None = params
@@ -161,8 +163,8 @@ class PlatformHttp:
             if not href or href in seen:  # a server repeating a page must not loop us forever
                 break
             seen.add(href)
-            url = self._resolve(path, href)
-            query = None  # the next link carries the whole query
+            url = _with_params(self._resolve(path, href), params or [])
+            query = None
         return found
 
     def _resolve(self, path: str, href: str) -> str:
@@ -173,6 +175,17 @@ class PlatformHttp:
         if href.startswith(service) or not href.startswith("/"):
             return urljoin(self.platform_url + path, href)
         return self.platform_url + service + href
+
+
+def _with_params(url: str, params: list[tuple[str, str]]) -> str:
+    """``url`` with each of ``params`` whose name its query lacks added."""
+    parts = urlsplit(url)
+    present = parse_qsl(parts.query, keep_blank_values=True)
+    names = {name for name, _ in present}
+    missing = [(name, value) for name, value in params if name not in names]
+    if not missing:
+        return url
+    return urlunsplit(parts._replace(query=urlencode([*present, *missing])))
 
 
 def _parse(text: str) -> Any:

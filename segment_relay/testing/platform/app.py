@@ -82,7 +82,8 @@ async def _json_body(request: web.Request) -> Any:
 
 def _list_body(request: web.Request, items: list[Any], resource: str) -> dict[str, Any]:
     """Flow Service list paging: ``limit`` (1-100), ``continuationToken``, ``_links.next.href``
-    relative to the Flow Service base path, ``count=true`` for just the count."""
+    relative to the Flow Service base path, ``count=true`` for just the count. As in Adobe's
+    examples, the next link carries the token only: a client must send its filters again."""
     if request.query.get("count", "").lower() == "true":
         return {"count": len(items)}
     limit = _query_int(request, "limit")
@@ -92,8 +93,7 @@ def _list_body(request: web.Request, items: list[Any], resource: str) -> dict[st
     page, token = paginate(items, limit, request.query.get("continuationToken"))
     links: dict[str, Any] = {}
     if token is not None:
-        kept = [(k, v) for k, v in request.query.items() if k != "continuationToken"]
-        links["next"] = {"href": f"{resource}?{urlencode([*kept, ('continuationToken', token)])}"}
+        links["next"] = {"href": f"{resource}?{urlencode([('continuationToken', token)])}"}
     return {"items": page, "_links": links}
 
 
