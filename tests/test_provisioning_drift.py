@@ -211,3 +211,40 @@ async def test_status_shows_run_times_as_utc_times(fake: FakePlatform, tmp_path:
         report = await provisioner.status()
     assert report["runs"]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", str(run["started"])) for run in report["runs"])
+
+
+async def test_an_uploaded_audience_is_selected_the_way_adobe_selects_external_audiences(
+        fake: FakePlatform, tmp_path: Path) -> None:
+    from segment_relay.testing.platform import Audience
+
+    uploaded = Audience(id="5b3e1c2a-0f4d-4e8b-9a61-7c2d3e4f5a6b", name="CRM upload: churn risk",
+                        external_id="crm-churn-2026", namespace="CustomerAudienceUpload")
+    fake.add_audiences([uploaded])
+    for ref in (f'{{ id = "{uploaded.id}" }}', f'{{ name = "{uploaded.name}" }}'):
+        path = destination_file(tmp_path, fake.url, fake.credentials.client_id, fake.credentials.org_id,
+                                audiences=[ref])
+        await reconcile(path, fake)
+        selectors = one(fake, "flows")["transformations"][0]["params"]["segmentSelectors"]["selectors"]
+        assert len(selectors) == 1
+        value = selectors[0]["value"]
+        assert (value["id"], value["systemSegmentId"], value["namespace"]) == (
+            "crm-churn-2026", uploaded.id, "CustomerAudienceUpload")
+        fake.clear_requests()
+        assert {s.action for s in await reconcile(path, fake)} == {"keep"}
+        assert writes(fake) == []
+
+
+async def test_an_audience_name_is_found_past_the_first_page_of_substring_matches(
+        fake: FakePlatform, tmp_path: Path) -> None:
+    from segment_relay.testing.platform import Audience
+
+    # 130 uploaded audiences whose names all contain "Churn": the exact one sorts last.
+    fake.add_audiences([Audience(id=f"00000000-0000-4000-8000-{n:012d}", name=f"Big Churn {n:03d}",
+                                 external_id=f"churn-{n}", namespace="CustomerAudienceUpload") for n in range(130)])
+    fake.add_audiences([Audience(id="00000000-0000-4000-8000-999999999999", name="Churn", external_id="churn",
+                                 namespace="CustomerAudienceUpload")])
+    path = destination_file(tmp_path, fake.url, fake.credentials.client_id, fake.credentials.org_id,
+                            audiences=['{ name = "Churn" }'])
+    await reconcile(path, fake)
+    selectors = one(fake, "flows")["transformations"][0]["params"]["segmentSelectors"]["selectors"]
+    assert [s["value"]["id"] for s in selectors] == ["churn"]

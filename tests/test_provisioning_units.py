@@ -74,7 +74,8 @@ def flow(audiences: list[str], paths: list[str]) -> dict:
 
 
 def test_selector_patch_removes_from_the_highest_index_down_and_appends_what_is_missing() -> None:
-    ops = selector_patch(flow(["a", "x", "b", "y"], ["p1", "old"]), {"a": "A", "b": "B", "c": "C"}, ["p1", "p2"])
+    wanted = {i: {"id": i, "name": i.upper()} for i in ("a", "b", "c")}
+    ops = selector_patch(flow(["a", "x", "b", "y"], ["p1", "old"]), wanted, ["p1", "p2"])
     assert ops == [
         {"op": "remove", "path": "/transformations/0/params/segmentSelectors/selectors/3"},
         {"op": "remove", "path": "/transformations/0/params/segmentSelectors/selectors/1"},
@@ -84,7 +85,7 @@ def test_selector_patch_removes_from_the_highest_index_down_and_appends_what_is_
         {"op": "add", "path": "/transformations/0/params/profileSelectors/selectors/-",
          "value": {"type": "JSON_PATH", "value": {"operator": "EXISTS", "path": "p2"}}},
     ]
-    assert selector_patch(flow(["a"], ["p"]), {"a": "A"}, ["p"]) == []
+    assert selector_patch(flow(["a"], ["p"]), {"a": {"id": "a", "name": "A"}}, ["p"]) == []
 
 
 def test_adobe_error_shapes_become_one_line_with_the_request_id() -> None:

@@ -28,7 +28,7 @@ from .flow_service import (
     PROFILE_SOURCE_SPEC,
     FlowService,
 )
-from .segmentation import Segmentation
+from .segmentation import Segmentation, selector_value
 
 SPEC_VERSION = "1.0"
 
@@ -141,12 +141,14 @@ class Provisioner:
             await self._state(flow, apply)
         return self.steps
 
-    async def _resolve_audiences(self) -> dict[str, str]:
-        """Audience id -> name, in file order."""
-        resolved: dict[str, str] = {}
+    async def _resolve_audiences(self) -> dict[str, dict[str, Any]]:
+        """The selector value of each audience (``selector_value``) by the id it is selected by,
+        in file order."""
+        resolved: dict[str, dict[str, Any]] = {}
         for ref in self.spec.audiences:
             found = await (self.segmentation.by_id(ref.id) if ref.id is not None else self.segmentation.by_name(ref.name or ""))
-            resolved[str(found["id"])] = str(found.get("name") or "")
+            value = selector_value(found)
+            resolved[value["id"]] = value
         return resolved
 
     def _auth_spec_name(self, spec: dict[str, Any]) -> str:
@@ -270,7 +272,7 @@ class Provisioner:
                 "rename this destination's 'name' or run 'segment-relay provision destroy' first"
             )
 
-    async def _selectors(self, flow: dict[str, Any] | None, audiences: dict[str, str], apply: bool) -> None:
+    async def _selectors(self, flow: dict[str, Any] | None, audiences: dict[str, dict[str, Any]], apply: bool) -> None:
         """``flow`` as read now; None in a plan where it would be created."""
         attributes = list(dict.fromkeys(self.spec.attributes))
         flow_id = str(flow["id"]) if flow is not None else None
@@ -281,7 +283,7 @@ class Provisioner:
         del_p = [p for p in current_attributes if p not in attributes]
         name = self.names.flow
         for what, wanted, added, removed, shown in (
-            ("audiences", list(audiences), add_a, del_a, lambda i: f"{audiences.get(i) or i} ({i})"),
+            ("audiences", list(audiences), add_a, del_a, lambda i: f"{audiences[i].get('name') or i} ({i})"),
             ("attributes", attributes, add_p, del_p, str),
         ):
             if added or removed:
@@ -424,7 +426,7 @@ def _selector_name(flow: dict[str, Any], segment_id: str) -> str | None:
     return None
 
 
-def selector_patch(flow: dict[str, Any], audiences: dict[str, str], attributes: list[str]) -> list[dict[str, Any]]:
+def selector_patch(flow: dict[str, Any], audiences: dict[str, dict[str, Any]], attributes: list[str]) -> list[dict[str, Any]]:
     """JSON Patch operations that make the flow's selectors equal the wanted ones. Removals go
     first and from the highest index down (each removal shifts the indexes after it); additions
     append with "/-"."""
@@ -432,7 +434,7 @@ def selector_patch(flow: dict[str, Any], audiences: dict[str, str], attributes: 
     ops: list[dict[str, Any]] = []
     for key, wanted, value_of, selector in (
         ("segmentSelectors", list(audiences), lambda s: (s.get("value") or {}).get("id"),
-         lambda i: {"type": "PLATFORM_SEGMENT", "value": {"id": i, "name": audiences[i]}}),
+         lambda i: {"type": "PLATFORM_SEGMENT", "value": dict(audiences[i])}),
         ("profileSelectors", attributes, lambda s: (s.get("value") or {}).get("path"),
          lambda p: {"type": "JSON_PATH", "value": {"operator": "EXISTS", "path": p}}),
     ):

@@ -11,6 +11,23 @@ BASE_PATH = "/data/core/ups"
 _PAGE = 100
 
 
+# The namespaces of audiences made in Platform; any other is an uploaded (external) audience.
+PLATFORM_NAMESPACES = frozenset({"AEPSegments", "ups"})
+
+
+def selector_value(audience: dict[str, Any]) -> dict[str, Any]:
+    """How a dataflow's segment selector names an audience. One made in Platform: by its id. One
+    uploaded (a CSV, Audience Manager): by its external ``audienceId``, with ``systemSegmentId``
+    (Platform's id) and its ``namespace``, as Adobe's example for external audiences does."""
+    audience_id = str(audience["id"])
+    external = audience.get("audienceId")
+    namespace = audience.get("namespace")
+    name = str(audience.get("name") or "")
+    if external and (external != audience_id or (namespace and namespace not in PLATFORM_NAMESPACES)):
+        return {"id": str(external), "systemSegmentId": audience_id, "namespace": str(namespace or ""), "name": name}
+    return {"id": audience_id, "name": name}
+
+
 class Segmentation:
     def __init__(self, http: PlatformHttp) -> None:
         self.http = http
@@ -47,9 +64,20 @@ class Segmentation:
         return matches[0]
 
     async def _audiences_named(self, name: str) -> list[dict[str, Any]]:
-        """/audiences?name= matches a case-insensitive substring; the caller keeps exact names."""
-        response = await self.http.request("GET", f"{BASE_PATH}/audiences", params={"name": name, "limit": str(_PAGE)})
-        return list((response.body or {}).get("children") or [])
+        """/audiences?name= matches a case-insensitive substring, so a short name can match many;
+        every page is read (``start``, as ``_page.next`` says) and the caller keeps exact names."""
+        found: list[dict[str, Any]] = []
+        start = 0
+        while True:
+            response = await self.http.request("GET", f"{BASE_PATH}/audiences", params={
+                "name": name, "limit": str(_PAGE), "start": str(start)})
+            body = response.body or {}
+            page = list(body.get("children") or [])
+            found.extend(page)
+            following = (body.get("_page") or {}).get("next")
+            if not page or following is None or int(following) <= start:
+                return found
+            start = int(following)
 
     async def all(self) -> list[dict[str, Any]]:
         if self._all is None:

@@ -65,6 +65,16 @@ class Audience:
     updated_ms: int = 1_700_000_000_000
     continuous: bool = True  # streaming evaluation, which Kinesis/Event Hubs activation relies on
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the definition as-is
+    # An uploaded (external) audience: not a segment definition; its audienceId is this id from
+    # outside Platform (``id`` stays Platform's), and a dataflow selects it by that id together
+    # with ``systemSegmentId`` (``id``) and ``namespace``.
+    external_id: str | None = None
+    namespace: str = "AEPSegments"
+
+    @property
+    def selector_id(self) -> str:
+        """What a dataflow's segment selector names it by."""
+        return self.external_id if self.external_id is not None else self.id
 
 
 DEFAULT_AUDIENCES: tuple[Audience, ...] = tuple(

@@ -333,7 +333,7 @@ class ExportSimulator:
         self._start(simulation, key, target)
 
     def _mapping(self, sandbox: str, flow: Mapping[str, Any]) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
-        known = self.audiences(sandbox)
+        known = {audience.selector_id: audience for audience in self.audiences(sandbox).values()}
         audiences: list[tuple[str, str]] = []
         attributes: list[str] = []
         for transformation in flow.get("transformations", []):

@@ -309,7 +309,7 @@ class FlowService:
     def _validate_transformations(self, box: Sandbox, transformations: Any) -> None:
         if not isinstance(transformations, list) or not transformations:
             raise ApiError(400, "flow: transformations must be a list holding the GeneralTransform")
-        known = self.audiences(box.name)
+        known = {audience.selector_id: audience for audience in self.audiences(box.name).values()}
         for t_index, transformation in enumerate(transformations):
             where = f"transformations[{t_index}]"
             if not isinstance(transformation, dict) or transformation.get("name") != "GeneralTransform":
@@ -326,8 +326,17 @@ class FlowService:
                 audience_id = value.get("id")
                 if not isinstance(audience_id, str) or not audience_id:
                     raise ApiError(400, f"{here}: value.id (the audience id) is required")
-                if audience_id not in known:
+                audience = known.get(audience_id)
+                if audience is None:
+                    uploaded = next((a for a in known.values() if a.id == audience_id and a.external_id), None)
+                    if uploaded is not None:
+                        raise ApiError(400, f"{here}: audience {audience_id} was uploaded: select it by its "
+                                            f"audienceId {uploaded.external_id!r} with systemSegmentId and namespace")
                     raise ApiError(400, f"{here}: audience {audience_id} does not exist in sandbox {box.name}")
+                if audience.external_id is not None and (
+                        value.get("systemSegmentId") != audience.id or value.get("namespace") != audience.namespace):
+                    raise ApiError(400, f"{here}: the uploaded audience {audience_id} needs systemSegmentId "
+                                        f"{audience.id!r} and namespace {audience.namespace!r}")
                 if audience_id in seen:
                     raise ApiError(400, f"{here}: audience {audience_id} is already mapped to this flow")
                 seen.add(audience_id)
@@ -619,6 +628,10 @@ class Segmentation:
     def visible(self, sandbox: str) -> dict[str, Audience]:
         return {**self.global_audiences, **self.sandbox_audiences.get(sandbox, {})}
 
+    def defined(self, sandbox: str) -> dict[str, Audience]:
+        """The audiences that are segment definitions (an uploaded one is not)."""
+        return {key: a for key, a in self.visible(sandbox).items() if a.external_id is None}
+
     def _sandbox_doc(self, sandbox: str) -> dict[str, Any]:
         box = self.flow_service.sandbox(sandbox)
         return {"sandboxId": box.id, "sandboxName": box.name, "type": box.type, "default": box.name == "prod"}
@@ -647,12 +660,13 @@ class Segmentation:
 
     def audience_doc(self, sandbox: str, audience: Audience) -> dict[str, Any]:
         doc = self.definition(sandbox, audience)
+        uploaded = audience.external_id is not None
         doc.update({
-            "audienceId": audience.id,
-            "namespace": "AEPSegments",
+            "audienceId": audience.selector_id,
+            "namespace": audience.namespace,
             "isSystem": False,
-            "type": "SegmentDefinition",
-            "originName": "REAL_TIME_CUSTOMER_PROFILE",
+            "type": "ExternalSegment" if uploaded else "SegmentDefinition",
+            "originName": "CUSTOM_UPLOAD" if uploaded else "REAL_TIME_CUSTOMER_PROFILE",
             "lifecycleState": "published",
             "createEpoch": audience.created_ms // 1000,
             "_etag": _quoted_etag(zlib.crc32(audience.id.encode()) & 0xFFFFFFF, audience.updated_ms / 1000),
@@ -688,7 +702,7 @@ class Segmentation:
 
     def definitions(self, sandbox: str, *, start: int | None, page: int | None, limit: int | None,
                     sort: str | None) -> dict[str, Any]:
-        docs = [self.definition(sandbox, a) for a in self.visible(sandbox).values()]
+        docs = [self.definition(sandbox, a) for a in self.defined(sandbox).values()]
         docs, field_name, direction = self._sorted(docs, sort, "updateTime:desc")
         offset, size = self._window(start, page, limit, 20)
         chunk = docs[offset: offset + size]
@@ -704,7 +718,11 @@ class Segmentation:
         }
 
     def get_definition(self, sandbox: str, segment_id: str) -> dict[str, Any]:
-        return self.definition(sandbox, self._get(sandbox, segment_id, "segment definition"))
+        audience = self._get(sandbox, segment_id, "segment definition")
+        if audience.external_id is not None:
+            raise ApiError(404, f"The segment definition {segment_id} is not found in sandbox {sandbox}. "
+                                "Use a valid id and try again.")
+        return self.definition(sandbox, audience)
 
     def bulk(self, sandbox: str, body: Any, *, audiences: bool) -> dict[str, Any]:
         ids = body.get("ids") if isinstance(body, dict) else None
