@@ -244,7 +244,6 @@ async def test_the_ims_token_is_cached_and_renewed_before_it_expires(fake: FakeP
 
 async def test_list_filters_hold_on_every_page_whatever_the_next_links_carry(fake: FakePlatform, tmp_path: Path) -> None:
     from segment_relay.provisioning.flow_service import EVENT_HUBS_SPEC, PROFILE_SOURCE_SPEC
-
     from segment_relay.testing.platform import EVENT_HUBS_AUTH_SPEC
 
     async with provisioner_for(load(fake, tmp_path), retry=FAST_RETRY) as provisioner:
