@@ -582,6 +582,8 @@ async def test_a_full_provisioning_journey_matches_adobes_openapi_specs(fake: Fa
                              ("sourceConnections", destination.source), ("connections", destination.base),
                              ("connections", destination.profile_base)):
             assert (await api.delete(f"{FS}/{kind}/{entity}")).status == 202
+            if kind == "flows":
+                api.fake.advance_clock(1)  # marked for deletion; gone a moment later
     assert (await api.get(f"{FS}/flows")).items == []
 
     checked = validate_against_specs(fake.requests)
@@ -892,6 +894,11 @@ async def test_deletes_answer_202_and_refuse_while_still_referenced(api: Api) ->
         assert f"still used by {user}" in message
     deleted = await api.delete(f"{FS}/flows/{destination.flow}")
     assert deleted.status == 202 and deleted.body is None
+    # Marked for deletion, as Adobe's 202 says: still there, its connections still in use, for a moment.
+    assert (await api.get(f"{FS}/flows/{destination.flow}")).status == 200
+    assert "still used by flow" in flow_error(await api.delete(f"{FS}/targetConnections/{destination.target}"), 409)
+    assert (await api.delete(f"{FS}/flows/{destination.flow}")).status == 202  # again: no harm
+    api.fake.advance_clock(1)
     flow_error(await api.get(f"{FS}/flows/{destination.flow}"), 404)
     flow_error(await api.delete(f"{FS}/flows/{destination.flow}"), 404)
     for kind, entity in (("targetConnections", destination.target), ("sourceConnections", destination.source),

@@ -119,11 +119,34 @@ class FlowService:
         )
 
     async def delete(self, kind: str, entity_id: str) -> None:
+        """Delete, and for a dataflow wait until it is gone: Adobe answers 202, "marked for
+        deletion", and its connections stay in use (cannot be deleted) until it is."""
         try:
             await self.http.request("DELETE", f"{BASE_PATH}/{kind}/{entity_id}")
         except AdobeApiError as exc:
             if exc.status != 404:  # already gone: what destroy wanted
                 raise
+        if kind == "flows":
+            await self._gone(kind, entity_id)
+
+    async def _gone(self, kind: str, entity_id: str) -> None:
+        deadline = time.monotonic() + self.http.deletion_wait_s
+        attempt = 0
+        while True:
+            try:
+                await self.get(kind, entity_id)
+            except AdobeApiError as exc:
+                if exc.status == 404:
+                    return
+                raise
+            except ProvisioningError:  # {"items": []}: gone as well
+                return
+            if time.monotonic() >= deadline:
+                raise ProvisioningError(
+                    f"{kind} {entity_id} is still being deleted after {self.http.deletion_wait_s:g} s: "
+                    "run destroy again later (it goes on from where it stopped)")
+            attempt = min(attempt + 1, self.http.retry.attempts)
+            await self.http.retry.pause(attempt)
 
     # --- dataflows ---------------------------------------------------------------------
     async def flow_action(self, flow_id: str, op: str) -> None:

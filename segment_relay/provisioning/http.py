@@ -79,6 +79,7 @@ class PlatformHttp:
         self.platform_url = platform_url.rstrip("/")
         self.retry = retry or RetrySettings()
         self.timeout_s = timeout_s  # one call, from sending to the whole answer
+        self.deletion_wait_s = max(120.0, timeout_s)  # how long a dataflow marked for deletion may take to go
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.retries = 0  # how many calls were repeated (throttling, server errors, an expired token)
 

@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kinesis-endpoint", default=None, help="local Kinesis endpoint (kinesalite) for exports")
     parser.add_argument("--patch-status", type=int, choices=(200, 202), default=200)
     parser.add_argument("--delete-status", type=int, choices=(202, 204), default=202)
+    parser.add_argument("--flow-deletion-s", type=float, default=0.2,
+                        help="with --delete-status 202: how long a deleted dataflow stays marked for deletion")
     return parser.parse_args(argv)
 
 
@@ -57,7 +59,8 @@ async def serve(args: argparse.Namespace) -> None:
         client_secret=args.client_secret or os.environ.get("SEGMENT_RELAY_FAKE_CLIENT_SECRET") or DEFAULT_CLIENT_SECRET,
         org_id=args.org_id, token_ttl_s=args.token_ttl, audiences=args.audience or DEFAULT_AUDIENCES,
         sandboxes=args.sandbox, exports=exports, kinesis_endpoint=args.kinesis_endpoint,
-        patch_status=args.patch_status, delete_status=args.delete_status, port=args.port,
+        patch_status=args.patch_status, delete_status=args.delete_status,
+        flow_deletion_s=args.flow_deletion_s, port=args.port,
     )
     await fake.start()
     ready = {

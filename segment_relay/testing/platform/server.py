@@ -72,8 +72,11 @@ class FakePlatform:
         kinesis_endpoint: str | None = None,
         patch_status: Literal[200, 202] = 200,
         delete_status: Literal[202, 204] = 202,
+        flow_deletion_s: float = 0.2,
         port: int = 0,
     ) -> None:
+        """``delete_status`` 202: a deleted dataflow is only marked for deletion and goes
+        ``flow_deletion_s`` later (on the fake's clock), as in Adobe; 204: at once."""
         self.clock = Clock()
         self.ims = Ims(self.clock, client_id=client_id, client_secret=client_secret, org_id=org_id,
                        scopes=tuple(scopes), ttl_s=token_ttl_s)
@@ -84,6 +87,7 @@ class FakePlatform:
         self.flow_service = FlowService(self.clock, org_id, lambda sandbox: self.segmentation.visible(sandbox))
         self.flow_service.patch_status = patch_status
         self.flow_service.delete_status = delete_status
+        self.flow_service.flow_deletion_s = flow_deletion_s
         self.segmentation = Segmentation(org_id, self.flow_service)
         self.segmentation.add(DEFAULT_AUDIENCES if audiences is None else audiences)
         self.simulator = ExportSimulator(self.flow_service, self.segmentation.visible, self.clock, exports,

@@ -152,13 +152,26 @@ class FlowService:
         self.window_stats: Callable[[str, str], Mapping[int, WindowStats]] = lambda sandbox, flow_id: {}
         self.patch_status = 200
         self.delete_status = 202
+        # With delete_status 202 a dataflow is only marked for deletion, as in Adobe: it stays (and
+        # keeps its connections in use) for this long, then goes.
+        self.flow_deletion_s = 0.2
+        self._deleting: dict[tuple[str, str], float] = {}  # (sandbox, flow id) -> when it goes
 
     # --- helpers -----------------------------------------------------------------------
     def sandbox(self, name: str) -> Sandbox:
         box = self.sandboxes.get(name)
         if box is None:
             box = self.sandboxes[name] = Sandbox(name, self.org_id)
+        if self._deleting:
+            self._finish_deletions()
         return box
+
+    def _finish_deletions(self) -> None:
+        now = self.clock()
+        for (sandbox, flow_id), due in list(self._deleting.items()):
+            if due <= now:
+                del self._deleting[(sandbox, flow_id)]
+                self._remove(self.sandboxes[sandbox], "flows", flow_id)
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -207,7 +220,9 @@ class FlowService:
     def raw(self, sandbox: str, kind: str, entity_id: str) -> dict[str, Any] | None:
         """The stored entity with real credentials (for the export simulator only)."""
         box = self.sandboxes.get(sandbox)
-        return None if box is None else box.entities[kind].get(entity_id)
+        if box is None or (sandbox, entity_id) in self._deleting:  # a flow marked for deletion exports no more
+            return None
+        return box.entities[kind].get(entity_id)
 
     # --- connection specs ----------------------------------------------------------------
     def connection_specs(self, filters: Sequence[Filter]) -> list[dict[str, Any]]:
@@ -500,13 +515,24 @@ class FlowService:
             users = [f"flow {d['id']}" for d in box.entities["flows"].values() if entity_id in d[field_name]]
         if users:
             raise ApiError(409, f"{_SINGULAR[kind]} {entity_id} is still used by {', '.join(users)}; delete those first")
+        if kind == "flows" and self.delete_status == 202 and self.flow_deletion_s > 0:
+            if (sandbox, entity_id) not in self._deleting:  # marked: it exports no more, and goes later
+                self._deleting[(sandbox, entity_id)] = self.clock() + self.flow_deletion_s
+                self._stop(box, entity_id)
+            return
+        self._remove(box, kind, entity_id)
+
+    def _remove(self, box: Sandbox, kind: str, entity_id: str) -> None:
         del box.entities[kind][entity_id]
         box.changed.pop(entity_id, None)
         if kind == "flows":
-            periods = box.enabled_periods.get(entity_id, [])
-            if periods and periods[-1][1] is None:
-                periods[-1][1] = self.clock()
-            self.on_change(sandbox, entity_id)
+            self._stop(box, entity_id)
+
+    def _stop(self, box: Sandbox, flow_id: str) -> None:
+        periods = box.enabled_periods.get(flow_id, [])
+        if periods and periods[-1][1] is None:
+            periods[-1][1] = self.clock()
+        self.on_change(box.name, flow_id)
 
     def action(self, sandbox: str, flow_id: str, op: str | None, if_match: str | None, caller: Caller) -> tuple[str, str]:
         box = self.sandbox(sandbox)
