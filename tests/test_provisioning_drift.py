@@ -11,11 +11,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+from test_platform_fake import A1, A2, Api
+from test_platform_fake import SAS_KEY as UI_SAS_KEY
+from test_platform_fake import provision as made_in_the_ui
 from test_provisioning import FAST_RETRY, SAS_KEY, destination_file, writes
 from typer.testing import CliRunner
 
 from segment_relay.cli import app
 from segment_relay.provisioning.destination import Destination, load_destination
+from segment_relay.provisioning.errors import ProvisioningError
 from segment_relay.provisioning.provisioner import Step
 from segment_relay.provisioning.session import provisioner_for
 from segment_relay.testing.platform import FakePlatform
@@ -248,3 +252,46 @@ async def test_an_audience_name_is_found_past_the_first_page_of_substring_matche
     await reconcile(path, fake)
     selectors = one(fake, "flows")["transformations"][0]["params"]["segmentSelectors"]["selectors"]
     assert [s["value"]["id"] for s in selectors] == ["churn"]
+
+
+async def test_a_destination_made_in_the_ui_is_adopted_by_dataflow_id_or_name(
+        fake: FakePlatform, tmp_path: Path) -> None:
+    async with aiohttp.ClientSession() as session:
+        ui = await made_in_the_ui(Api(fake, session, sandbox="dev"), name="Acme exports", audiences=(A1, A2),
+                                  attributes=("person.name.lastName", "personalEmail.address"))
+    before = {kind: len(fake.entities(kind, sandbox="dev")) for kind in ("connections", "sourceConnections",
+                                                                         "targetConnections", "flows")}
+    same_target = {'namespace = "acme-ns"': 'namespace = "127.0.0.1:5673"',
+                   'sas_key_name = "adobe-send"': 'sas_key_name = "RootManageSharedAccessKey"'}
+    by_id = eventhubs_file(fake, tmp_path, **same_target,
+                           **{'name = "segment-relay test"': f'name = "Acme exports"\ndataflow_id = "{ui.flow}"'})
+    by_name = eventhubs_file(fake, tmp_path, **same_target, **{'name = "segment-relay test"': 'name = "Acme exports"'})
+    for path in (by_id, by_name):
+        fake.clear_requests()
+        steps = await reconcile(path, fake, ADOBE_EVENTHUBS_SAS_KEY=UI_SAS_KEY)
+        assert {s.action for s in steps} == {"keep"}, [(s.action, s.what, s.detail) for s in steps]
+        assert {s.id for s in steps if s.what.endswith("connection")} >= {ui.target, ui.source, ui.base, ui.profile_base}
+        assert writes(fake) == []
+    assert {kind: len(fake.entities(kind, sandbox="dev")) for kind in before} == before  # nothing made anew
+
+    moved = eventhubs_file(fake, tmp_path, **same_target, **{'hub = "exports"': 'hub = "exports-v2"',
+                                                             'name = "segment-relay test"': 'name = "Acme exports"'})
+    target = step(await reconcile(moved, fake, ADOBE_EVENTHUBS_SAS_KEY=UI_SAS_KEY), "target connection")
+    assert (target.action, target.name, target.id) == ("update", "Acme exports target", ui.target)
+
+    renamed = eventhubs_file(fake, tmp_path, **same_target,
+                             **{'name = "segment-relay test"': f'name = "Acme relay"\ndataflow_id = "{ui.flow}"'})
+    flow = step(await reconcile(renamed, fake, ADOBE_EVENTHUBS_SAS_KEY=UI_SAS_KEY), "dataflow")
+    assert (flow.action, flow.detail) == ("update", 'name: "Acme exports" -> "Acme relay"')
+
+    async with provisioner_for(load_destination(renamed, environ(fake)), retry=FAST_RETRY) as provisioner:
+        removed = await provisioner.destroy(apply=True)
+    assert {s.id for s in removed if s.action == "delete"} == {ui.flow, ui.target, ui.source, ui.base, ui.profile_base}
+    assert all(not fake.entities(kind, sandbox="dev") for kind in before)
+
+
+async def test_a_dataflow_id_that_does_not_exist_says_so(fake: FakePlatform, tmp_path: Path) -> None:
+    path = eventhubs_file(fake, tmp_path, **{'name = "segment-relay test"':
+                                             'name = "x"\ndataflow_id = "00000000-0000-0000-0000-000000000000"'})
+    with pytest.raises(ProvisioningError, match="dataflow_id '00000000-0000-0000-0000-000000000000' is not a dataflow"):
+        await reconcile(path, fake, apply=False)

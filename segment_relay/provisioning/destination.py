@@ -71,6 +71,8 @@ class DestinationFile(_Model):
     name: str = Field(min_length=1, max_length=200, description="Names every entity this file manages")
     sandbox: str = Field("prod", min_length=1)
     enabled: bool = True
+    # Adopt a dataflow made elsewhere (Adobe's UI) by its id; without it, the dataflow named `name`.
+    dataflow_id: str | None = Field(None, min_length=1, description="The existing dataflow this file manages")
     adobe: AdobeCredentials
     kinesis: KinesisTarget | None = None
     eventhubs: EventHubsTarget | None = None

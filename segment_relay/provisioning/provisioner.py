@@ -6,8 +6,12 @@ One walk does both plan and apply, so what ``plan`` prints is what ``apply`` doe
     Kinesis / Event Hubs base connection -> target connection     (where they go)
     dataflow (source -> target) -> its audiences and attributes (JSON Patch) -> enabled
 
-Every entity is found by its name (``property=name==...`` filters) before anything is created,
-so a second ``apply`` creates nothing, and a failed run can simply be run again.
+The dataflow is found by ``dataflow_id`` or by its name; when it exists, its connections are the
+ones it is wired to, whatever they are named (a destination made in Adobe's UI is adopted so).
+Otherwise each entity is found by its name (``property=name==...`` filters) before anything is
+created, so a second ``apply`` creates nothing, and a failed run can simply be run again. What
+differs from the file is repaired field by field (``Drift``), never by replacing what the file
+does not declare.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import orjson
 
 from .destination import Destination
-from .errors import ProvisioningError
+from .errors import AdobeApiError, ProvisioningError
 from .flow_service import (
     EVENT_HUBS_SPEC,
     KINESIS_SPEC,
@@ -31,6 +35,7 @@ from .flow_service import (
 from .segmentation import Segmentation, selector_value
 
 SPEC_VERSION = "1.0"
+_LOOK_UP: Any = object()  # Provisioner._ensure: find the entity by name
 
 
 @dataclass
@@ -91,25 +96,30 @@ class Provisioner:
         connection_spec = await self.flows.connection_spec(self._target_spec)
         auth_spec = self._auth_spec_name(connection_spec)
         target_params = self._target_params(connection_spec)
+        existing_flow = await self._existing_flow()
+        wired = await self._wiring(existing_flow) if existing_flow is not None else {}
 
         profile_id = await self._ensure("connections", self.names.profile_connection, apply, {
             "name": self.names.profile_connection,
             "description": "Profiles exported to the destination (managed by segment-relay provision)",
             "connectionSpec": {"id": PROFILE_SOURCE_SPEC, "version": SPEC_VERSION},
-        }, what="profile base connection", filters={"connectionSpec__id": PROFILE_SOURCE_SPEC})
+        }, what="profile base connection", filters={"connectionSpec__id": PROFILE_SOURCE_SPEC},
+            existing=wired.get("profile base connection", _LOOK_UP))
         source_id = await self._ensure("sourceConnections", self.names.source_connection, apply, {
             "name": self.names.source_connection,
             "baseConnectionId": profile_id,
             "connectionSpec": {"id": PROFILE_SOURCE_SPEC, "version": SPEC_VERSION},
             "data": {"format": "json"},
             "params": {},
-        }, what="source connection", depends_on=(profile_id,), filters={"baseConnectionId": str(profile_id)})
+        }, what="source connection", depends_on=(profile_id,), filters={"baseConnectionId": str(profile_id)},
+            existing=wired.get("source connection", _LOOK_UP))
         target_base_id = await self._ensure("connections", self.names.target_base_connection, apply, {
             "name": self.names.target_base_connection,
             "connectionSpec": {"id": self._target_spec, "version": SPEC_VERSION},
             "auth": {"specName": auth_spec, "params": self._auth_params()},
         }, what=f"{self.spec.target_type} base connection", filters={"connectionSpec__id": self._target_spec},
-            detail=f"auth {auth_spec!r}", drift=lambda entity: self._auth_drift(entity, auth_spec, update_credentials))
+            detail=f"auth {auth_spec!r}", drift=lambda entity: self._auth_drift(entity, auth_spec, update_credentials),
+            existing=wired.get("target base connection", _LOOK_UP))
         target_id = await self._ensure("targetConnections", self.names.target_connection, apply, {
             "name": self.names.target_connection,
             "baseConnectionId": target_base_id,
@@ -117,7 +127,7 @@ class Provisioner:
             "data": {"format": "json"},
             "params": target_params,
         }, what="target connection", depends_on=(target_base_id,), filters={"baseConnectionId": str(target_base_id)},
-            drift=lambda entity: params_drift(entity, target_params))
+            drift=lambda entity: params_drift(entity, target_params), existing=wired.get("target connection", _LOOK_UP))
         flow_id = await self._ensure("flows", self.names.flow, apply, {
             "name": self.names.flow,
             "description": "Audience exports for segment-relay (managed by segment-relay provision)",
@@ -128,7 +138,8 @@ class Provisioner:
                 "name": "GeneralTransform",
                 "params": {"profileSelectors": {"selectors": []}, "segmentSelectors": {"selectors": []}},
             }],
-        }, what="dataflow", depends_on=(source_id, target_id))
+        }, what="dataflow", depends_on=(source_id, target_id), existing=existing_flow,
+            drift=self._flow_name_drift if self.spec.dataflow_id is not None else None)
         # One read serves both: the selector patch re-reads for its etag, and leaves the state alone.
         flow = await self.flows.get("flows", flow_id) if flow_id is not None else None
         # Adobe creates a dataflow enabled. It exports nothing until audiences are mapped, so a
@@ -140,6 +151,50 @@ class Provisioner:
         if self.spec.enabled:
             await self._state(flow, apply)
         return self.steps
+
+    async def _existing_flow(self) -> dict[str, Any] | None:
+        """The dataflow this file manages, as read by id: ``dataflow_id``'s (which must exist), or
+        the one named ``name``, or None."""
+        if self.spec.dataflow_id is not None:
+            try:
+                return await self.flows.get("flows", self.spec.dataflow_id)
+            except ProvisioningError as exc:
+                if isinstance(exc, AdobeApiError) and exc.status != 404:
+                    raise
+                raise ProvisioningError(
+                    f"dataflow_id {self.spec.dataflow_id!r} is not a dataflow in sandbox {self.spec.sandbox!r}: "
+                    "copy the id from Adobe's UI (Destinations → Browse → the dataflow) or remove dataflow_id"
+                ) from None
+        found = await self.flows.find_one("flows", self.names.flow)
+        return await self.flows.get("flows", str(found["id"])) if found is not None else None
+
+    async def _wiring(self, flow: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+        """The connections an existing dataflow is wired to, whatever their names (a dataflow made
+        in the UI names them its own way): they are what this file manages from now on."""
+        def first(key: str) -> str | None:
+            ids = flow.get(key) or []
+            return str(ids[0]) if ids else None
+
+        source_id, target_id = first("sourceConnectionIds"), first("targetConnectionIds")
+        source = await self.flows.get("sourceConnections", source_id) if source_id else None
+        target = await self.flows.get("targetConnections", target_id) if target_id else None
+        profile_base = await self.flows.get("connections", str(source["baseConnectionId"])) if source else None
+        target_base = await self.flows.get("connections", str(target["baseConnectionId"])) if target else None
+        spec_id = ((target_base or {}).get("connectionSpec") or {}).get("id")
+        if spec_id is not None and spec_id != self._target_spec:
+            raise ProvisioningError(
+                f"dataflow {flow.get('name')!r} ({flow.get('id')}) sends to another kind of destination (connection "
+                f"spec {spec_id}) than this file's [{self.spec.target_type}] section: fix the section or the dataflow"
+            )
+        return {"source connection": source, "target connection": target,
+                "profile base connection": profile_base, "target base connection": target_base}
+
+    def _flow_name_drift(self, flow: dict[str, Any]) -> Drift:
+        """An adopted dataflow is renamed to the file's ``name``."""
+        if flow.get("name") == self.names.flow:
+            return [], []
+        return ([{"op": "replace", "path": "/name", "value": self.names.flow}],
+                [f"name: {_shown(flow.get('name'))} -> {_shown(self.names.flow)}"])
 
     async def _resolve_audiences(self) -> dict[str, dict[str, Any]]:
         """The selector value of each audience (``selector_value``) by the id it is selected by,
@@ -235,14 +290,18 @@ class Provisioner:
 
     async def _ensure(self, kind: str, name: str, apply: bool, body: dict[str, Any], *, what: str,
                       depends_on: tuple[str | None, ...] = (), filters: dict[str, str] | None = None,
-                      drift: Callable[[dict[str, Any]], Drift] | None = None, detail: str = "") -> str | None:
-        """Find the entity by name (and ``filters``); create it when missing (apply) and return
-        its id. ``None`` only in a plan, for something that would be created. An entity whose
-        dependency does not exist yet cannot exist either: no need to look. ``drift(entity)``:
-        the patch that would repair it, and the changes in words."""
-        existing = None
-        if all(dependency is not None for dependency in depends_on):
-            existing = await self.flows.find_one(kind, name, **(filters or {}))
+                      drift: Callable[[dict[str, Any]], Drift] | None = None, detail: str = "",
+                      existing: Any = _LOOK_UP) -> str | None:
+        """The entity's id, created when missing (apply); ``None`` only in a plan, for something
+        that would be created. ``existing``: the entity as read by id (or None: there is none),
+        or ``_LOOK_UP``: find it by name (and ``filters``), unless a dependency does not exist yet
+        (then it cannot either). ``drift(entity)``: the patch that would repair it, and the
+        changes in words."""
+        read_by_id = existing is not _LOOK_UP
+        if not read_by_id:
+            existing = None
+            if all(dependency is not None for dependency in depends_on):
+                existing = await self.flows.find_one(kind, name, **(filters or {}))
         if existing is None:
             if not apply:
                 self._step(Step("create", what, name, detail))
@@ -251,11 +310,12 @@ class Provisioner:
             self._step(Step("create", what, name, detail, entity_id))
             return entity_id
         entity_id = str(existing["id"])
+        name = str(existing.get("name") or name)  # an adopted entity keeps the name it was given
         if kind == "flows":
             self._check_flow_connections(existing, *depends_on)
         if drift is not None:
             # A list may leave fields out: judge the entity as a read by id shows it.
-            ops, changes = drift(await self.flows.get(kind, entity_id))
+            ops, changes = drift(existing if read_by_id else await self.flows.get(kind, entity_id))
             if ops:
                 if apply:
                     await self.flows.patch(kind, entity_id, lambda fresh: drift(fresh)[0])
@@ -308,10 +368,9 @@ class Provisioner:
 
     # --- status ----------------------------------------------------------------------------
     async def status(self, runs: int = 5) -> dict[str, Any]:
-        flow = await self.flows.find_one("flows", self.names.flow)
+        flow = await self._existing_flow()
         if flow is None:
             return {"flow": None, "name": self.names.flow, "sandbox": self.spec.sandbox}
-        flow = await self.flows.get("flows", str(flow["id"]))
         audience_ids, attributes = _selected(flow)
         named = {segment_id: _selector_name(flow, segment_id) for segment_id in audience_ids}
         return {
@@ -327,16 +386,22 @@ class Provisioner:
     async def destroy(self, *, apply: bool) -> list[Step]:
         """Dataflow first, then target, source and base connections (the order Adobe requires)."""
         self.steps = []
-        flow = await self.flows.find_one("flows", self.names.flow)
+        flow = await self._existing_flow()
+        wired = await self._wiring(flow) if flow is not None else {}
         await self._delete("flows", "dataflow", self.names.flow, flow, apply)
-        for kind, what, name, spec in (
-            ("targetConnections", "target connection", self.names.target_connection, None),
-            ("sourceConnections", "source connection", self.names.source_connection, None),
-            ("connections", f"{self.spec.target_type} base connection", self.names.target_base_connection, self._target_spec),
-            ("connections", "profile base connection", self.names.profile_connection, PROFILE_SOURCE_SPEC),
+        for kind, what, key, name, spec in (
+            ("targetConnections", "target connection", "target connection", self.names.target_connection, None),
+            ("sourceConnections", "source connection", "source connection", self.names.source_connection, None),
+            ("connections", f"{self.spec.target_type} base connection", "target base connection",
+             self.names.target_base_connection, self._target_spec),
+            ("connections", "profile base connection", "profile base connection", self.names.profile_connection,
+             PROFILE_SOURCE_SPEC),
         ):
-            filters = {"connectionSpec__id": spec} if spec else {}
-            await self._delete(kind, what, name, await self.flows.find_one(kind, name, **filters), apply)
+            if key in wired:  # what the dataflow was wired to, whatever its name
+                entity = wired[key]
+            else:
+                entity = await self.flows.find_one(kind, name, **({"connectionSpec__id": spec} if spec else {}))
+            await self._delete(kind, what, name if entity is None else str(entity.get("name") or name), entity, apply)
         return self.steps
 
     async def _delete(self, kind: str, what: str, name: str, entity: dict[str, Any] | None, apply: bool) -> None:
