@@ -31,6 +31,7 @@ from segment_relay.testing.platform import (
     DEFAULT_AUDIENCES,
     DESTINATION_FLOW_SPEC_ID,
     EVENT_HUBS_AUTH_SPEC,
+    EVENT_HUBS_SAS_AUTH_SPEC,
     EVENT_HUBS_SPEC_ID,
     KINESIS_AUTH_SPEC,
     KINESIS_SPEC_ID,
@@ -690,7 +691,10 @@ async def test_connection_specs_carry_auth_and_target_specs_and_filter_by_proper
     assert set(kinesis["targetSpec"]["spec"]["required"]) == {"stream", "region"}
     eventhubs = (await api.get(f"{FS}/connectionSpecs", params={"property": f"id=={EVENT_HUBS_SPEC_ID}"})).items
     assert [a["name"] for a in eventhubs[0]["authSpec"]][0] == EVENT_HUBS_AUTH_SPEC
-    assert len(eventhubs[0]["authSpec"]) == 2  # standard and SAS
+    assert len(eventhubs[0]["authSpec"]) == 1  # the documented one; SAS's name is not documented
+    async with FakePlatform(eventhubs_sas_auth=True) as guessing, aiohttp.ClientSession() as session:
+        offered = (await Api(guessing, session).get(f"{FS}/connectionSpecs/{EVENT_HUBS_SPEC_ID}")).items[0]
+        assert [a["name"] for a in offered["authSpec"]] == [EVENT_HUBS_AUTH_SPEC, EVENT_HUBS_SAS_AUTH_SPEC]
     assert eventhubs[0]["targetSpec"]["spec"]["required"] == ["eventHubName"]
     by_name = await api.get(f"{FS}/connectionSpecs", params={"property": "name==Amazon Kinesis"})
     assert [s["id"] for s in by_name.items] == [KINESIS_SPEC_ID]

@@ -150,8 +150,19 @@ async def test_a_region_change_moves_the_credentials_and_the_target(fake: FakePl
     assert writes(fake) == []
 
 
-async def test_event_hubs_namespace_policy_and_hub_scoped_key_changes_are_repaired(
+async def test_event_hubs_namespace_policy_and_hub_scoped_key_changes_are_repaired(tmp_path: Path) -> None:
+    async with FakePlatform(eventhubs_sas_auth=True) as fake:
+        await _repairs_event_hubs_auth(fake, tmp_path)
+
+
+async def test_a_hub_scoped_key_without_an_auth_spec_for_it_says_what_to_do(
         fake: FakePlatform, tmp_path: Path) -> None:
+    path = eventhubs_file(fake, tmp_path, **{'sas_key_name = "adobe-send"': 'sas_key_name = "x"\nhub_scoped_key = true'})
+    with pytest.raises(ProvisioningError, match="hub_scoped_key: .* set hub_scoped_key = false"):
+        await reconcile(path, fake, apply=False)
+
+
+async def _repairs_event_hubs_auth(fake: FakePlatform, tmp_path: Path) -> None:
     await reconcile(eventhubs_file(fake, tmp_path), fake)
     changed = eventhubs_file(fake, tmp_path, **{'namespace = "acme-ns"': 'namespace = "acme-ns-2"',
                                                 'sas_key_name = "adobe-send"': 'sas_key_name = "adobe-send-2"\n'
@@ -295,3 +306,16 @@ async def test_a_dataflow_id_that_does_not_exist_says_so(fake: FakePlatform, tmp
                                              'name = "x"\ndataflow_id = "00000000-0000-0000-0000-000000000000"'})
     with pytest.raises(ProvisioningError, match="dataflow_id '00000000-0000-0000-0000-000000000000' is not a dataflow"):
         await reconcile(path, fake, apply=False)
+
+
+async def test_a_throttling_adobe_changes_nothing_of_the_outcome(tmp_path: Path) -> None:
+    async with FakePlatform(throttle_rate=0.3, seed=5) as fake:
+        path = eventhubs_file(fake, tmp_path)
+        await reconcile(path, fake)
+        assert fake.faults.throttled > 0
+        assert {kind: len(fake.entities(kind, sandbox="dev")) for kind in (
+            "connections", "sourceConnections", "targetConnections", "flows")} == {
+            "connections": 2, "sourceConnections": 1, "targetConnections": 1, "flows": 1}
+        fake.clear_requests()
+        assert {s.action for s in await reconcile(path, fake)} == {"keep"}
+        assert writes(fake) == []

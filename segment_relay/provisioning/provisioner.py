@@ -219,6 +219,10 @@ class Provisioner:
                 candidates.append((len(required), str(auth.get("name"))))
         if not candidates:
             names = [a.get("name") for a in spec.get("authSpec") or []]
+            if self.spec.eventhubs is not None and self.spec.eventhubs.hub_scoped_key:
+                raise ProvisioningError(
+                    f"hub_scoped_key: the Event Hubs connection spec offers no auth for a hub's own SAS policy "
+                    f"(it offers {names}): use a namespace-level policy and set hub_scoped_key = false")
             raise ProvisioningError(
                 f"connection spec {self._target_spec} has no auth spec for the parameters {sorted(ours)} "
                 f"(it offers {names}): this version of segment-relay does not know this destination's auth"

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kinesis-endpoint", default=None, help="local Kinesis endpoint (kinesalite) for exports")
     parser.add_argument("--patch-status", type=int, choices=(200, 202), default=200)
     parser.add_argument("--delete-status", type=int, choices=(202, 204), default=202)
+    parser.add_argument("--eventhubs-sas-auth", action="store_true",
+                        help="offer Event Hubs' hub-scoped SAS auth spec (its name is the fake's guess)")
+    parser.add_argument("--throttle-rate", type=float, default=0.0, help="share of platform calls answered 429")
     parser.add_argument("--flow-deletion-s", type=float, default=0.2,
                         help="with --delete-status 202: how long a deleted dataflow stays marked for deletion")
     return parser.parse_args(argv)
@@ -60,7 +63,8 @@ async def serve(args: argparse.Namespace) -> None:
         org_id=args.org_id, token_ttl_s=args.token_ttl, audiences=args.audience or DEFAULT_AUDIENCES,
         sandboxes=args.sandbox, exports=exports, kinesis_endpoint=args.kinesis_endpoint,
         patch_status=args.patch_status, delete_status=args.delete_status,
-        flow_deletion_s=args.flow_deletion_s, port=args.port,
+        flow_deletion_s=args.flow_deletion_s, eventhubs_sas_auth=args.eventhubs_sas_auth,
+        throttle_rate=args.throttle_rate, seed=args.seed, port=args.port,
     )
     await fake.start()
     ready = {

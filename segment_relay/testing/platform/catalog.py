@@ -40,7 +40,8 @@ DESTINATION_SPEC_IDS = frozenset((KINESIS_SPEC_ID, EVENT_HUBS_SPEC_ID))
 
 KINESIS_AUTH_SPEC = "Aws Kinesis authentication credentials"
 EVENT_HUBS_AUTH_SPEC = "Azure EventHub authentication credentials"
-# Adobe documents a "SAS authentication" variant for Event Hubs but not its spec name (notes §6.7).
+# Adobe documents a "SAS authentication" variant for Event Hubs but not its spec name (notes §6.7):
+# this name is the fake's guess, offered only when asked for (FakePlatform(eventhubs_sas_auth=True)).
 EVENT_HUBS_SAS_AUTH_SPEC = "Azure EventHub SAS authentication credentials"
 
 # The OAuth Server-to-Server scopes of an AEP credential (notes §3); the fake grants only these.
@@ -210,9 +211,13 @@ def _profile_source() -> dict[str, Any]:
     }
 
 
-def connection_specs() -> list[dict[str, Any]]:
-    """Fresh copies, so a handler can never mutate the catalogue."""
-    return [_profile_source(), _kinesis(), _event_hubs()]
+def connection_specs(*, eventhubs_sas_auth: bool = True) -> list[dict[str, Any]]:
+    """Fresh copies, so a handler can never mutate the catalogue. Without ``eventhubs_sas_auth``
+    Event Hubs offers only the documented (standard) auth spec."""
+    event_hubs = _event_hubs()
+    if not eventhubs_sas_auth:
+        event_hubs["authSpec"] = [a for a in event_hubs["authSpec"] if a["name"] != EVENT_HUBS_SAS_AUTH_SPEC]
+    return [_profile_source(), _kinesis(), event_hubs]
 
 
 def flow_specs() -> list[dict[str, Any]]:

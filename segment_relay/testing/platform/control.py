@@ -3,6 +3,7 @@ record of every request (with credentials redacted)."""
 
 from __future__ import annotations
 
+import random as random_module
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,9 @@ class Latency:
 class Faults:
     faults: list[Fault] = field(default_factory=list)
     latencies: list[Latency] = field(default_factory=list)
+    throttle_rate: float = 0.0  # the share of platform calls (/data/...) that answer 429 on their own
+    random: random_module.Random = field(default_factory=random_module.Random)
+    throttled: int = 0
 
     def take(self, method: str, path: str) -> Fault | None:
         for fault in self.faults:
@@ -70,6 +74,9 @@ class Faults:
                 fault.remaining -= 1
                 fault.hits += 1
                 return fault
+        if self.throttle_rate > 0 and path.startswith("/data/") and self.random.random() < self.throttle_rate:
+            self.throttled += 1
+            return Fault(429, 0, retry_after=0)
         return None
 
     def delay(self, method: str, path: str) -> tuple[float, float]:

@@ -17,6 +17,7 @@ It binds 127.0.0.1 only.
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -73,10 +74,16 @@ class FakePlatform:
         patch_status: Literal[200, 202] = 200,
         delete_status: Literal[202, 204] = 202,
         flow_deletion_s: float = 0.2,
+        eventhubs_sas_auth: bool = False,
+        throttle_rate: float = 0.0,
+        seed: int | None = None,
         port: int = 0,
     ) -> None:
         """``delete_status`` 202: a deleted dataflow is only marked for deletion and goes
-        ``flow_deletion_s`` later (on the fake's clock), as in Adobe; 204: at once."""
+        ``flow_deletion_s`` later (on the fake's clock), as in Adobe; 204: at once.
+        ``eventhubs_sas_auth``: offer the hub-scoped SAS auth spec, whose name Adobe does not
+        document (the fake's guess). ``throttle_rate``: that share of platform calls answers 429
+        on its own (``seed`` makes the choice repeatable), as a busy Adobe does."""
         self.clock = Clock()
         self.ims = Ims(self.clock, client_id=client_id, client_secret=client_secret, org_id=org_id,
                        scopes=tuple(scopes), ttl_s=token_ttl_s)
@@ -84,7 +91,8 @@ class FakePlatform:
         self.org_id = org_id
         self.sandbox_names: frozenset[str] | None = frozenset(sandboxes) if sandboxes is not None else None
         self.segmentation: Segmentation
-        self.flow_service = FlowService(self.clock, org_id, lambda sandbox: self.segmentation.visible(sandbox))
+        self.flow_service = FlowService(self.clock, org_id, lambda sandbox: self.segmentation.visible(sandbox),
+                                        eventhubs_sas_auth=eventhubs_sas_auth)
         self.flow_service.patch_status = patch_status
         self.flow_service.delete_status = delete_status
         self.flow_service.flow_deletion_s = flow_deletion_s
@@ -94,7 +102,7 @@ class FakePlatform:
                                          kinesis_endpoint)
         self.flow_service.on_change = self.simulator.flow_changed
         self.flow_service.window_stats = self.simulator.window_stats
-        self.faults = Faults()
+        self.faults = Faults(throttle_rate=throttle_rate, random=random.Random(seed))
         self.denied: set[str] = set()
         self.requests: list[RecordedRequest] = []
         self._port = port

@@ -138,14 +138,15 @@ def check_params(params: Any, schema: Mapping[str, Any], what: str) -> None:
 class FlowService:
     """Flow Service entities for every sandbox of one org."""
 
-    def __init__(self, clock: Clock, org_id: str, audiences: Callable[[str], Mapping[str, Audience]]) -> None:
+    def __init__(self, clock: Clock, org_id: str, audiences: Callable[[str], Mapping[str, Audience]], *,
+                 eventhubs_sas_auth: bool = False) -> None:
         self.clock = clock
         self.org_id = org_id
         self.audiences = audiences  # sandbox name -> {audience id: Audience}
         self.sandboxes: dict[str, Sandbox] = {}
         self._counter = itertools.count(0x04000000)
         self._sequence = itertools.count(1)
-        self.specs = {spec["id"]: spec for spec in connection_specs()}
+        self.specs = {spec["id"]: spec for spec in connection_specs(eventhubs_sas_auth=eventhubs_sas_auth)}
         # set by FakePlatform: told whenever a flow (or something it uses) changes
         self.on_change: Callable[[str, str | None], None] = lambda sandbox, flow_id: None
         # set by FakePlatform: hourly delivery stats of a flow's exports, for synthesized runs
