@@ -4,9 +4,11 @@ the Adobe platform fake on a thread of its own, for tests that run the CLI in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient
@@ -65,14 +67,14 @@ def container(azurite: Azurite) -> str:
     return name
 
 
-@pytest.fixture
-def fake_in_thread() -> Iterator[FakePlatform]:
-    """The platform fake on an event loop in a thread: a test can run the CLI (which runs its own
-    loop) in this process and change the fake between commands."""
+@contextlib.contextmanager
+def platform_in_thread(**settings: Any) -> Iterator[FakePlatform]:
+    """The platform fake (``FakePlatform(**settings)``) on an event loop in a thread: a test can
+    run the CLI (which runs its own loop) in this process and change the fake between commands."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="fake-platform", daemon=True)
     thread.start()
-    platform = asyncio.run_coroutine_threadsafe(FakePlatform().start(), loop).result(30)
+    platform = asyncio.run_coroutine_threadsafe(FakePlatform(**settings).start(), loop).result(30)
     try:
         yield platform
     finally:
@@ -80,3 +82,9 @@ def fake_in_thread() -> Iterator[FakePlatform]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
         loop.close()
+
+
+@pytest.fixture
+def fake_in_thread() -> Iterator[FakePlatform]:
+    with platform_in_thread() as platform:
+        yield platform

@@ -1,36 +1,38 @@
 """Drift: what someone changed in Adobe's UI, or what the destination file now says differently,
 shown field by field by `plan` and repaired by `apply` with the narrowest patch, leaving what the
-file does not declare alone (issue 14, points 2, 3 and 5)."""
+file does not declare alone; adoption of a destination made in the UI (issue 14, points 2 to 5).
+
+Driven through the CLI (`segment-relay provision ... --json`) against the fake running on a
+thread of its own (``platform_in_thread``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from conftest import platform_in_thread
 from test_platform_fake import A1, A2, Api
 from test_platform_fake import SAS_KEY as UI_SAS_KEY
 from test_platform_fake import provision as made_in_the_ui
-from test_provisioning import FAST_RETRY, SAS_KEY, destination_file, writes
+from test_provisioning import SAS_KEY, destination_file, writes
 from typer.testing import CliRunner
 
 from segment_relay.cli import app
-from segment_relay.provisioning.destination import Destination, load_destination
-from segment_relay.provisioning.errors import ProvisioningError
 from segment_relay.provisioning.provisioner import Step
-from segment_relay.provisioning.session import provisioner_for
-from segment_relay.testing.platform import FakePlatform
+from segment_relay.testing.platform import ExportSettings, FakePlatform
 
 AWS_KEY_ID, AWS_SECRET = "AKIAEXAMPLEKEYID0001", "aws-secret-key-that-must-never-be-logged"
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakePlatform]:
-    async with FakePlatform() as platform:
-        yield platform
+def fake(fake_in_thread: FakePlatform) -> Iterator[FakePlatform]:
+    yield fake_in_thread
 
 
 def environ(fake: FakePlatform, **overrides: str) -> dict[str, str]:
@@ -55,11 +57,18 @@ def kinesis_file(fake: FakePlatform, tmp_path: Path, region: str) -> Path:
     return path
 
 
-async def reconcile(path: Path, fake: FakePlatform, *, apply: bool = True, update_credentials: bool = False,
-                    **env: str) -> list[Step]:
-    destination: Destination = load_destination(path, environ(fake, **env))
-    async with provisioner_for(destination, retry=FAST_RETRY) as provisioner:
-        return await provisioner.reconcile(apply=apply, update_credentials=update_credentials)
+def cli(fake: FakePlatform, path: Path, command: str, *flags: str, **env: str) -> dict[str, Any]:
+    """``segment-relay provision COMMAND --json FLAGS PATH``: its JSON document."""
+    result = CliRunner().invoke(app, ["provision", command, "--json", *flags, str(path)], env=environ(fake, **env))
+    assert result.exit_code == 0, result.output
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+def reconcile(path: Path, fake: FakePlatform, *, apply: bool = True, update_credentials: bool = False,
+              **env: str) -> list[Step]:
+    flags = ("--update-credentials",) if update_credentials else ()
+    return [Step(**step) for step in cli(fake, path, "apply" if apply else "plan", *flags, **env)["steps"]]
 
 
 def step(steps: list[Step], what: str) -> Step:
@@ -72,125 +81,133 @@ def one(fake: FakePlatform, kind: str, suffix: str = "") -> dict[str, Any]:
     return found[0]
 
 
-async def edit_in_the_ui(fake: FakePlatform, kind: str, entity: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+def edit_in_the_ui(fake: FakePlatform, kind: str, entity: dict[str, Any], ops: list[dict[str, Any]]) -> None:
     """What Adobe's UI does: a JSON Patch with the entity's etag, by another client."""
-    url = f"{fake.flow_service_url}/{kind}/{entity['id']}"
-    async with aiohttp.ClientSession() as session:
-        async with session.patch(url, json=ops, headers={**fake.headers("dev"), "If-Match": entity["etag"]}) as answer:
-            assert answer.status == 200, await answer.text()
+    async def patch() -> None:
+        url = f"{fake.flow_service_url}/{kind}/{entity['id']}"
+        async with aiohttp.ClientSession() as session:
+            async with session.patch(url, json=ops, headers={**fake.headers("dev"), "If-Match": entity["etag"]}) as answer:
+                assert answer.status == 200, await answer.text()
+
+    asyncio.run(patch())
 
 
-async def test_a_toggle_set_in_the_ui_survives_an_apply_that_repairs_another_param(
+def test_a_toggle_set_in_the_ui_survives_an_apply_that_repairs_another_param(
         fake: FakePlatform, tmp_path: Path) -> None:
-    await reconcile(eventhubs_file(fake, tmp_path), fake)
+    reconcile(eventhubs_file(fake, tmp_path), fake)
     target = one(fake, "targetConnections")
-    await edit_in_the_ui(fake, "targetConnections", target,
+    edit_in_the_ui(fake, "targetConnections", target,
                          [{"op": "add", "path": "/params/includeSegmentNames", "value": True}])
 
     moved = eventhubs_file(fake, tmp_path, **{'hub = "exports"': 'hub = "exports-v2"'})
-    planned = await reconcile(moved, fake, apply=False)
+    planned = reconcile(moved, fake, apply=False)
     assert step(planned, "target connection").detail == 'eventHubName: "exports" -> "exports-v2"'
     fake.clear_requests()
-    applied = await reconcile(moved, fake)
+    applied = reconcile(moved, fake)
     assert [(s.action, s.what, s.detail) for s in applied] == [(s.action, s.what, s.detail) for s in planned]
     assert one(fake, "targetConnections")["params"] == {"eventHubName": "exports-v2", "includeSegmentNames": True}
     patches = fake.requests_to("PATCH", r"/targetConnections/")
     assert [r.body for r in patches] == [[{"op": "replace", "path": "/params/eventHubName", "value": "exports-v2"}]]
 
     fake.clear_requests()
-    assert {s.action for s in await reconcile(moved, fake)} == {"keep"}
+    assert {s.action for s in reconcile(moved, fake)} == {"keep"}
     assert writes(fake) == []
 
 
-async def test_the_export_toggles_are_destination_file_fields(fake: FakePlatform, tmp_path: Path) -> None:
+def test_the_export_toggles_are_destination_file_fields(fake: FakePlatform, tmp_path: Path) -> None:
     both_on = "include_segment_names = true\ninclude_segment_timestamps = true"
-    await reconcile(eventhubs_file(fake, tmp_path, extra=both_on), fake)
+    reconcile(eventhubs_file(fake, tmp_path, extra=both_on), fake)
     assert one(fake, "targetConnections")["params"] == {
         "eventHubName": "exports", "includeSegmentNames": True, "includeSegmentTimestamps": True}
 
     names_off = eventhubs_file(fake, tmp_path, extra="include_segment_names = false")  # timestamps: left alone
-    planned = await reconcile(names_off, fake, apply=False)
+    planned = reconcile(names_off, fake, apply=False)
     assert step(planned, "target connection").detail == "includeSegmentNames: true -> false"
-    await reconcile(names_off, fake)
+    reconcile(names_off, fake)
     assert one(fake, "targetConnections")["params"] == {
         "eventHubName": "exports", "includeSegmentNames": False, "includeSegmentTimestamps": True}
     fake.clear_requests()
-    await reconcile(names_off, fake)
+    reconcile(names_off, fake)
     assert writes(fake) == []
 
 
-async def test_a_rotated_secret_is_sent_with_update_credentials_and_never_shown(
+def test_a_rotated_secret_is_sent_with_update_credentials_and_never_shown(
         fake: FakePlatform, tmp_path: Path) -> None:
     path = eventhubs_file(fake, tmp_path)
-    await reconcile(path, fake)
+    reconcile(path, fake)
     rotated = "the-rotated-sas-key-never-logged"
     # Adobe never shows a secret: without the flag a new one cannot be seen to differ.
-    assert step(await reconcile(path, fake, apply=False, ADOBE_EVENTHUBS_SAS_KEY=rotated),
+    assert step(reconcile(path, fake, apply=False, ADOBE_EVENTHUBS_SAS_KEY=rotated),
                 "eventhubs base connection").action == "keep"
-    planned = await reconcile(path, fake, apply=False, update_credentials=True, ADOBE_EVENTHUBS_SAS_KEY=rotated)
+    planned = reconcile(path, fake, apply=False, update_credentials=True, ADOBE_EVENTHUBS_SAS_KEY=rotated)
     base = step(planned, "eventhubs base connection")
     assert (base.action, base.detail) == ("update", "sasKey: from $ADOBE_EVENTHUBS_SAS_KEY")
-    await reconcile(path, fake, update_credentials=True, ADOBE_EVENTHUBS_SAS_KEY=rotated)
+    reconcile(path, fake, update_credentials=True, ADOBE_EVENTHUBS_SAS_KEY=rotated)
     stored = fake.flow_service.raw("dev", "connections", one(fake, "connections", "Azure Event Hubs")["id"])
     assert stored is not None and stored["auth"]["params"]["sasKey"] == rotated
     assert all(rotated not in json.dumps(r.body) for r in fake.requests)  # the fake's record is redacted too
 
 
-async def test_a_region_change_moves_the_credentials_and_the_target(fake: FakePlatform, tmp_path: Path) -> None:
-    await reconcile(kinesis_file(fake, tmp_path, "us-east-1"), fake)
+def test_a_region_change_moves_the_credentials_and_the_target(fake: FakePlatform, tmp_path: Path) -> None:
+    reconcile(kinesis_file(fake, tmp_path, "us-east-1"), fake)
     moved = kinesis_file(fake, tmp_path, "eu-west-1")
-    planned = await reconcile(moved, fake, apply=False)
+    planned = reconcile(moved, fake, apply=False)
     assert step(planned, "kinesis base connection").detail == 'region: "us-east-1" -> "eu-west-1"'
     assert step(planned, "target connection").detail == 'region: "us-east-1" -> "eu-west-1"'
-    await reconcile(moved, fake)
+    reconcile(moved, fake)
     assert one(fake, "connections", "Amazon Kinesis")["auth"]["params"]["region"] == "eu-west-1"
     assert one(fake, "targetConnections")["params"] == {"stream": "exports", "region": "eu-west-1"}
     fake.clear_requests()
-    await reconcile(moved, fake)
+    reconcile(moved, fake)
     assert writes(fake) == []
 
 
-async def test_event_hubs_namespace_policy_and_hub_scoped_key_changes_are_repaired(tmp_path: Path) -> None:
-    async with FakePlatform(eventhubs_sas_auth=True) as fake:
-        await _repairs_event_hubs_auth(fake, tmp_path)
+def test_event_hubs_namespace_policy_and_hub_scoped_key_changes_are_repaired(tmp_path: Path) -> None:
+    with platform_in_thread(eventhubs_sas_auth=True) as fake:
+        _repairs_event_hubs_auth(fake, tmp_path)
 
 
-async def test_a_hub_scoped_key_without_an_auth_spec_for_it_says_what_to_do(
+def test_a_hub_scoped_key_without_an_auth_spec_for_it_says_what_to_do(
         fake: FakePlatform, tmp_path: Path) -> None:
     path = eventhubs_file(fake, tmp_path, **{'sas_key_name = "adobe-send"': 'sas_key_name = "x"\nhub_scoped_key = true'})
-    with pytest.raises(ProvisioningError, match="hub_scoped_key: .* set hub_scoped_key = false"):
-        await reconcile(path, fake, apply=False)
+    result = CliRunner().invoke(app, ["provision", "plan", str(path)], env=environ(fake))
+    assert result.exit_code == 1 and re.search("hub_scoped_key: .* set hub_scoped_key = false", result.output)
 
 
-async def _repairs_event_hubs_auth(fake: FakePlatform, tmp_path: Path) -> None:
-    await reconcile(eventhubs_file(fake, tmp_path), fake)
+def _repairs_event_hubs_auth(fake: FakePlatform, tmp_path: Path) -> None:
+    reconcile(eventhubs_file(fake, tmp_path), fake)
     changed = eventhubs_file(fake, tmp_path, **{'namespace = "acme-ns"': 'namespace = "acme-ns-2"',
                                                 'sas_key_name = "adobe-send"': 'sas_key_name = "adobe-send-2"\n'
                                                                                'hub_scoped_key = true'})
-    planned = await reconcile(changed, fake, apply=False)
+    planned = reconcile(changed, fake, apply=False)
     detail = step(planned, "eventhubs base connection").detail
     for change in ('sasKeyName: "adobe-send" -> "adobe-send-2"', 'namespace: "acme-ns" -> "acme-ns-2"',
                    'eventHubName: (unset) -> "exports"', "auth spec: "):
         assert change in detail
-    await reconcile(changed, fake)
+    reconcile(changed, fake)
     auth = one(fake, "connections", "Azure Event Hubs")["auth"]
     assert auth["params"]["namespace"] == "acme-ns-2" and auth["params"]["eventHubName"] == "exports"
     fake.clear_requests()
-    await reconcile(changed, fake)
+    reconcile(changed, fake)
     assert writes(fake) == []
 
     back = eventhubs_file(fake, tmp_path)  # a namespace key again: the hub leaves the credentials
-    await reconcile(back, fake)
+    reconcile(back, fake)
     assert "eventHubName" not in one(fake, "connections", "Azure Event Hubs")["auth"]["params"]
     stored = fake.flow_service.raw("dev", "connections", one(fake, "connections", "Azure Event Hubs")["id"])
     assert stored is not None and stored["auth"]["params"]["sasKey"] == SAS_KEY  # never re-sent, still there
 
 
-async def test_a_dataflow_declared_disabled_is_disabled_before_any_audience_is_mapped(
-        fake: FakePlatform, tmp_path: Path) -> None:
+def test_a_dataflow_declared_disabled_is_disabled_before_any_audience_is_mapped_and_never_exports(
+        tmp_path: Path) -> None:
+    with platform_in_thread(exports=ExportSettings(records=10)) as fake:
+        _disabled_from_the_start(fake, tmp_path)
+
+
+def _disabled_from_the_start(fake: FakePlatform, tmp_path: Path) -> None:
     path = eventhubs_file(fake, tmp_path, **{'sandbox = "dev"': 'sandbox = "dev"\nenabled = false'})
-    planned = await reconcile(path, fake, apply=False)
-    applied = await reconcile(path, fake)
+    planned = reconcile(path, fake, apply=False)
+    applied = reconcile(path, fake)
     assert [(s.action, s.what) for s in applied] == [(s.action, s.what) for s in planned]
     assert ("disable", "state") in [(s.action, s.what) for s in applied]
     flow_writes = [(r.method, r.path.rsplit("/", 1)[-1], dict(r.query).get("op"))
@@ -198,11 +215,10 @@ async def test_a_dataflow_declared_disabled_is_disabled_before_any_audience_is_m
     assert [method for method, _, _ in flow_writes] == ["POST", "POST", "PATCH"]  # create, disable, then map
     assert flow_writes[1][2] == "disable"
     assert one(fake, "flows")["state"] == "disabled"
+    assert one(fake, "flows")["id"] not in fake.simulations  # no export (no backfill) was ever started
 
 
-def test_plan_detailed_exitcode_tells_ci_whether_anything_would_change(
-        fake_in_thread: FakePlatform, tmp_path: Path) -> None:
-    fake = fake_in_thread
+def test_plan_detailed_exitcode_tells_ci_whether_anything_would_change(fake: FakePlatform, tmp_path: Path) -> None:
     path = eventhubs_file(fake, tmp_path)
 
     def provision(*args: str) -> int:
@@ -216,19 +232,19 @@ def test_plan_detailed_exitcode_tells_ci_whether_anything_would_change(
     assert provision("plan", "--detailed-exitcode") == 1
 
 
-async def test_status_shows_run_times_as_utc_times(fake: FakePlatform, tmp_path: Path) -> None:
-    import re
-
+def test_status_shows_run_times_as_utc_times(fake: FakePlatform, tmp_path: Path) -> None:
     path = eventhubs_file(fake, tmp_path)
-    await reconcile(path, fake)
+    reconcile(path, fake)
     fake.advance_clock(2 * 3600)  # two hourly streaming runs
-    async with provisioner_for(load_destination(path, environ(fake)), retry=FAST_RETRY) as provisioner:
-        report = await provisioner.status()
+    report = cli(fake, path, "status")
     assert report["runs"]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", str(run["started"])) for run in report["runs"])
+    table = CliRunner().invoke(app, ["provision", "status", str(path)], env=environ(fake))
+    assert table.exit_code == 0 and report["runs"][0]["started"][:10] in table.stdout
+    assert not re.search(r"\b\d{13}\b", table.stdout)  # no epoch milliseconds
 
 
-async def test_an_uploaded_audience_is_selected_the_way_adobe_selects_external_audiences(
+def test_an_uploaded_audience_is_selected_the_way_adobe_selects_external_audiences(
         fake: FakePlatform, tmp_path: Path) -> None:
     from segment_relay.testing.platform import Audience
 
@@ -238,18 +254,18 @@ async def test_an_uploaded_audience_is_selected_the_way_adobe_selects_external_a
     for ref in (f'{{ id = "{uploaded.id}" }}', f'{{ name = "{uploaded.name}" }}'):
         path = destination_file(tmp_path, fake.url, fake.credentials.client_id, fake.credentials.org_id,
                                 audiences=[ref])
-        await reconcile(path, fake)
+        reconcile(path, fake)
         selectors = one(fake, "flows")["transformations"][0]["params"]["segmentSelectors"]["selectors"]
         assert len(selectors) == 1
         value = selectors[0]["value"]
         assert (value["id"], value["systemSegmentId"], value["namespace"]) == (
             "crm-churn-2026", uploaded.id, "CustomerAudienceUpload")
         fake.clear_requests()
-        assert {s.action for s in await reconcile(path, fake)} == {"keep"}
+        assert {s.action for s in reconcile(path, fake)} == {"keep"}
         assert writes(fake) == []
 
 
-async def test_an_audience_name_is_found_past_the_first_page_of_substring_matches(
+def test_an_audience_name_is_found_past_the_first_page_of_substring_matches(
         fake: FakePlatform, tmp_path: Path) -> None:
     from segment_relay.testing.platform import Audience
 
@@ -260,16 +276,19 @@ async def test_an_audience_name_is_found_past_the_first_page_of_substring_matche
                                  namespace="CustomerAudienceUpload")])
     path = destination_file(tmp_path, fake.url, fake.credentials.client_id, fake.credentials.org_id,
                             audiences=['{ name = "Churn" }'])
-    await reconcile(path, fake)
+    reconcile(path, fake)
     selectors = one(fake, "flows")["transformations"][0]["params"]["segmentSelectors"]["selectors"]
     assert [s["value"]["id"] for s in selectors] == ["churn"]
 
 
-async def test_a_destination_made_in_the_ui_is_adopted_by_dataflow_id_or_name(
+def test_a_destination_made_in_the_ui_is_adopted_by_dataflow_id_or_name(
         fake: FakePlatform, tmp_path: Path) -> None:
-    async with aiohttp.ClientSession() as session:
-        ui = await made_in_the_ui(Api(fake, session, sandbox="dev"), name="Acme exports", audiences=(A1, A2),
-                                  attributes=("person.name.lastName", "personalEmail.address"))
+    async def by_hand() -> Any:
+        async with aiohttp.ClientSession() as session:
+            return await made_in_the_ui(Api(fake, session, sandbox="dev"), name="Acme exports", audiences=(A1, A2),
+                                        attributes=("person.name.lastName", "personalEmail.address"))
+
+    ui = asyncio.run(by_hand())
     before = {kind: len(fake.entities(kind, sandbox="dev")) for kind in ("connections", "sourceConnections",
                                                                          "targetConnections", "flows")}
     same_target = {'namespace = "acme-ns"': 'namespace = "127.0.0.1:5673"',
@@ -279,7 +298,7 @@ async def test_a_destination_made_in_the_ui_is_adopted_by_dataflow_id_or_name(
     by_name = eventhubs_file(fake, tmp_path, **same_target, **{'name = "segment-relay test"': 'name = "Acme exports"'})
     for path in (by_id, by_name):
         fake.clear_requests()
-        steps = await reconcile(path, fake, ADOBE_EVENTHUBS_SAS_KEY=UI_SAS_KEY)
+        steps = reconcile(path, fake, ADOBE_EVENTHUBS_SAS_KEY=UI_SAS_KEY)
         assert {s.action for s in steps} == {"keep"}, [(s.action, s.what, s.detail) for s in steps]
         assert {s.id for s in steps if s.what.endswith("connection")} >= {ui.target, ui.source, ui.base, ui.profile_base}
         assert writes(fake) == []
@@ -287,35 +306,35 @@ async def test_a_destination_made_in_the_ui_is_adopted_by_dataflow_id_or_name(
 
     moved = eventhubs_file(fake, tmp_path, **same_target, **{'hub = "exports"': 'hub = "exports-v2"',
                                                              'name = "segment-relay test"': 'name = "Acme exports"'})
-    target = step(await reconcile(moved, fake, ADOBE_EVENTHUBS_SAS_KEY=UI_SAS_KEY), "target connection")
+    target = step(reconcile(moved, fake, ADOBE_EVENTHUBS_SAS_KEY=UI_SAS_KEY), "target connection")
     assert (target.action, target.name, target.id) == ("update", "Acme exports target", ui.target)
 
     renamed = eventhubs_file(fake, tmp_path, **same_target,
                              **{'name = "segment-relay test"': f'name = "Acme relay"\ndataflow_id = "{ui.flow}"'})
-    flow = step(await reconcile(renamed, fake, ADOBE_EVENTHUBS_SAS_KEY=UI_SAS_KEY), "dataflow")
+    flow = step(reconcile(renamed, fake, ADOBE_EVENTHUBS_SAS_KEY=UI_SAS_KEY), "dataflow")
     assert (flow.action, flow.detail) == ("update", 'name: "Acme exports" -> "Acme relay"')
 
-    async with provisioner_for(load_destination(renamed, environ(fake)), retry=FAST_RETRY) as provisioner:
-        removed = await provisioner.destroy(apply=True)
+    removed = [Step(**s) for s in cli(fake, renamed, "destroy", "--yes", ADOBE_EVENTHUBS_SAS_KEY=UI_SAS_KEY)["steps"]]
     assert {s.id for s in removed if s.action == "delete"} == {ui.flow, ui.target, ui.source, ui.base, ui.profile_base}
     assert all(not fake.entities(kind, sandbox="dev") for kind in before)
 
 
-async def test_a_dataflow_id_that_does_not_exist_says_so(fake: FakePlatform, tmp_path: Path) -> None:
+def test_a_dataflow_id_that_does_not_exist_says_so(fake: FakePlatform, tmp_path: Path) -> None:
     path = eventhubs_file(fake, tmp_path, **{'name = "segment-relay test"':
                                              'name = "x"\ndataflow_id = "00000000-0000-0000-0000-000000000000"'})
-    with pytest.raises(ProvisioningError, match="dataflow_id '00000000-0000-0000-0000-000000000000' is not a dataflow"):
-        await reconcile(path, fake, apply=False)
+    result = CliRunner().invoke(app, ["provision", "plan", str(path)], env=environ(fake))
+    assert result.exit_code == 1
+    assert "dataflow_id '00000000-0000-0000-0000-000000000000' is not a dataflow" in result.output
 
 
-async def test_a_throttling_adobe_changes_nothing_of_the_outcome(tmp_path: Path) -> None:
-    async with FakePlatform(throttle_rate=0.3, seed=5) as fake:
+def test_a_throttling_adobe_changes_nothing_of_the_outcome(tmp_path: Path) -> None:
+    with platform_in_thread(throttle_rate=0.3, seed=5) as fake:
         path = eventhubs_file(fake, tmp_path)
-        await reconcile(path, fake)
+        reconcile(path, fake)
         assert fake.faults.throttled > 0
         assert {kind: len(fake.entities(kind, sandbox="dev")) for kind in (
             "connections", "sourceConnections", "targetConnections", "flows")} == {
             "connections": 2, "sourceConnections": 1, "targetConnections": 1, "flows": 1}
         fake.clear_requests()
-        assert {s.action for s in await reconcile(path, fake)} == {"keep"}
+        assert {s.action for s in reconcile(path, fake)} == {"keep"}
         assert writes(fake) == []
