@@ -262,3 +262,46 @@ async def test_list_filters_hold_on_every_page_whatever_the_next_links_carry(fak
                     if any(k == "continuationToken" for k, _ in r.query)]
     assert second_pages and all(("property", f"connectionSpec.id=={PROFILE_SOURCE_SPEC}") in r.query
                                 for r in second_pages)
+
+
+_FAKES = {"as documented": {}, "202 patches, 204 deletes": {"patch_status": 202, "delete_status": 204},
+          "throttling": {"throttle_rate": 0.25, "seed": 3}, "SAS auth offered": {"eventhubs_sas_auth": True}}
+_FILES = {
+    "event hubs": {},
+    "disabled, toggles set": {"extra": "enabled = false\ninclude_segment_names = true\ninclude_segment_timestamps = false"},
+    "kinesis": {"kinesis": True},
+    "hub-scoped key": {"replace": ('hub = "exports"', 'hub = "exports"\nhub_scoped_key = true')},
+    "uploaded audience": {"audiences": ['{ name = "CRM upload" }']},
+}
+
+
+@pytest.mark.parametrize("file_kind", list(_FILES))
+@pytest.mark.parametrize("fake_kind", list(_FAKES))
+async def test_applying_any_destination_file_twice_writes_nothing_the_second_time(
+        tmp_path: Path, fake_kind: str, file_kind: str) -> None:
+    from segment_relay.testing.platform import Audience
+
+    if file_kind == "hub-scoped key" and fake_kind != "SAS auth offered":
+        pytest.skip("a hub-scoped key needs the SAS auth spec (see the test of its error)")
+    how = _FILES[file_kind]
+    async with FakePlatform(**_FAKES[fake_kind]) as fake:
+        fake.add_audiences([Audience(id="6c1d2e3f-0a4b-4c5d-8e6f-7a8b9c0d1e2f", name="CRM upload",
+                                     external_id="crm-42", namespace="CustomerAudienceUpload")])
+        creds = fake.credentials
+        path = destination_file(tmp_path, fake.url, creds.client_id, creds.org_id, extra=how.get("extra", ""),
+                                audiences=how.get("audiences"))
+        text = path.read_text()
+        if how.get("kinesis"):
+            text = text[:text.index("[eventhubs]")] + '[kinesis]\nstream = "exports"\nregion = "us-east-1"\n'
+        if "replace" in how:
+            text = text.replace(*how["replace"])
+        path.write_text(text)
+        destination = load_destination(path, {"ADOBE_CLIENT_SECRET": creds.client_secret,
+                                              "ADOBE_EVENTHUBS_SAS_KEY": SAS_KEY,
+                                              "ADOBE_KINESIS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+                                              "ADOBE_KINESIS_SECRET_KEY": "kinesis-secret-never-logged"})
+        await reconcile(destination, apply=True)
+        fake.clear_requests()
+        again = await reconcile(destination, apply=True)
+        assert {s.action for s in again} == {"keep"}, [(s.action, s.what, s.detail) for s in again]
+        assert writes(fake) == []
