@@ -286,7 +286,7 @@ async def test_applying_any_destination_file_twice_writes_nothing_the_second_tim
     how = _FILES[file_kind]
     async with FakePlatform(**_FAKES[fake_kind]) as fake:
         fake.add_audiences([Audience(id="6c1d2e3f-0a4b-4c5d-8e6f-7a8b9c0d1e2f", name="CRM upload",
-                                     external_id="crm-42", namespace="CustomerAudienceUpload")])
+                                     external_id="crm-42", namespace="AAMSegments")])
         creds = fake.credentials
         path = destination_file(tmp_path, fake.url, creds.client_id, creds.org_id, extra=how.get("extra", ""),
                                 audiences=how.get("audiences"))

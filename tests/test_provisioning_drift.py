@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import platform_in_thread
-from test_platform_fake import A1, A2, Api
+from test_platform_fake import A1, A2, SPECS, Api, validate_against_specs
 from test_platform_fake import SAS_KEY as UI_SAS_KEY
 from test_platform_fake import provision as made_in_the_ui
 from test_provisioning import SAS_KEY, destination_file, writes
@@ -33,6 +33,8 @@ AWS_KEY_ID, AWS_SECRET = "AKIAEXAMPLEKEYID0001", "aws-secret-key-that-must-never
 @pytest.fixture
 def fake(fake_in_thread: FakePlatform) -> Iterator[FakePlatform]:
     yield fake_in_thread
+    if SPECS:  # every request and answer still as Adobe's specs say (the patches narrowed, too)
+        validate_against_specs(fake_in_thread.requests)
 
 
 def environ(fake: FakePlatform, **overrides: str) -> dict[str, str]:
@@ -249,7 +251,7 @@ def test_an_uploaded_audience_is_selected_the_way_adobe_selects_external_audienc
     from segment_relay.testing.platform import Audience
 
     uploaded = Audience(id="5b3e1c2a-0f4d-4e8b-9a61-7c2d3e4f5a6b", name="CRM upload: churn risk",
-                        external_id="crm-churn-2026", namespace="CustomerAudienceUpload")
+                        external_id="crm-churn-2026", namespace="AAMSegments")
     fake.add_audiences([uploaded])
     for ref in (f'{{ id = "{uploaded.id}" }}', f'{{ name = "{uploaded.name}" }}'):
         path = destination_file(tmp_path, fake.url, fake.credentials.client_id, fake.credentials.org_id,
@@ -259,7 +261,7 @@ def test_an_uploaded_audience_is_selected_the_way_adobe_selects_external_audienc
         assert len(selectors) == 1
         value = selectors[0]["value"]
         assert (value["id"], value["systemSegmentId"], value["namespace"]) == (
-            "crm-churn-2026", uploaded.id, "CustomerAudienceUpload")
+            "crm-churn-2026", uploaded.id, "AAMSegments")
         fake.clear_requests()
         assert {s.action for s in reconcile(path, fake)} == {"keep"}
         assert writes(fake) == []
@@ -271,9 +273,9 @@ def test_an_audience_name_is_found_past_the_first_page_of_substring_matches(
 
     # 130 uploaded audiences whose names all contain "Churn": the exact one sorts last.
     fake.add_audiences([Audience(id=f"00000000-0000-4000-8000-{n:012d}", name=f"Big Churn {n:03d}",
-                                 external_id=f"churn-{n}", namespace="CustomerAudienceUpload") for n in range(130)])
+                                 external_id=f"churn-{n}", namespace="AAMSegments") for n in range(130)])
     fake.add_audiences([Audience(id="00000000-0000-4000-8000-999999999999", name="Churn", external_id="churn",
-                                 namespace="CustomerAudienceUpload")])
+                                 namespace="AAMSegments")])
     path = destination_file(tmp_path, fake.url, fake.credentials.client_id, fake.credentials.org_id,
                             audiences=['{ name = "Churn" }'])
     reconcile(path, fake)

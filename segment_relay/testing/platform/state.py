@@ -692,7 +692,7 @@ class Segmentation:
             "audienceId": audience.selector_id,
             "namespace": audience.namespace,
             "isSystem": False,
-            "type": "ExternalSegment" if uploaded else "SegmentDefinition",
+            "type": "ExternalAudience" if uploaded else "SegmentDefinition",
             "originName": "CUSTOM_UPLOAD" if uploaded else "REAL_TIME_CUSTOMER_PROFILE",
             "lifecycleState": "published",
             "createEpoch": audience.created_ms // 1000,
