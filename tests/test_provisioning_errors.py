@@ -50,3 +50,16 @@ def test_a_bad_org_id_is_explained_in_words(fake_in_thread: FakePlatform, tmp_pa
     assert code == 1
     assert "field 'adobe.org_id': '0123456789ABCDEF' is not an IMS organization id" in output
     assert "@AdobeOrg$" not in output and "pattern" not in output
+
+
+def test_an_audience_of_another_sandbox_is_not_found_in_this_one(fake_in_thread: FakePlatform, tmp_path: Path) -> None:
+    from segment_relay.testing.platform import Audience
+
+    fake = fake_in_thread
+    elsewhere = Audience(id="7d8e9f00-1a2b-4c3d-8e4f-5a6b7c8d9e0f", name="Prod only")
+    fake.add_audiences([elsewhere], sandbox="prod")  # the file's sandbox is "dev"
+    for ref in (f'{{ id = "{elsewhere.id}" }}', '{ name = "Prod only" }'):
+        path = destination_file(tmp_path, fake.url, fake.credentials.client_id, fake.credentials.org_id,
+                                audiences=[ref])
+        code, output = provision(fake, path, "plan")
+        assert code == 1 and "in sandbox 'dev'" in output, output

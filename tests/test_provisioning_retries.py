@@ -155,6 +155,23 @@ def test_the_cli_adopts_what_timed_out_and_a_second_apply_writes_nothing(
     assert code == 0, output
     assert writes(fake) == []
 
+    # Every kind of patch (a base connection's auth, a target's params, a flow's selectors), each
+    # carried out but answered too late: each is sent once, then read back and found done.
+    text = path.read_text().replace('namespace = "acme-ns"', 'namespace = "acme-ns-2"')
+    path.write_text(text.replace('hub = "exports"', 'hub = "exports-v2"').replace(
+        '"personalEmail.address"]', '"personalEmail.address", "person.name.firstName"]'))
+    fake.add_latency(1.0, method="PATCH", answer_only=True)
+    code, output = provision(fake, path, "apply", "--timeout", "0.5")
+    assert code == 0, output
+    assert sorted(r.path.split("/")[4] for r in fake.requests_to("PATCH")) == [
+        "connections", "flows", "targetConnections"]
+    assert fake.entities("targetConnections", sandbox="dev")[0]["params"]["eventHubName"] == "exports-v2"
+    base = next(c for c in fake.entities("connections", sandbox="dev") if c["name"].endswith("Azure Event Hubs"))
+    assert base["auth"]["params"]["namespace"] == "acme-ns-2"
+    fake.clear_faults()
+    fake.clear_requests()
+    assert provision(fake, path, "apply")[0] == 0 and writes(fake) == []
+
 
 class _HtmlAnswers(http.server.BaseHTTPRequestHandler):
     """What a wrong ``ims_url`` or a proxy answers: an HTML page."""
