@@ -124,8 +124,10 @@ class PlatformHttp:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 failure = _network_failure(exc, self.timeout_s)
                 if not replayable:
-                    raise UncertainOutcome(f"{method} {_path(full_url)}: no answer from Adobe ({failure})",
-                                           method=method, path=_path(full_url)) from None
+                    raise UncertainOutcome(
+                        f"{method} {_path(full_url)}: no answer from Adobe ({failure}); it may have been done: run "
+                        "the command again (it looks at what is there before it repeats a write)",
+                        method=method, path=_path(full_url)) from None
                 if attempt >= self.retry.attempts:
                     raise ProvisioningError(f"{method} {_path(full_url)}: cannot reach Adobe: {failure}") from None
                 await self.backoff(attempt, None)
