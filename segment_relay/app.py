@@ -215,7 +215,8 @@ class Relay:
                                  port=config.metrics_port)
 
     def snapshot(self) -> RelaySnapshot:
-        return RelaySnapshot(self.pipeline.snapshot(), self.router.snapshot(), self.source.snapshot())
+        return RelaySnapshot(self.pipeline.snapshot(), self.router.snapshot(), self.source.snapshot(),
+                             event_loop_stalls=self.health.stalls)
 
     def _ready(self) -> bool | str:
         if not self.pipeline.running:

@@ -249,6 +249,11 @@ def test_probes_and_metrics_while_running_then_sigterm(tmp_path: Path) -> None:
         assert 'segment_relay_changes_total{change="enter",segment_id="seg-a"} 1.0' in metrics
         assert 'segment_relay_records_invalid_total{reason="not_json"} 1.0' in metrics
         assert "segment_relay_handler_latency_seconds_bucket" in metrics
+        # The live relay's registry also carries the runtime, its build, and loop stalls.
+        for family in ("# TYPE segment_relay_build_info gauge", "# TYPE segment_relay_event_loop_stalls_total counter",
+                       "# TYPE segment_relay_checkpoints_total counter", "# TYPE process_cpu_seconds_total counter",
+                       "# TYPE process_resident_memory_bytes gauge", "# TYPE python_gc_collections_total counter"):
+            assert family in metrics, family
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=30)
     finally:

@@ -158,7 +158,8 @@ def exported_metric_names() -> set[str]:
     pipeline = PipelineSnapshot(
         records_read=1, records_finished=1, records_dropped=0, invalid={"not_json": 1}, changes={("seg", "enter"): 1},
         stale=0, duplicate=0, filtered=0, dead_letters=1, in_flight_records=0, in_flight_bytes=0, profiles_waiting=0,
-        checkpoints={"shard-0": 42}, claims=ClaimsSnapshot(held=1, waits=1))
+        checkpoints={"shard-0": 42}, checkpoints_written={"shard-0": 3}, checkpointed_at={"shard-0": 1.7e9},
+        claims=ClaimsSnapshot(held=1, waits=1))
     handler = HandlerSnapshot(name="log", batch=True, calls=2, failed_calls=1, failures=1, dead_letters=1, dropped=0,
                               pending=0, circuit="closed", circuit_opened=0,
                               latency={"ok": latency, "error": latency}, batch_sizes=sizes)
@@ -332,7 +333,7 @@ def test_keda_scales_the_deployment_within_the_partition_count(overlay: str, pod
     if kind == "kinesis":
         assert trigger["type"] == "prometheus"
         query = metadata["query"]
-        assert metrics_in(query) == {"segment_relay_partition_lag_milliseconds"}
+        assert metrics_in(query) == {"segment_relay_partition_lag_seconds"}
         assert metrics_in(query) <= exported_metric_names()
         # The series carry the labels Prometheus Operator gives the ServiceMonitor's targets.
         assert label_value(query, "namespace") == one(docs, "Deployment")["metadata"]["namespace"]
@@ -483,7 +484,8 @@ def test_the_dashboard_covers_what_operators_ask() -> None:
     used = set().union(*(metrics_in(expr) for exprs in dashboard_queries().values() for expr in exprs))
     for question, metric in [
         ("throughput", "segment_relay_records_read_total"),
-        ("lag by shard or partition", "segment_relay_partition_lag_milliseconds"),
+        ("lag by shard or partition", "segment_relay_partition_lag_seconds"),
+        ("checkpoints written", "segment_relay_checkpoints_total"),
         ("lag in events", "segment_relay_partition_lag_events"),
         ("changes by segment and type", "segment_relay_changes_total"),
         ("handler latency", "segment_relay_handler_latency_seconds_bucket"),

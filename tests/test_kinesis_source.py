@@ -65,7 +65,7 @@ async def test_every_change_of_a_four_shard_stream_reaches_the_handlers_once(
         assert len(source.lag_ms) == 4  # MillisBehindLatest per shard, for the lag gauge
         metrics = generate_latest(metrics_registry(relay.snapshot)).decode()
         assert "segment_relay_partitions_owned 4.0" in metrics
-        assert metrics.count("segment_relay_partition_lag_milliseconds{") == 4
+        assert metrics.count("segment_relay_partition_lag_seconds{") == 4
     finally:
         relay.stop()
         await asyncio.wait_for(run, 30)

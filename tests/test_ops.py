@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -110,6 +111,26 @@ async def test_metrics_exposes_the_relay_snapshot() -> None:
         stats.pipeline = pipeline_snapshot(records_read=8)  # read at scrape time, not cached
         _, text, _ = await get(session, server, "/metrics")
         assert "segment_relay_records_read_total 8.0" in text
+
+
+def test_metrics_carry_base_units_checkpoint_counts_build_info_and_the_runtime() -> None:
+    stats = Snapshots(checkpoints={"shard-0": "49590338271490256608559692538361571095921575989136588898"},
+                      checkpoints_written={"shard-0": 3}, checkpointed_at={"shard-0": 1_764_885_600.5})
+    stats.source = SourceSnapshot(lag_ms={"shard-0": 1500.0})
+    text = generate_latest(metrics_registry(lambda: RelaySnapshot(stats.pipeline, (), stats.source,
+                                                                  event_loop_stalls=2))).decode()
+    assert 'segment_relay_partition_lag_seconds{partition="shard-0"} 1.5' in text  # seconds, not ms
+    assert "lag_milliseconds" not in text
+    # Counted, not a float of a 56-digit sequence number (two of those compare equal).
+    assert '# TYPE segment_relay_checkpoints_total counter' in text
+    assert 'segment_relay_checkpoints_total{partition="shard-0"} 3.0' in text
+    assert 'segment_relay_last_checkpoint_timestamp_seconds{partition="shard-0"} 1.7648856005e+09' in text
+    assert "checkpoint_position" not in text
+    assert re.search(r'segment_relay_build_info\{python="3\.\d+\.\d+",version="[^"]+"\} 1\.0', text)
+    assert "segment_relay_event_loop_stalls_total 2.0" in text
+    for runtime in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info",
+                    "python_gc_collections_total"):
+        assert f"\n{runtime}" in text, runtime
 
 
 async def test_start_picks_free_port_and_stop_is_idempotent() -> None:

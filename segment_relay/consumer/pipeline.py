@@ -110,6 +110,8 @@ class PipelineSnapshot:
     in_flight_bytes: int
     profiles_waiting: int  # records waiting for a step of their profile to end
     checkpoints: Mapping[str, Any] = field(default_factory=dict)  # partition -> last committed position
+    checkpoints_written: Mapping[str, int] = field(default_factory=dict)  # partition -> commits so far
+    checkpointed_at: Mapping[str, float] = field(default_factory=dict)  # partition -> last commit, Unix time
     identity: IdentityStats | None = None  # identity linking (None: identity.mode "key")
     profiles_seen: int | None = None
     invalid_entries: Mapping[str, int] = field(default_factory=dict)  # audience entries dead-lettered alone, by reason
@@ -283,6 +285,8 @@ class Pipeline:
         self._filtered = 0
         self._dead_letters = 0
         self._checkpoints: dict[str, Any] = {}
+        self._checkpoints_written: dict[str, int] = {}  # kept after a revoke: a counter only grows
+        self._checkpointed_at: dict[str, float] = {}
         self._profiles_seen: set[str] | None = set() if self.settings.track_profiles else None
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -942,6 +946,8 @@ class Pipeline:
                     continue  # taken away meanwhile: its new owner checkpoints from now on
                 await self.source.commit(part.name, position)
                 part.watermark.committed = position
+                self._checkpoints_written[part.name] = self._checkpoints_written.get(part.name, 0) + 1
+                self._checkpointed_at[part.name] = time.time()
                 if not part.revoked:
                     self._checkpoints[part.name] = position
             log.debug("checkpointed", extra={"positions": {part.name: str(p) for part, p in due}})
@@ -974,6 +980,8 @@ class Pipeline:
             in_flight_bytes=self._limit.bytes,
             profiles_waiting=self._gate.waiting,
             checkpoints=dict(self._checkpoints),
+            checkpoints_written=dict(self._checkpoints_written),
+            checkpointed_at=dict(self._checkpointed_at),
             identity=replace(self.identity.stats) if self.identity is not None else None,
             profiles_seen=len(self._profiles_seen) if self._profiles_seen is not None else None,
             invalid_entries=dict(self._invalid_entries),

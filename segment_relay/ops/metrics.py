@@ -8,14 +8,16 @@ collector builds every metric from a fresh one at scrape time.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .. import __version__
 from ..consumer.pipeline import PipelineSnapshot
 from ..consumer.sources.base import SourceSnapshot
 from ..handlers.dispatch import HandlerSnapshot
@@ -28,6 +30,7 @@ class RelaySnapshot:
     pipeline: PipelineSnapshot
     handlers: tuple[HandlerSnapshot, ...]
     source: SourceSnapshot
+    event_loop_stalls: int = 0  # times the watchdog woke up late (ops.health)
 
     @property
     def records_read(self) -> int:
@@ -76,17 +79,16 @@ class RelaySnapshot:
         return summary
 
 
-def _position_value(position: Any) -> float | None:
-    try:
-        return float(getattr(position, "sequence_number", position))
-    except (TypeError, ValueError):
-        return None
-
-
-def metrics_registry(snapshot: Callable[[], RelaySnapshot]) -> CollectorRegistry:
-    """A registry whose only collector renders ``snapshot()`` at each scrape."""
+def metrics_registry(snapshot: Callable[[], RelaySnapshot], *, runtime: bool = True) -> CollectorRegistry:
+    """A registry whose collector renders ``snapshot()`` at each scrape; with ``runtime``, also the
+    process (CPU, memory, open files), Python platform and garbage collector metrics that
+    prometheus_client's default registry would carry (the relay's registry is its own)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_RelayCollector(snapshot))
+    if runtime:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
     return registry
 
 
@@ -96,6 +98,13 @@ class _RelayCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         s = self.snapshot()
+        build = GaugeMetricFamily("segment_relay_build_info", "The relay's version (always 1)",
+                                  labels=["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
+        yield CounterMetricFamily("segment_relay_event_loop_stalls",
+                                  "Times the event loop woke up later than the liveness watchdog allows",
+                                  value=s.event_loop_stalls)
         yield from _pipeline_metrics(s)
         yield from _handler_metrics(s.handlers)
         yield from _source_metrics(s.source)
@@ -151,13 +160,17 @@ def _pipeline_metrics(s: RelaySnapshot) -> Iterator[Any]:
     yield GaugeMetricFamily("segment_relay_profile_records_waiting",
                             "Records waiting for an earlier record of their profile to finish",
                             value=p.profiles_waiting)
-    checkpoint = GaugeMetricFamily(
-        "segment_relay_checkpoint_position", "Last checkpointed position, by partition", labels=["partition"])
-    for partition, position in p.checkpoints.items():
-        value = _position_value(position)
-        if value is not None:
-            checkpoint.add_metric([partition], value)
-    yield checkpoint
+    # Counts and times, not positions: a Kinesis sequence number (56 digits) does not survive a float.
+    written = CounterMetricFamily("segment_relay_checkpoints", "Checkpoints committed, by partition",
+                                  labels=["partition"])
+    for partition, count in p.checkpoints_written.items():
+        written.add_metric([partition], count)
+    yield written
+    last = GaugeMetricFamily("segment_relay_last_checkpoint_timestamp_seconds",
+                             "When the last checkpoint of each partition was committed (Unix time)", labels=["partition"])
+    for partition, at in p.checkpointed_at.items():
+        last.add_metric([partition], at)
+    yield last
 
 
 def _handler_metrics(handlers: tuple[HandlerSnapshot, ...]) -> Iterator[Any]:
@@ -211,9 +224,9 @@ def _handler_metrics(handlers: tuple[HandlerSnapshot, ...]) -> Iterator[Any]:
 
 def _source_metrics(source: SourceSnapshot) -> Iterator[Any]:
     for name, documentation, values in (
-        ("segment_relay_partition_lag_milliseconds",
+        ("segment_relay_partition_lag_seconds",
          "How far reading is behind the newest record, by partition (Kinesis: MillisBehindLatest; "
-         "Event Hubs: enqueued-time gap)", source.lag_ms),
+         "Event Hubs: enqueued-time gap)", {partition: ms / 1000 for partition, ms in source.lag_ms.items()}),
         ("segment_relay_partition_lag_events",
          "Events enqueued after the last one read, by partition (Event Hubs)", source.lag_events),
     ):
