@@ -339,6 +339,8 @@ def test_keda_scales_the_deployment_within_the_partition_count(overlay: str, pod
         assert label_value(query, "namespace") == one(docs, "Deployment")["metadata"]["namespace"]
         assert label_value(query, "job") == one(docs, "Service")["metadata"]["name"]
         assert float(metadata["threshold"]) > 0
+        # No series is an error (the fallback then applies), not zero lag.
+        assert metadata["ignoreNullValues"] == "false"
         return
 
     assert trigger["type"] == "azure-eventhub"
