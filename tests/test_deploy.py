@@ -496,3 +496,29 @@ def test_the_dashboard_covers_what_operators_ask() -> None:
         ("partitions owned per replica", "segment_relay_partitions_owned"),
     ]:
         assert metric in used, f"no panel shows {question} ({metric})"
+
+
+# --- the example plug-in -------------------------------------------------------------------------------
+PLUGIN_OVERLAY = "../../examples/handler-plugin/deploy"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_the_example_plugins_overlay_runs_one_writer_of_its_sqlite_file_on_a_persistent_volume(version: str) -> None:
+    docs = render(PLUGIN_OVERLAY)
+    for doc in docs:
+        if doc["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    kinds = {doc["kind"] for doc in docs}
+    assert "ScaledObject" not in kinds and "HorizontalPodAutoscaler" not in kinds  # no second replica, ever
+    deployment = one(docs, "Deployment")["spec"]
+    assert deployment["replicas"] == 1
+    assert deployment["strategy"] == {"type": "Recreate"}  # the old pod stops before the new one opens the file
+    claim = one(docs, "PersistentVolumeClaim")
+    (data,) = [v for v in pod_spec(docs)["volumes"] if v["name"] == "data"]
+    assert data == {"name": "data", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+    (mount,) = [m for m in relay_container(docs)["volumeMounts"] if m["name"] == "data"]
+    config = one(docs, "ConfigMap")["data"]["relay.toml"]
+    handler = next(line for line in config.splitlines() if line.startswith("handlers"))
+    assert f'"suppression-list:{mount["mountPath"]}/' in handler
+    assert relay_container(docs)["image"].startswith("registry.example.com/segment-relay-suppression:")
