@@ -15,8 +15,8 @@ from rich.table import Table
 
 from .destination import Destination, load_destination
 from .errors import ProvisioningError
-from .http import DEFAULT_TIMEOUT_S
 from .provisioner import Provisioner, Step
+from .retry import DEFAULT_TIMEOUT_S
 from .session import provisioner_for
 
 T = TypeVar("T")

@@ -134,12 +134,12 @@ class FlowService:
         attempt = 0
         while True:
             try:
-                await self.get(kind, entity_id)
+                response = await self.http.request("GET", f"{BASE_PATH}/{kind}/{entity_id}")
             except AdobeApiError as exc:
                 if exc.status == 404:
                     return
                 raise
-            except ProvisioningError:  # {"items": []}: gone as well
+            if isinstance(response.body, dict) and response.body.get("items") == []:  # gone as well
                 return
             if time.monotonic() >= deadline:
                 raise ProvisioningError(

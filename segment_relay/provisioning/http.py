@@ -17,10 +17,9 @@ import orjson
 
 from .errors import AdobeApiError, ProvisioningError, UncertainOutcome
 from .ims import ImsClient
-from .retry import RETRIED_STATUSES, RetrySettings
+from .retry import DEFAULT_TIMEOUT_S, RETRIED_STATUSES, RetrySettings
 
 DEFAULT_PLATFORM_URL = "https://platform.adobe.io"
-DEFAULT_TIMEOUT_S = 60.0
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})  # the same call twice does no more
 
 # What a 403 means and what to do about it, by cause. The gateway answers with a code; Flow

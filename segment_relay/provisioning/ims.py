@@ -17,7 +17,7 @@ import orjson
 from pydantic import SecretStr
 
 from .errors import ProvisioningError
-from .retry import RETRIED_STATUSES, RetrySettings
+from .retry import DEFAULT_TIMEOUT_S, RETRIED_STATUSES, RetrySettings
 
 DEFAULT_IMS_URL = "https://ims-na1.adobelogin.com"
 DEFAULT_SCOPES = ("openid", "AdobeID", "read_organizations", "additional_info.projectedProductContext", "session")
@@ -35,7 +35,7 @@ class ImsClient:
         secret_source: str = "the client secret",
         refresh_margin_s: float = 300.0,
         retry: RetrySettings | None = None,
-        timeout_s: float = 60.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         """``secret_source`` names where the secret came from (e.g. "$ADOBE_CLIENT_SECRET") so
         that a refusal can say what to fix without showing the secret."""

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+DEFAULT_TIMEOUT_S = 60.0  # one call, from sending it to the end of its answer
 
 
 @dataclass(frozen=True)

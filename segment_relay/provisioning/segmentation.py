@@ -74,9 +74,9 @@ class Segmentation:
             body = response.body or {}
             page = list(body.get("children") or [])
             found.extend(page)
-            following = (body.get("_page") or {}).get("next")
-            if not page or following is None or int(following) <= start:
-                return found
+            following = str((body.get("_page") or {}).get("next"))
+            if not page or not following.isdigit() or int(following) <= start:
+                return found  # the last page (no next offset; or one that is not an offset, never seen)
             start = int(following)
 
     async def all(self) -> list[dict[str, Any]]:

@@ -9,10 +9,10 @@ import aiohttp
 
 from .destination import Destination
 from .flow_service import FlowService
-from .http import DEFAULT_TIMEOUT_S, PlatformHttp
+from .http import PlatformHttp
 from .ims import ImsClient
 from .provisioner import Provisioner, Step
-from .retry import RetrySettings
+from .retry import DEFAULT_TIMEOUT_S, RetrySettings
 from .segmentation import Segmentation
 
 
