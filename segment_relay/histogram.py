@@ -6,10 +6,13 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 
-__all__ = ["LATENCY_BUCKETS", "SIZE_BUCKETS", "Histogram"]
+__all__ = ["AGE_BUCKETS", "LATENCY_BUCKETS", "SIZE_BUCKETS", "Histogram"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+# Ages that reach back to when Adobe qualified a profile: seconds on a quiet stream, hours in a
+# backfill or after an outage.
+AGE_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
 
 
 class Histogram:

@@ -254,6 +254,8 @@ def test_probes_and_metrics_while_running_then_sigterm(tmp_path: Path) -> None:
                        "# TYPE segment_relay_checkpoints_total counter", "# TYPE process_cpu_seconds_total counter",
                        "# TYPE process_resident_memory_bytes gauge", "# TYPE python_gc_collections_total counter"):
             assert family in metrics, family
+        assert "segment_relay_record_latency_seconds_count 1.0" in metrics  # the valid record
+        assert "segment_relay_change_age_seconds_count 1.0" in metrics  # its enter
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=30)
     finally:

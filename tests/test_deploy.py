@@ -488,6 +488,8 @@ def test_the_dashboard_covers_what_operators_ask() -> None:
         ("throughput", "segment_relay_records_read_total"),
         ("lag by shard or partition", "segment_relay_partition_lag_seconds"),
         ("checkpoints written", "segment_relay_checkpoints_total"),
+        ("end-to-end latency", "segment_relay_record_latency_seconds_bucket"),
+        ("how old changes are when handled", "segment_relay_change_age_seconds_bucket"),
         ("lag in events", "segment_relay_partition_lag_events"),
         ("changes by segment and type", "segment_relay_changes_total"),
         ("handler latency", "segment_relay_handler_latency_seconds_bucket"),

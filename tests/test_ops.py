@@ -128,6 +128,8 @@ def test_metrics_carry_base_units_checkpoint_counts_build_info_and_the_runtime()
     assert "checkpoint_position" not in text
     assert re.search(r'segment_relay_build_info\{python="3\.\d+\.\d+",version="[^"]+"\} 1\.0', text)
     assert "segment_relay_event_loop_stalls_total 2.0" in text
+    for histogram in ("segment_relay_record_latency_seconds", "segment_relay_change_age_seconds"):
+        assert f"# TYPE {histogram} histogram" in text and f"{histogram}_count 0.0" in text
     for runtime in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info",
                     "python_gc_collections_total"):
         assert f"\n{runtime}" in text, runtime

@@ -612,3 +612,29 @@ async def test_checkpoint_every_records_checkpoints_without_waiting_for_the_inte
         if not run.done():
             run.cancel()
     assert checkpoint_line(checkpoint) == len(lines)
+
+
+async def test_end_to_end_latency_counts_every_finished_record_and_every_handled_change(tmp_path: Path) -> None:
+    two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
+    lines = []
+    for n in range(5):
+        lines.append(orjson.dumps({"identityMap": {"ecid": [{"id": f"p{n}"}]}, "segmentMembership": {"ups": {
+            "a": {"status": "realized", "lastQualificationTime": two_hours_ago.strftime("%Y-%m-%dT%H:%M:%SZ")},
+            "b": {"status": "exited", "lastQualificationTime": two_hours_ago.strftime("%Y-%m-%dT%H:%M:%SZ")}}}}))
+    lines.append(lines[0])  # a duplicate: a record finished, no change
+    lines.append(b"not json")  # not a record the pipeline finishes through its handlers
+    handled: list[SegmentChange] = []
+
+    async def handler(change: SegmentChange) -> None:
+        handled.append(change)
+
+    pipeline, _ = make_pipeline(write_lines(tmp_path / "in.jsonl", lines), handler)
+    started = datetime.now(UTC)
+    stats = await asyncio.wait_for(pipeline.run(), RUN_TIMEOUT_S)
+    took = (datetime.now(UTC) - started).total_seconds()
+    assert len(handled) == 10
+    assert stats.record_latency.count == 6  # every valid record, duplicates too
+    assert 0 <= stats.record_latency.total <= 6 * took
+    assert stats.change_age.count == 10  # every enter and exit, from Adobe's qualification time
+    assert 10 * 7199 <= stats.change_age.total <= 10 * (7201 + took)
+    assert dict(stats.change_age.cumulative())["3600.0"] == 0 and dict(stats.change_age.cumulative())["7200.0"] == 0

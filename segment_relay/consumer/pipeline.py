@@ -30,6 +30,7 @@ import contextlib
 import logging
 import random
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,7 @@ from typing import Any, cast
 
 import msgspec
 
+from ..histogram import AGE_BUCKETS, Histogram
 from ..model import (
     ChangeSink,
     ChangeType,
@@ -112,6 +114,10 @@ class PipelineSnapshot:
     checkpoints: Mapping[str, Any] = field(default_factory=dict)  # partition -> last committed position
     checkpoints_written: Mapping[str, int] = field(default_factory=dict)  # partition -> commits so far
     checkpointed_at: Mapping[str, float] = field(default_factory=dict)  # partition -> last commit, Unix time
+    # End to end: a record from being read to being finished (changes handled, state saved), and a
+    # change from its lastQualificationTime (Adobe's clock) to being handled.
+    record_latency: Histogram = field(default_factory=Histogram)
+    change_age: Histogram = field(default_factory=lambda: Histogram(AGE_BUCKETS))
     identity: IdentityStats | None = None  # identity linking (None: identity.mode "key")
     profiles_seen: int | None = None
     invalid_entries: Mapping[str, int] = field(default_factory=dict)  # audience entries dead-lettered alone, by reason
@@ -287,6 +293,8 @@ class Pipeline:
         self._checkpoints: dict[str, Any] = {}
         self._checkpoints_written: dict[str, int] = {}  # kept after a revoke: a counter only grows
         self._checkpointed_at: dict[str, float] = {}
+        self._record_latency = Histogram()
+        self._change_age = Histogram(AGE_BUCKETS)
         self._profiles_seen: set[str] | None = set() if self.settings.track_profiles else None
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -696,9 +704,14 @@ class Pipeline:
                 # lists its profile's records in read order).
                 read_at = min(groups[key][0].read_at for key in keys)
                 self.sink.deliver(profiles, completion.done, read_at)
+            changes_of: dict[str, list[PendingChange]] | None = None
             while True:
                 ready = completion.take()
                 if ready:
+                    if keys:
+                        if changes_of is None:
+                            changes_of = dict(zip(keys, profiles, strict=True))
+                        self._observe_ages(ready, changes_of)
                     await self._save_and_finish(ready, groups, saves, seen)
                     released.update(ready)
                     if claimed:  # saved: another replica may load these profiles now
@@ -709,6 +722,16 @@ class Pipeline:
                 await completion.wait()
         released.update(groups)
         self._continue(list(groups))  # (revoked while loading: the claims are given back by the step)
+
+    def _observe_ages(self, keys: list[str], changes_of: Mapping[str, list[PendingChange]]) -> None:
+        """How old each handled change is, counted from when Adobe qualified it (clamped at 0:
+        Adobe's clock may be ahead of ours)."""
+        now = time.time()
+        age = self._change_age
+        for key in keys:
+            for change, _ in changes_of.get(key, ()):
+                if change.change is not ChangeType.MERGE:
+                    age.observe(max(0.0, now - change.qualified_at.timestamp()))
 
     async def _save_and_finish(self, keys: list[str], groups: dict[str, list[_Item]],
                                saves: dict[str, dict[SegmentKey, StoredMembership]], seen: int) -> None:
@@ -840,10 +863,17 @@ class Pipeline:
     def _finish(self, profiles: Iterable[list[_Item]]) -> None:
         total = size = 0
         tickets: dict[_Partition, list[int]] = {}
+        now = time.monotonic()
+        latency = self._record_latency
+        bounds, counts = latency.bounds, latency.counts  # Histogram.observe, inlined: once per record
+        spent = 0.0
         for items in profiles:
             total += len(items)
             for item in items:
                 size += item.size
+                elapsed = now - item.read_at
+                counts[bisect_left(bounds, elapsed)] += 1
+                spent += elapsed
                 part = item.partition
                 if part.revoked:
                     self._records_dropped += 1  # handled, but not committed: its new owner reads it again
@@ -853,6 +883,7 @@ class Pipeline:
                     tickets[part] = [item.ticket]
                 else:
                     mine.append(item.ticket)
+        latency.total += spent
         finished = 0
         for part, numbers in tickets.items():
             part.watermark.finish_many(numbers)
@@ -982,6 +1013,8 @@ class Pipeline:
             checkpoints=dict(self._checkpoints),
             checkpoints_written=dict(self._checkpoints_written),
             checkpointed_at=dict(self._checkpointed_at),
+            record_latency=self._record_latency.copy(),
+            change_age=self._change_age.copy(),
             identity=replace(self.identity.stats) if self.identity is not None else None,
             profiles_seen=len(self._profiles_seen) if self._profiles_seen is not None else None,
             invalid_entries=dict(self._invalid_entries),

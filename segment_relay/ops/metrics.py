@@ -160,6 +160,15 @@ def _pipeline_metrics(s: RelaySnapshot) -> Iterator[Any]:
     yield GaugeMetricFamily("segment_relay_profile_records_waiting",
                             "Records waiting for an earlier record of their profile to finish",
                             value=p.profiles_waiting)
+    for name, documentation, histogram in (
+        ("segment_relay_record_latency_seconds", "From reading a record to finishing it (its changes handled, "
+         "its state saved)", p.record_latency),
+        ("segment_relay_change_age_seconds", "From a change's lastQualificationTime (Adobe's clock) to its "
+         "handlers being done", p.change_age),
+    ):
+        family = HistogramMetricFamily(name, documentation)
+        family.add_metric([], histogram.cumulative(), histogram.total)
+        yield family
     # Counts and times, not positions: a Kinesis sequence number (56 digits) does not survive a float.
     written = CounterMetricFamily("segment_relay_checkpoints", "Checkpoints committed, by partition",
                                   labels=["partition"])
