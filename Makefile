@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 EMULATORS := emulators/node_modules/.package-lock.json
+PROMTOOL  := .tools/prometheus/usr/bin/promtool
 
-.PHONY: test chaos demo bench lint clean emulators redis-server
+.PHONY: test chaos demo bench lint clean emulators redis-server promtool
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,17 @@ emulators: $(EMULATORS)
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq redis-server; }
 
-test: $(STAMP) $(EMULATORS) redis-server lint
+# promtool checks and unit-tests the alerting rules. It comes from Debian's prometheus package,
+# unpacked here rather than installed (installing would also set up a Prometheus service).
+$(PROMTOOL):
+	mkdir -p .tools/deb
+	cd .tools/deb && { apt-get download -qq prometheus 2>/dev/null || { apt-get update -qq && apt-get download -qq prometheus; }; }
+	dpkg-deb -x .tools/deb/prometheus_*.deb .tools/prometheus
+	touch $(PROMTOOL)
+
+promtool: $(PROMTOOL)
+
+test: $(STAMP) $(EMULATORS) redis-server $(PROMTOOL) lint
 	$(BIN)/python -m pytest -q
 
 # The long chaos runs (20 SIGKILLs a run on each source), left out of `make test`; CI runs both.
@@ -43,4 +54,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info emulators/node_modules
+	rm -rf $(VENV) .pytest_cache build *.egg-info emulators/node_modules .tools

@@ -524,3 +524,32 @@ def test_the_example_plugins_overlay_runs_one_writer_of_its_sqlite_file_on_a_per
     handler = next(line for line in config.splitlines() if line.startswith("handlers"))
     assert f'"suppression-list:{mount["mountPath"]}/' in handler
     assert relay_container(docs)["image"].startswith("registry.example.com/segment-relay-suppression:")
+
+
+# --- alerting rules --------------------------------------------------------------------------------------
+RULES = DEPLOY / "prometheus"
+PROMTOOL = os.environ.get("PROMTOOL") or next(
+    (str(path) for path in (ROOT / ".tools" / "prometheus" / "usr" / "bin" / "promtool",) if path.is_file()),
+    shutil.which("promtool"))
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="no promtool (`make promtool` unpacks Debian's)")
+
+
+@needs_promtool
+def test_the_alerting_rules_are_valid_and_fire_exactly_where_their_tests_say() -> None:
+    assert PROMTOOL is not None
+    for command in (["check", "rules", "segment-relay.rules.yaml"], ["test", "rules", "segment-relay.rules.test.yaml"]):
+        result = subprocess.run([PROMTOOL, *command], cwd=RULES, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"promtool {' '.join(command)}:\n{result.stdout}{result.stderr}"
+
+
+def test_every_alert_is_shown_firing_and_asks_only_for_metrics_the_relay_exports() -> None:
+    rules = yaml.safe_load((RULES / "segment-relay.rules.yaml").read_text())
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    tests = yaml.safe_load((RULES / "segment-relay.rules.test.yaml").read_text())["tests"]
+    cases = [case for test in tests for case in test["alert_rule_test"]]
+    for name, rule in alerts.items():
+        assert any(c["alertname"] == name and c["exp_alerts"] for c in cases), f"{name} is never shown firing"
+        assert metrics_in(rule["expr"]) <= exported_metric_names(), f"{name} asks for a metric /metrics lacks"
+    # Silence is shown too: promtool compares the whole list of alerts, so every series of a test
+    # that is not in a case's exp_alerts must stay silent; and some cases expect none at all.
+    assert len([c for c in cases if not c["exp_alerts"]]) >= 4
