@@ -553,3 +553,11 @@ def test_every_alert_is_shown_firing_and_asks_only_for_metrics_the_relay_exports
     # Silence is shown too: promtool compares the whole list of alerts, so every series of a test
     # that is not in a case's exp_alerts must stay silent; and some cases expect none at all.
     assert len([c for c in cases if not c["exp_alerts"]]) >= 4
+
+
+def test_the_package_ships_its_type_hints_to_plugin_authors() -> None:
+    import tomllib
+
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["segment_relay"]  # PEP 561: without it a type checker sees Any
+    assert (ROOT / "segment_relay" / "py.typed").is_file()
