@@ -162,6 +162,30 @@ async def test_starting_position_latest_and_a_time_apply_only_without_a_checkpoi
     assert latest.relay.snapshot().records_read == 100
 
 
+async def test_a_partition_started_at_latest_is_checkpointed_there_at_once_for_keda(
+    emulator: EventHubsEmulator, azurite: Azurite, container: str, tmp_path: Path
+) -> None:
+    # Without a checkpoint, KEDA's blobMetadata strategy counts a partition's whole retention as
+    # lag and holds the deployment at maxReplicaCount until the first event arrives.
+    records = list(generate(StreamSpec(seed=57, profiles=40, records=120)))
+    await send_exports(emulator.connection_string(HUB), HUB, records[:60])
+    newest = {pid: len(emulator.events(HUB, pid)) - 1 for pid in ("0", "1", "2", "3")}  # sequence numbers from 0
+    latest = Running(relay_config(emulator, azurite, container, tmp_path, starting_position="latest"))
+    expected = {pid: seq for pid, seq in newest.items() if seq >= 0}  # an empty partition has no lag to misread
+    found: dict[str, dict[str, str]] = {}
+    deadline = asyncio.get_running_loop().time() + 30
+    while len(found) < len(expected):  # written as each partition is claimed, before it is read
+        assert asyncio.get_running_loop().time() < deadline, f"first checkpoints: {found}"
+        await asyncio.sleep(0.05)
+        found = await checkpoints(azurite, container)
+    assert {pid: int(found[pid]["sequencenumber"]) for pid in found} == expected
+    await poll(lambda: emulator.active_consumers(HUB) >= 4, "four receivers attached")
+    await send_exports(emulator.connection_string(HUB), HUB, records[60:])
+    await latest.until_finished(60)  # only what came after: the first checkpoint moved nothing earlier in
+    await latest.stop()
+    assert latest.relay.snapshot().records_read == 60
+
+
 async def test_emulator_faults_are_recovered_without_loss(
     emulator: EventHubsEmulator, azurite: Azurite, container: str, tmp_path: Path
 ) -> None:

@@ -202,10 +202,43 @@ class EventHubsSource:
     async def _on_initialize(self, context: Any) -> None:
         pid = context.partition_id
         self._epoch += 1
-        self._owned[pid] = _Owned(context, self._epoch)
+        owned = self._owned[pid] = _Owned(context, self._epoch)
         assert self._listener is not None
         self._listener.assigned(pid, self._epoch)
         log.info("partition claimed", extra={"partition": pid})
+        if self.settings.starting_position == StartingPosition.LATEST and self.settings.read_only_consumer_group is None:
+            await self._checkpoint_the_start(owned)
+
+    async def _checkpoint_the_start(self, owned: _Owned) -> None:
+        """A partition with no checkpoint, started at the latest event: check it in there at once.
+        Without a checkpoint, KEDA's blobMetadata strategy counts the partition's whole retention
+        as unprocessed and scales to the maximum until the first event arrives. The SDK awaits
+        this callback before it receives from the partition, so no commit of ours can race it."""
+        context = owned.context
+        pid = context.partition_id
+        assert self._clients is not None
+        store = self._clients.checkpoint_store
+        try:
+            existing = await store.list_checkpoints(context.fully_qualified_namespace, context.eventhub_name,
+                                                    context.consumer_group)
+            if any(str(checkpoint.get("partition_id")) == pid for checkpoint in existing):
+                return
+            newest = await self._clients.probe.get_partition_properties(pid)
+            if newest.get("is_empty"):
+                return  # nothing retained: no lag to misread
+            await store.update_checkpoint({
+                "fully_qualified_namespace": context.fully_qualified_namespace,
+                "eventhub_name": context.eventhub_name,
+                "consumer_group": context.consumer_group,
+                "partition_id": pid,
+                "offset": str(newest["last_enqueued_offset"]),
+                "sequence_number": int(newest["last_enqueued_sequence_number"]),
+            })
+            owned.committed = int(newest["last_enqueued_sequence_number"])
+            log.info("first checkpoint at the latest event", extra={"partition": pid, "sequence_number": owned.committed})
+        except Exception as exc:  # noqa: BLE001 - the claim stands; only the scaler's view waits for the first commit
+            log.warning("could not write the first checkpoint of a partition", extra={
+                "partition": pid, "error": f"{type(exc).__name__}: {exc}"})
 
     async def _on_close(self, context: Any, reason: Any) -> None:
         pid = context.partition_id
