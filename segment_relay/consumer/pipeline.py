@@ -871,13 +871,13 @@ class Pipeline:
             total += len(items)
             for item in items:
                 size += item.size
-                elapsed = now - item.read_at
-                counts[bisect_left(bounds, elapsed)] += 1
-                spent += elapsed
                 part = item.partition
                 if part.revoked:
                     self._records_dropped += 1  # handled, but not committed: its new owner reads it again
                     continue
+                elapsed = now - item.read_at
+                counts[bisect_left(bounds, elapsed)] += 1
+                spent += elapsed
                 mine = tickets.get(part)
                 if mine is None:
                     tickets[part] = [item.ticket]
