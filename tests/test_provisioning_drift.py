@@ -212,6 +212,7 @@ def _disabled_from_the_start(fake: FakePlatform, tmp_path: Path) -> None:
     applied = reconcile(path, fake)
     assert [(s.action, s.what) for s in applied] == [(s.action, s.what) for s in planned]
     assert ("disable", "state") in [(s.action, s.what) for s in applied]
+    assert step(applied, "state").detail == 'state: "enabled" -> "disabled"'  # a field-level diff, like the others
     flow_writes = [(r.method, r.path.rsplit("/", 1)[-1], dict(r.query).get("op"))
                    for r in fake.requests if r.method in ("POST", "PATCH") and "/flowservice/flows" in r.path]
     assert [method for method, _, _ in flow_writes] == ["POST", "POST", "PATCH"]  # create, disable, then map

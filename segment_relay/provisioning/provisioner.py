@@ -368,7 +368,8 @@ class Provisioner:
             return
         if apply and flow_id is not None:
             await self.flows.flow_action(flow_id, "enable" if self.spec.enabled else "disable")
-        self._step(Step("enable" if self.spec.enabled else "disable", "state", self.names.flow, want, flow_id))
+        self._step(Step("enable" if self.spec.enabled else "disable", "state", self.names.flow,
+                        f"state: {_shown(state or None)} -> {_shown(want)}", flow_id))
 
     # --- status ----------------------------------------------------------------------------
     async def status(self, runs: int = 5) -> dict[str, Any]:
