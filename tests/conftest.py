@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -65,6 +65,18 @@ def container(azurite: Azurite) -> str:
     with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
         service.create_container(name)
     return name
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakePlatform]:
+    """The platform fake in the test's loop; every exchange of the test is then validated
+    against Adobe's specs (when they are on this machine)."""
+    from test_platform_fake import SPECS, validate_against_specs
+
+    async with FakePlatform() as platform:
+        yield platform
+    if SPECS:
+        validate_against_specs(platform.requests)
 
 
 @contextlib.contextmanager

@@ -107,14 +107,6 @@ class Api:
         return await self.call("DELETE", path, **kw)
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakePlatform]:
-    """A fake whose every exchange in the test is then validated against Adobe's specs."""
-    async with FakePlatform() as platform:
-        yield platform
-    if SPECS:
-        validate_against_specs(platform.requests)
-
 
 @pytest.fixture
 async def api(fake: FakePlatform) -> AsyncIterator[Api]:

@@ -9,12 +9,10 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_platform_fake import SPECS, validate_against_specs
 
 from segment_relay.provisioning.destination import Destination, load_destination
 from segment_relay.provisioning.errors import ProvisioningError
@@ -28,13 +26,6 @@ A1, A2, A3 = DEFAULT_AUDIENCES[:3]
 SAS_KEY = "sas-key-that-must-never-be-logged"
 FAST_RETRY = RetrySettings(attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05, max_retry_after_s=0.05)
 
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakePlatform]:
-    async with FakePlatform() as platform:
-        yield platform
-    if SPECS:
-        validate_against_specs(platform.requests)
 
 
 def destination_file(tmp_path: Path, fake_url: str, client_id: str, org_id: str, *,

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import http.server
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from test_platform_fake import SPECS, validate_against_specs
 from test_provisioning import FAST_RETRY, SAS_KEY, destination_file, load, writes
 from typer.testing import CliRunner
 
@@ -41,13 +39,6 @@ def counts(fake: FakePlatform) -> dict[str, int]:
 
 EVERYTHING_ONCE = {"connections": 2, "sourceConnections": 1, "targetConnections": 1, "flows": 1}
 
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakePlatform]:
-    async with FakePlatform() as platform:
-        yield platform
-    if SPECS:
-        validate_against_specs(platform.requests)
 
 
 async def test_every_create_that_times_out_after_adobe_made_it_is_adopted_not_repeated(
