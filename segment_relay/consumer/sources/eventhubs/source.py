@@ -226,15 +226,8 @@ class EventHubsSource:
             newest = await self._clients.probe.get_partition_properties(pid)
             if newest.get("is_empty"):
                 return  # nothing retained: no lag to misread
-            await store.update_checkpoint({
-                "fully_qualified_namespace": context.fully_qualified_namespace,
-                "eventhub_name": context.eventhub_name,
-                "consumer_group": context.consumer_group,
-                "partition_id": pid,
-                "offset": str(newest["last_enqueued_offset"]),
-                "sequence_number": int(newest["last_enqueued_sequence_number"]),
-            })
-            owned.committed = int(newest["last_enqueued_sequence_number"])
+            await self._write_checkpoint(owned, EventPosition(int(newest["last_enqueued_sequence_number"]),
+                                                              str(newest["last_enqueued_offset"])))
             log.info("first checkpoint at the latest event", extra={"partition": pid, "sequence_number": owned.committed})
         except Exception as exc:  # noqa: BLE001 - the claim stands; only the scaler's view waits for the first commit
             log.warning("could not write the first checkpoint of a partition", extra={
@@ -356,13 +349,17 @@ class EventHubsSource:
             return  # not ours any more: the new owner checkpoints (the pipeline checks the epoch first)
         if owned.committed is not None and position.sequence_number <= owned.committed:
             return
+        await self._write_checkpoint(owned, position)
+
+    async def _write_checkpoint(self, owned: _Owned, position: EventPosition) -> None:
+        """The SDK's checkpoint blob (the layout KEDA reads) for ``owned``'s partition at ``position``."""
         context = owned.context
         assert self._clients is not None
         await self._clients.checkpoint_store.update_checkpoint({
             "fully_qualified_namespace": context.fully_qualified_namespace,
             "eventhub_name": context.eventhub_name,
             "consumer_group": context.consumer_group,
-            "partition_id": partition,
+            "partition_id": context.partition_id,
             "offset": position.offset,
             "sequence_number": position.sequence_number,
         })
