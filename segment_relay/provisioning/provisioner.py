@@ -261,16 +261,15 @@ class Provisioner:
         ops: list[dict[str, Any]] = []
         changes: list[str] = []
         if auth.get("specName") != auth_spec:
-            ops.append({"op": "replace" if "specName" in auth else "add", "path": "/auth/specName", "value": auth_spec})
+            ops.append(_set(auth, "specName", auth_spec, "/auth"))
             changes.append(f"auth spec: {_shown(auth.get('specName'))} -> {_shown(auth_spec)}")
         for key, value in wanted.items():
-            path = f"/auth/params/{_pointer_token(key)}"
             if key in secrets:
                 if update_credentials:
-                    ops.append({"op": "replace" if key in current else "add", "path": path, "value": value})
+                    ops.append(_set(current, key, value, "/auth/params"))
                     changes.append(f"{key}: from ${secrets[key]}")
             elif key not in current or current[key] != value:
-                ops.append({"op": "replace" if key in current else "add", "path": path, "value": value})
+                ops.append(_set(current, key, value, "/auth/params"))
                 changes.append(f"{key}: {_shown(current.get(key))} -> {_shown(value)}")
         for key in _MANAGED_AUTH_PARAMS[self.spec.target_type] - set(wanted):
             if key in current:  # e.g. eventHubName, once the key is no longer the hub's
@@ -446,8 +445,7 @@ def params_drift(connection: dict[str, Any], declared: dict[str, Any]) -> Drift:
     for key, value in declared.items():
         if key in current and current[key] == value:
             continue
-        ops.append({"op": "replace" if key in current else "add", "path": f"/params/{_pointer_token(key)}",
-                    "value": value})
+        ops.append(_set(current, key, value, "/params"))
         changes.append(f"{key}: {_shown(current.get(key))} -> {_shown(value)}")
     return ops, changes
 
@@ -465,6 +463,11 @@ def _toggle_param(connection_spec: dict[str, Any], field: str) -> str:
         f"{field}: the connection spec {connection_spec.get('id')} has no such target parameter (it has "
         f"{sorted(properties)}): leave {field} out of the destination file and set the toggle in Adobe's UI"
     )
+
+
+def _set(current: dict[str, Any], key: str, value: Any, parent: str) -> dict[str, Any]:
+    """The JSON Patch operation that gives ``parent``/``key`` this value: replace when it is there."""
+    return {"op": "replace" if key in current else "add", "path": f"{parent}/{_pointer_token(key)}", "value": value}
 
 
 def _object(value: Any) -> dict[str, Any]:
